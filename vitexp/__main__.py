@@ -1,0 +1,3 @@
+from vitexp.cli import main
+
+main()

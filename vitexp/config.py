@@ -1,0 +1,134 @@
+"""The one config object: everything that defines a trial.
+
+A trial is a pure function of its TrainConfig (and the code): the trial key is a
+hash of the fields that change the result, so studies can skip finished trials and
+two machines agree on which trial is which. Defaults follow the EC paper's recipe
+(PAPERS.md section 3) where it does not depend on the data scale; the heavy
+ImageNet regularisers (mixup, cutmix, AutoAugment) default off and the ImageNet
+presets switch them on, because on a few thousand 32 px images and a few epochs
+they only slow learning down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+
+from vitexp.errors import UserError
+
+OPTIMIZERS = ("adamw", "sgd")
+AUGMENTS = ("none", "autoaugment", "randaugment")
+
+
+@dataclass
+class TrainConfig:
+    # what
+    model: str = "vit_c_50mf"  # registered model name (`vitexp models`)
+    dataset: str = "shapes"  # shapes | fashion-mnist | cifar10 | cifar100 | svhn | imagefolder:PATH
+    n_train: int | None = None  # class-balanced nested subset of the training set (None: all)
+    n_test: int | None = None  # first n of the fixed test set (None: all)
+    image_size: int | None = None  # resize to this (None: the data set's native size)
+    subset_seed: int = 0  # which nested subsets; kept fixed across sizes of one study
+    seed: int = 0  # init, data order, augmentation
+    # optimisation (lr and wd: None takes the model's tuned value for the optimizer)
+    optimizer: str = "adamw"  # adamw (betas 0.9, 0.999) | sgd (momentum, nesterov)
+    lr: float | None = None  # peak lr at batch `lr_batch_size`, scaled linearly with batch_size
+    wd: float | None = None  # weight decay; never on norms, biases, pos/class embeddings
+    lr_batch_size: int = 2048  # the paper's reference batch for lr
+    epochs: int = 10
+    batch_size: int = 128
+    warmup_epochs: float = 5.0  # linear warmup, capped at a tenth of training
+    min_lr_frac: float = 0.005  # half-cosine ends at min_lr_frac x peak lr
+    momentum: float = 0.9
+    nesterov: bool = True
+    grad_clip: float | None = None  # max grad norm (None: off)
+    # regularisation
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # MixUp alpha (paper: 0.8); 0 = off
+    cutmix: float = 0.0  # CutMix alpha (paper: 1.0); one of the two per batch when both > 0
+    augment: str = "none"  # none | autoaugment | randaugment (ImageFolder pipeline)
+    crop_pad: int = 4  # random crop with this padding (in-memory pipeline); 0 = off
+    hflip: bool = True
+    dropout: float = 0.0  # ViT dropout
+    ema: bool = True  # evaluate an EMA of the weights (the papers' protocol)
+    ema_decay: float = 0.999  # per step; warmed up as min(decay, (1+n)/(10+n))
+    # execution (do not change the result's meaning; left out of the trial key)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the model (CUDA)
+    amp: bool = True  # bf16 autocast on CUDA (never on the CPU)
+    num_workers: int = 4  # DataLoader workers (ImageFolder pipeline)
+    data_dir: str | None = None  # where data sets live (default: $VITEXP_DATA or the user cache)
+    sync_bn: bool = False  # SyncBatchNorm for CNNs under torchrun
+    extra: dict = field(default_factory=dict)  # study-specific columns, carried into the row
+
+    # fields that say where or how fast a trial runs, not what it computes
+    EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "extra")
+
+    def validate(self) -> "TrainConfig":
+        """Raise UserError naming the first bad field."""
+        if self.optimizer not in OPTIMIZERS:
+            from vitexp.errors import unknown
+
+            raise unknown("optimizer", self.optimizer, OPTIMIZERS)
+        if self.augment not in AUGMENTS:
+            from vitexp.errors import unknown
+
+            raise unknown("augment", self.augment, AUGMENTS)
+        for name in ("epochs", "batch_size", "lr_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("lr",):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise UserError(f"--lr must be positive, got {v}")
+        if self.wd is not None and not self.wd >= 0:
+            raise UserError(f"--wd must be >= 0, got {self.wd}")
+        for name in ("n_train", "n_test", "image_size"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup < 0 or self.cutmix < 0 or self.warmup_epochs < 0:
+            raise UserError("--mixup, --cutmix and --warmup-epochs must be >= 0")
+        if not 0 < self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        return self
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with lr/wd filled from the model's tuned values."""
+        if self.lr is not None and self.wd is not None:
+            return self
+        from vitexp.models import tuned_hparams
+
+        lr, wd = tuned_hparams(self.model, self.optimizer)
+        return dataclasses.replace(self, lr=self.lr if self.lr is not None else lr,
+                                   wd=self.wd if self.wd is not None else wd)
+
+    def result_fields(self) -> dict:
+        """The fields that define the result (everything but execution)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.EXECUTION}
+
+    def key(self) -> str:
+        """Stable 12-hex trial key: the same config gives the same key on every machine."""
+        blob = json.dumps(self.resolved().result_fields(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            from vitexp.errors import unknown
+
+            raise unknown("config field", bad[0], sorted(names))
+        return cls(**d)
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

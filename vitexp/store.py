@@ -1,0 +1,210 @@
+"""Results on disk: one folder per study (or per `vitexp train --out`).
+
+    DIR/trials/<key>.json          one finished trial: its runs.csv row
+    DIR/trials/<key>.history.csv   its per-epoch rows
+    DIR/checkpoints/<key>.pt       the checkpoint of a trial in flight
+    DIR/claims/<key>               which process is running a trial
+    DIR/runs.csv, DIR/history.csv  tidy tables, rebuilt from trials/
+
+A trial counts as finished once its json exists, and every file is written to a
+temporary name and renamed, so a kill at any moment leaves either the old or the
+new file, never half of one. The tables are derived data: rebuilding them from
+trials/ under a lock makes concurrent writers safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from vitexp.errors import UserError
+
+RUNS = "runs.csv"
+HISTORY = "history.csv"
+# the columns every runs.csv has (plots and collect rely on them)
+RUN_COLUMNS = ["key", "study", "status", "model", "dataset", "n_train", "seed", "optimizer",
+               "lr", "wd", "epochs", "top1_err", "last_err", "diverged", "wall_s"]
+HISTORY_COLUMNS = ["key", "epoch", "train_loss", "test_err", "ema_err", "lr", "seconds", "images_per_s"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def provenance() -> dict:
+    """Where and with what a result was made: commit, versions, host."""
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    from vitexp import __version__
+
+    return {"commit": commit or "unknown", "vitexp": __version__, "torch": torch.__version__,
+            "host": socket.gethostname()}
+
+
+class TrialStore:
+    """The trial folder of one study: which trials are done, claimed, recorded."""
+
+    def __init__(self, root: str | Path, create: bool = True):
+        self.root = Path(root)
+        if create:
+            try:
+                for sub in ("trials", "checkpoints", "claims"):
+                    (self.root / sub).mkdir(parents=True, exist_ok=True)
+                probe = self.root / f".write-test.{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise UserError(f"cannot write to output folder {self.root} ({e.strerror}); "
+                                f"pick a writable --out") from None
+
+    # -- locking ------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """An exclusive lock on the folder (POSIX advisory, shared file systems included)."""
+        with open(self.root / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- state ----------------------------------------------------------------
+    def trial_path(self, key: str) -> Path:
+        return self.root / "trials" / f"{key}.json"
+
+    def checkpoint_path(self, key: str) -> Path:
+        return self.root / "checkpoints" / f"{key}.pt"
+
+    def result(self, key: str) -> dict | None:
+        p = self.trial_path(key)
+        if not p.exists():
+            return None
+        return json.loads(p.read_text())
+
+    def finished(self) -> dict[str, dict]:
+        """key -> row of every recorded trial (failed ones included)."""
+        out = {}
+        for p in sorted((self.root / "trials").glob("*.json")):
+            try:
+                out[p.stem] = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # only a foreign file can be partial: ours are renamed into place
+        return out
+
+    def done_keys(self) -> set[str]:
+        """Trials that need no rerun: finished ok (diverged counts as a result)."""
+        return {k for k, r in self.finished().items() if r.get("status") == "ok"}
+
+    # -- claims: one process per trial -----------------------------------------
+    def claim(self, key: str) -> bool:
+        """Take the trial for this process; False if another live process has it."""
+        path = self.root / "claims" / key
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        with self.lock():
+            if path.exists():
+                try:
+                    other = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    other = {}
+                if other.get("pid") == os.getpid() and other.get("host") == me["host"]:
+                    return True
+                if _alive(other):
+                    return False
+            atomic_write_text(path, json.dumps(me))
+            return True
+
+    def release(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "claims" / key).unlink()
+
+    # -- recording ------------------------------------------------------------
+    def record(self, key: str, row: dict, history: list[dict] | None = None) -> None:
+        """Write one finished trial (history first: the json is the commit point)."""
+        if history is not None:
+            atomic_write_csv(self.root / "trials" / f"{key}.history.csv", pd.DataFrame(history))
+        atomic_write_text(self.trial_path(key), json.dumps({k: _jsonable(v) for k, v in row.items()},
+                                                            sort_keys=True))
+        with contextlib.suppress(FileNotFoundError):
+            self.checkpoint_path(key).unlink()
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Regenerate runs.csv and history.csv from trials/ (atomic, under the lock)."""
+        with self.lock():
+            rows = list(self.finished().values())
+            runs = pd.DataFrame(rows)
+            if not runs.empty:
+                first = [c for c in RUN_COLUMNS if c in runs.columns]
+                runs = runs[first + sorted(c for c in runs.columns if c not in first)]
+                runs = runs.sort_values(["study", "key"] if "study" in runs else ["key"], kind="stable")
+            atomic_write_csv(self.root / RUNS, runs)
+            hist = []
+            for p in sorted((self.root / "trials").glob("*.history.csv")):
+                if self.trial_path(p.name.split(".")[0]).exists():
+                    with contextlib.suppress(pd.errors.EmptyDataError):
+                        hist.append(pd.read_csv(p))
+            atomic_write_csv(self.root / HISTORY, pd.concat(hist, ignore_index=True) if hist else pd.DataFrame())
+
+
+def _alive(claim: dict) -> bool:
+    """Is the claiming process still running? Same host: ask the OS; other hosts: trust
+    the claim for 24 h (a crashed remote process frees its trials after that)."""
+    if claim.get("host") == socket.gethostname():
+        try:
+            os.kill(int(claim.get("pid", -1)), 0)
+            return True
+        except (ProcessLookupError, ValueError):
+            return False
+        except PermissionError:
+            return True
+    return time.time() - float(claim.get("time", 0)) < 24 * 3600
+
+
+def read_runs(folder: str | Path, required=("model", "top1_err")) -> pd.DataFrame:
+    """runs.csv of a results folder, checked for the columns a caller needs."""
+    path = Path(folder)
+    path = path / RUNS if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"no {RUNS} in {folder}; run a study with --out {folder} first")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0]}); rerun the study to rebuild it")
+    if df.empty:
+        raise UserError(f"{path} has no runs yet; run a study into {folder} first")
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; it is not a vitexp runs table")
+    return df
