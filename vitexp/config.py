@@ -22,46 +22,52 @@ OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("none", "autoaugment", "randaugment")
 
 
+def _f(default, help: str):
+    """A config field with its help text (shown by the CLI and the README)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # what
-    model: str = "vit_c_50mf"  # registered model name (`vitexp models`)
-    dataset: str = "shapes"  # shapes | fashion-mnist | cifar10 | cifar100 | svhn | imagefolder:PATH
-    n_train: int | None = None  # class-balanced nested subset of the training set (None: all)
-    n_test: int | None = None  # first n of the fixed test set (None: all)
-    image_size: int | None = None  # resize to this (None: the data set's native size)
-    subset_seed: int = 0  # which nested subsets; kept fixed across sizes of one study
-    seed: int = 0  # init, data order, augmentation
+    model: str = _f("vit_c_50mf", "registered model name (`vitexp models`)")
+    dataset: str = _f("shapes", "shapes | fashion-mnist | cifar10 | cifar100 | svhn | imagefolder:PATH")
+    n_train: int | None = _f(None, "class-balanced nested subset of the training set (None: all)")
+    n_test: int | None = _f(None, "first n of the fixed test set (None: all)")
+    image_size: int | None = _f(None, "resize to this (None: the data set's native size)")
+    subset_seed: int = _f(0, "which nested subsets; kept fixed across sizes of one study")
+    seed: int = _f(0, "init, data order, augmentation")
     # optimisation (lr and wd: None takes the model's tuned value for the optimizer)
-    optimizer: str = "adamw"  # adamw (betas 0.9, 0.999) | sgd (momentum, nesterov)
-    lr: float | None = None  # peak lr at batch `lr_batch_size`, scaled linearly with batch_size
-    wd: float | None = None  # weight decay; never on norms, biases, pos/class embeddings
-    lr_batch_size: int = 2048  # the paper's reference batch for lr
-    epochs: int = 10
-    batch_size: int = 128
-    warmup_epochs: float = 5.0  # linear warmup, capped at a tenth of training
-    min_lr_frac: float = 0.005  # half-cosine ends at min_lr_frac x peak lr
-    momentum: float = 0.9
-    nesterov: bool = True
-    grad_clip: float | None = None  # max grad norm (None: off)
+    optimizer: str = _f("adamw", "adamw (betas 0.9, 0.999) | sgd (momentum, nesterov)")
+    lr: float | None = _f(None, "peak lr at batch `lr_batch_size`, scaled linearly with batch_size")
+    wd: float | None = _f(None, "weight decay; never on norms, biases, pos/class embeddings")
+    lr_batch_size: int = _f(2048, "the paper's reference batch for lr")
+    epochs: int = _f(10, "training epochs over the (sub)set")
+    batch_size: int = _f(128, "global batch size (split across ranks under torchrun)")
+    warmup_epochs: float = _f(5.0, "linear warmup, capped at a tenth of training")
+    min_lr_frac: float = _f(0.005, "half-cosine ends at min_lr_frac x peak lr")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "SGD Nesterov momentum (the paper's CNN recipe)")
+    grad_clip: float | None = _f(None, "max grad norm (None: off)")
     # regularisation
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # MixUp alpha (paper: 0.8); 0 = off
-    cutmix: float = 0.0  # CutMix alpha (paper: 1.0); one of the two per batch when both > 0
-    augment: str = "none"  # none | autoaugment | randaugment (ImageFolder pipeline)
-    crop_pad: int = 4  # random crop with this padding (in-memory pipeline); 0 = off
-    hflip: bool = True
-    dropout: float = 0.0  # ViT dropout
-    ema: bool = True  # evaluate an EMA of the weights (the papers' protocol)
-    ema_decay: float = 0.999  # per step; warmed up as min(decay, (1+n)/(10+n))
+    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy (paper: 0.1)")
+    mixup: float = _f(0.0, "MixUp alpha (paper: 0.8); 0 = off")
+    cutmix: float = _f(0.0, "CutMix alpha (paper: 1.0); one of the two per batch when both > 0")
+    augment: str = _f("none", "none | autoaugment | randaugment (ImageFolder pipeline)")
+    crop_pad: int = _f(4, "random crop with this padding (in-memory pipeline); 0 = off")
+    hflip: bool = _f(True, "random horizontal flip")
+    dropout: float = _f(0.0, "ViT dropout")
+    ema: bool = _f(True, "evaluate an EMA of the weights (the papers' protocol)")
+    ema_decay: float = _f(0.999, "per step; warmed up as min(decay, (1+n)/(10+n))")
+    fewshot: list[int] = field(default_factory=list, metadata={"help": "k-shot linear eval of frozen features at the end, e.g. [1, 5, 10]"})
     # execution (do not change the result's meaning; left out of the trial key)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    compile: bool = False  # torch.compile the model (CUDA)
-    amp: bool = True  # bf16 autocast on CUDA (never on the CPU)
-    num_workers: int = 4  # DataLoader workers (ImageFolder pipeline)
-    data_dir: str | None = None  # where data sets live (default: $VITEXP_DATA or the user cache)
-    sync_bn: bool = False  # SyncBatchNorm for CNNs under torchrun
-    extra: dict = field(default_factory=dict)  # study-specific columns, carried into the row
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    compile: bool = _f(False, "torch.compile the model (CUDA)")
+    amp: bool = _f(True, "bf16 autocast on CUDA (never on the CPU)")
+    num_workers: int = _f(4, "DataLoader workers (ImageFolder pipeline)")
+    data_dir: str | None = _f(None, "where data sets live (default: $VITEXP_DATA or the user cache)")
+    sync_bn: bool = _f(False, "SyncBatchNorm for CNNs under torchrun")
+    extra: dict = field(default_factory=dict, metadata={"help": "study-specific columns, carried into the row"})
 
     # fields that say where or how fast a trial runs, not what it computes
     EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "extra")
@@ -93,6 +99,8 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.mixup < 0 or self.cutmix < 0 or self.warmup_epochs < 0:
             raise UserError("--mixup, --cutmix and --warmup-epochs must be >= 0")
+        if any(int(k) <= 0 for k in self.fewshot):
+            raise UserError(f"--fewshot shots must be positive, got {self.fewshot}")
         if not 0 < self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
         return self

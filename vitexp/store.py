@@ -37,7 +37,11 @@ HISTORY_COLUMNS = ["key", "epoch", "train_loss", "test_err", "ema_err", "lr", "s
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename; leave an identical file untouched
+    (a rerun that finds nothing to do changes no file)."""
     path = Path(path)
+    if path.exists() and path.stat().st_size == len(text.encode()) and path.read_text() == text:
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)

@@ -1,0 +1,183 @@
+"""The model zoo: [EC]'s table reproduced, the stem rule, the small family's
+matched costs, position-embedding resizing, features, and `vitexp models`."""
+
+import io
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_user_error, run_cli
+from vitexp import models as vm
+from vitexp.errors import UserError
+from vitexp.models.registry import SMALL_LEVELS
+
+# [EC] section 2 (PAPERS.md): params (M), GF, acts (M) at each model's own resolution
+PAPER = {
+    "vit_p_1gf": (4.8, 1.1, 5.5), "vit_p_4gf": (18.5, 3.9, 11.1),
+    "vit_p_18gf": (86.6, 17.5, 24.0), "vit_p_36gf": (178.4, 35.9, 37.3),
+    "vit_c_1gf": (4.6, 1.1, 5.7), "vit_c_4gf": (17.8, 4.0, 11.3),
+    "vit_c_18gf": (81.6, 17.7, 24.1), "vit_c_36gf": (167.8, 35.0, 36.7),
+    "regnety_1gf": (9.6, 1.0, 6.2), "regnety_4gf": (22.4, 4.1, 14.5),
+    "regnety_16gf": (72.3, 15.5, 30.7), "regnety_32gf": (128.6, 31.1, 46.2),
+}
+# built and trained for real in the forward/backward test; the rest run on the meta device
+BIG = {"vit_p_18gf", "vit_c_18gf", "vit_p_36gf", "vit_c_36gf", "regnety_16gf", "regnety_32gf", "resnet101"}
+
+
+def matches_paper(ours: float, paper: float) -> bool:
+    """Within 2%, or equal at the paper's one-decimal rounding (1.076 GF is the paper's "1.1")."""
+    return abs(ours / paper - 1) <= 0.02 or round(ours, 1) == paper
+
+
+@pytest.fixture(scope="module")
+def paper_table():
+    return vm.complexity_table(names=list(PAPER)).set_index("model")
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_paper_table(paper_table, name):
+    row = paper_table.loc[name]
+    params, gf, acts = PAPER[name]
+    assert row.resolution == vm.get_spec(name).resolution
+    assert matches_paper(row.params_m, params), (row.params_m, params)
+    assert matches_paper(row.gflops, gf), (row.gflops, gf)
+    assert abs(row.acts_m / acts - 1) <= 0.02, (row.acts_m, acts)
+
+
+def test_registry():
+    names = vm.list_models()
+    assert set(PAPER) | {"resnet50", "resnet101"} <= set(names)
+    for name in names:
+        spec = vm.get_spec(name)
+        assert spec.name == name and spec.family in vm.FAMILIES
+        assert vm.is_vit(name) == name.startswith("vit_")
+        for opt in ("adamw", "sgd"):
+            lr, wd = vm.tuned_hparams(name, opt)
+            assert lr > 0 and wd > 0
+    assert vm.tuned_hparams("vit_c_4gf", "sgd") == (1.3, 2.2e-5)
+    assert vm.tuned_hparams("vit_p_36gf", "adamw") == vm.tuned_hparams("vit_p_18gf", "adamw")
+    assert vm.tuned_hparams("resnet50", "sgd") == vm.tuned_hparams("regnety_4gf", "sgd")
+    with pytest.raises(UserError, match="closest: vit_c_50mf"):
+        vm.get_spec("vit_c_50fm")
+    with pytest.raises(UserError, match="adamw"):
+        vm.tuned_hparams("vit_c_50mf", "adam")
+
+
+@pytest.mark.parametrize("name", vm.list_models())
+def test_forward_backward(name):
+    """Every model trains at 32 px (the paper ViTs with their 16 px patches: a 2x2 grid)."""
+    device = "meta" if name in BIG else "cpu"
+    with torch.device(device):
+        model = vm.build_model(name, image_size=32, in_chans=1, num_classes=5, dropout=0.1)
+        x = torch.randn(2, 1, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert vm.is_vit(model) == name.startswith("vit_")
+
+
+@pytest.mark.parametrize("patch", [4, 8, 16])
+def test_vit_c_stem_rule(patch):
+    """log2(p) stride-2 3x3 convs whose channels double up to the width, then a 1x1 to the width."""
+    with torch.device("meta"):
+        model = vm.build_model("vit_c_4gf", image_size=64, patch_size=patch)
+    convs = [m for m in model.conv_proj.modules() if isinstance(m, nn.Conv2d)]
+    n = int(math.log2(patch))
+    assert [c.stride[0] for c in convs] == [2] * n + [1]
+    assert [c.kernel_size[0] for c in convs] == [3] * n + [1]
+    assert [c.out_channels for c in convs] == [384 >> (n - 1 - i) for i in range(n)] + [384]
+    grid = model.conv_proj(torch.empty(1, 3, 64, 64, device="meta")).shape
+    assert grid == (1, 384, 64 // patch, 64 // patch)
+    assert model.seq_length == (64 // patch) ** 2 + 1
+
+
+def test_explicit_stems():
+    with torch.device("meta"):
+        full = vm.build_model("vit_c_18gf")
+        small = vm.build_model("vit_c_36gf", image_size=32, patch_size=4)
+    convs = [m for m in full.conv_proj.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == [
+        (64, 2), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (768, 1)]
+    convs = [m for m in small.conv_proj.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == [(256, 2), (256, 1), (512, 2), (1024, 1)]
+    for bad in (6, 32):
+        with pytest.raises(UserError, match="patch size"):
+            vm.build_model("vit_c_18gf", image_size=96, patch_size=bad)
+
+
+def test_small_family_matched():
+    """The three models of a level cost the same (within 10%) and what their name says."""
+    for level in SMALL_LEVELS:
+        mf = float(level.removesuffix("mf"))
+        costs = {f: vm.complexity(f"{f}_{level}", 32, num_classes=10)["gflops"] * 1e3
+                 for f in ("vit_p", "vit_c", "regnety")}
+        assert max(costs.values()) / min(costs.values()) <= 1.10, costs
+        assert all(abs(c / mf - 1) <= 0.10 for c in costs.values()), costs
+        assert vm.get_spec(f"vit_c_{level}").kwargs["depth"] == vm.get_spec(f"vit_p_{level}").kwargs["depth"] - 1
+    # 28 px Fashion-MNIST: a 7x7 grid
+    model = vm.build_model(f"vit_c_{SMALL_LEVELS[0]}", image_size=28, in_chans=1, num_classes=10)
+    assert model.seq_length == 7 * 7 + 1
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_small_input_cnn_stems():
+    with torch.device("meta"):
+        small, big = vm.build_model("resnet50", image_size=32), vm.build_model("resnet50")
+        rsmall, rbig = vm.build_model("regnety_1gf", image_size=64), vm.build_model("regnety_1gf")
+    assert small.conv1.stride == (1, 1) and isinstance(small.maxpool, nn.Identity)
+    assert big.conv1.stride == (2, 2) and isinstance(big.maxpool, nn.MaxPool2d)
+    assert rsmall.stem[0].stride == (1, 1) and rbig.stem[0].stride == (2, 2)
+
+
+def test_resize_pos_embed():
+    torch.manual_seed(0)
+    name = f"vit_p_{SMALL_LEVELS[0]}"
+    model = vm.build_model(name, num_classes=3)
+    old = model.encoder.pos_embedding.detach().clone()
+    vm.resize_pos_embed(model, 48)
+    new = model.encoder.pos_embedding
+    assert new.shape == (1, 12 * 12 + 1, old.shape[2]) and new.requires_grad
+    assert torch.equal(new[:, 0], old[:, 0])  # class token untouched
+    assert model(torch.randn(2, 3, 48, 48)).shape == (2, 3)
+    vm.resize_pos_embed(model, 32)  # back: bicubic with aligned corners keeps the grid's corners
+    assert torch.allclose(model.encoder.pos_embedding[0, [1, 8, 57, 64]], old[0, [1, 8, 57, 64]], atol=1e-5)
+    with pytest.raises(UserError, match="divisible"):
+        vm.resize_pos_embed(model, 30)
+
+
+@pytest.mark.parametrize("name,dim", [(f"vit_c_{SMALL_LEVELS[0]}", 64), (f"regnety_{SMALL_LEVELS[0]}", 504),
+                                      ("resnet50", 2048)])
+def test_features(name, dim):
+    model = vm.build_model(name, image_size=32, num_classes=7).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        f = vm.features(model, x)
+        assert f.shape == (3, dim)
+        head = model.heads if vm.is_vit(model) else model.fc
+        assert torch.allclose(head(f), model(x), atol=1e-5)
+    assert not head._forward_pre_hooks  # the hook is gone
+
+
+def test_complexity_of_a_model_object_leaves_it_untouched():
+    model = vm.build_model(f"regnety_{SMALL_LEVELS[0]}", num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert vm.complexity(model, 32) == pytest.approx(vm.complexity(f"regnety_{SMALL_LEVELS[0]}", 32, num_classes=10))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_models_csv():
+    proc = run_cli("models", "--csv")
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_csv(io.StringIO(proc.stdout))
+    assert {"model", "family", "resolution", "params_m", "gflops", "acts_m"} <= set(df.columns)
+    assert list(df.model) == vm.list_models()
+    assert df.set_index("model").loc["regnety_4gf", "resolution"] == 240
+
+
+def test_cli_models_errors():
+    assert_user_error(run_cli("models", "vit_c_50fm"), "unknown model", "vit_c_50mf")
+    assert_user_error(run_cli("models", "vit_p_1gf", "--resolution", "30"), "divisible", "16")

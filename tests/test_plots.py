@@ -1,0 +1,232 @@
+"""Figures, their CSVs, the report and the CLI's plot commands, from fabricated
+study folders (synthetic numbers in the layout the study runner writes)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_user_error, run_cli
+
+from vitexp import plots
+from vitexp.report import markdown_table, write_report
+
+PROVENANCE = {"commit": "c0ffee123456", "torch": "2.4.0", "device": "NVIDIA H100", "host": "node7",
+              "vitexp": "0.1.0", "started_at": "2024-05-01T10:00:00+00:00"}
+
+
+def write_study(folder, rows, kind, toml=True):
+    """DIR/runs.csv, history.csv and study.toml as a finished study leaves them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = pd.DataFrame(rows)
+    runs.insert(0, "key", [f"{kind[:3]}{i:05d}" for i in range(len(runs))])
+    runs.insert(1, "study", kind)
+    runs = runs.assign(**PROVENANCE)
+    runs.to_csv(folder / "runs.csv", index=False)
+    pd.DataFrame([{"key": k, "epoch": 1, "train_loss": 1.0, "test_err": 50.0, "ema_err": 50.0, "lr": 1e-3,
+                   "seconds": 1.0, "images_per_s": 100.0} for k in runs["key"]]).to_csv(folder / "history.csv",
+                                                                                       index=False)
+    if toml:
+        (folder / "study.toml").write_text(f'[study]\nkind = "{kind}"\nmodels = ["vit_p_1gf"]\n')
+    return folder
+
+
+def row(model, err, **kw):
+    return {"status": "ok", "model": model, "dataset": "shapes", "n_train": 1000, "seed": 0, "optimizer": "adamw",
+            "lr": 1e-3, "wd": 0.1, "epochs": 50, "batch_size": 128, "top1_err": err, "last_err": err,
+            "diverged": False, "wall_s": 60.0, **kw}
+
+
+def stability_rows(opt, n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    best = {"adamw": 2e-3, "sgd": 1.9}[opt]
+    rows = []
+    for model, base, width in (("vit_p_1gf", 30, 8), ("vit_c_1gf", 26, 3), ("regnety_1gf", 24, 2)):
+        for _ in range(n):
+            lr = best * 10 ** rng.uniform(np.log10(1 / 8), np.log10(4))
+            wd = 0.1 * 10 ** rng.uniform(-1, 0.5)
+            rows.append(row(model, base + width * np.log10(lr / best) ** 2 + rng.normal(0, 0.3),
+                            optimizer=opt, lr=lr, wd=wd))
+    rows.append(row("vit_p_1gf", 100.0, optimizer=opt, lr=best * 4, diverged=True))
+    rows.append(row("vit_p_1gf", float("nan"), optimizer=opt, status="failed", error="RuntimeError: CUDA OOM"))
+    return rows
+
+
+def scale_rows():
+    rows = []
+    for model, a in (("vit_p_1gf", 80), ("vit_c_1gf", 70), ("regnety_1gf", 50)):
+        for n in (500, 2000, 8000):
+            for seed in (0, 1):
+                err = a * (n / 500) ** -0.3 + seed
+                rows.append(row(model, err, n_train=n, seed=seed, fewshot1_err=err + 20, fewshot5_err=err + 10))
+    return rows
+
+
+def optimizer_rows():
+    rows = []
+    for model, base, gap in (("vit_p_1gf", 28, 5.0), ("vit_c_1gf", 25, 0.7), ("regnety_1gf", 22, -0.2)):
+        for opt in ("adamw", "sgd"):
+            for ep in (5, 10, 20):
+                for seed in (0, 1):
+                    rows.append(row(model, base + 60 / ep + (gap if opt == "sgd" else 0) + seed * 0.1,
+                                    optimizer=opt, epochs=ep, seed=seed))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studies")
+    return {"adamw": write_study(root / "stab_adamw", stability_rows("adamw"), "stability"),
+            "sgd": write_study(root / "stab_sgd", stability_rows("sgd", seed=1), "stability"),
+            "scale": write_study(root / "scale", scale_rows(), "scale"),
+            "optimizer": write_study(root / "optimizer", optimizer_rows(), "optimizer", toml=False)}
+
+
+def finished_runs(*folders):
+    """runs.csv as a user would read it: results only, diverged at 100."""
+    runs = pd.concat([pd.read_csv(f / "runs.csv") for f in folders], ignore_index=True)
+    runs = runs[runs["status"] == "ok"].copy()
+    runs.loc[runs["diverged"], "top1_err"] = 100.0
+    return runs
+
+
+def assert_files(paths, *stems):
+    names = {p.name for p in paths}
+    for stem in stems:
+        for ext in ("png", "pdf", "csv"):
+            assert f"{stem}.{ext}" in names
+    for p in paths:
+        assert p.stat().st_size > 0
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cdf(studies, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cdf")
+    return out, plots.plot_folders("stability", [studies["adamw"], studies["sgd"]], out, n_boot=300)
+
+
+def test_cdf_csv_is_the_edf_of_runs_csv(studies, cdf):
+    out, paths = cdf
+    assert_files(paths, "cdf", "lrwd_adamw", "lrwd_sgd")
+    table = pd.read_csv(out / "cdf.csv")
+    runs = finished_runs(studies["adamw"], studies["sgd"])
+    for (opt, model), g in runs.groupby(["optimizer", "model"]):
+        err = np.sort(g["top1_err"].to_numpy())
+        for metric, values in (("top1_err", err), ("gap", err - err[0])):
+            got = table[(table["optimizer"] == opt) & (table["model"] == model) & (table["metric"] == metric)]
+            assert got["error"].to_numpy() == pytest.approx(np.unique(values))
+            below = [np.mean(values < e) for e in np.unique(values)]  # F(e) = share strictly below e
+            assert got["edf"].to_numpy() == pytest.approx(below)
+            assert got["edf_right"].iloc[-1] == 1.0
+            assert got["n"].iloc[0] == len(err) and got["failed"].iloc[0] == (model == "vit_p_1gf")
+    # the diverged run is the last step, at 100
+    p = table[(table["optimizer"] == "sgd") & (table["model"] == "vit_p_1gf") & (table["metric"] == "top1_err")]
+    assert p["error"].iloc[-1] == 100.0 and p["edf"].iloc[-1] == pytest.approx(16 / 17)
+    assert p["diverged"].iloc[0] == 1
+
+
+def test_lrwd_csv_holds_every_run_and_the_band(studies, cdf):
+    out, _ = cdf
+    table = pd.read_csv(out / "lrwd_sgd.csv")
+    runs = finished_runs(studies["sgd"])
+    pts = table[(table["element"] == "run") & (table["param"] == "lr")]
+    assert len(pts) == len(runs)
+    mine = pts.sort_values(["model", "value"])
+    theirs = runs.sort_values(["model", "lr"])
+    assert mine["value"].to_numpy() == pytest.approx(theirs["lr"].to_numpy())
+    assert mine["top1_err"].to_numpy() == pytest.approx(theirs["top1_err"].to_numpy())
+    for (model, param), g in table[table["element"] != "run"].groupby(["model", "param"]):
+        b = g.set_index("element")["value"]
+        assert b["lo"] <= b["best"] <= b["hi"]
+    # the synthetic optimum (lr 1.9) lies in every ViT's good range
+    best = table[(table["element"] != "run") & (table["param"] == "lr") & (table["model"] == "vit_c_1gf")]
+    b = best.set_index("element")["value"]
+    assert b["lo"] <= 1.9 <= b["hi"]
+
+
+def test_scale_csv_is_the_mean_over_seeds(studies, tmp_path):
+    paths = plots.plot_study(studies["scale"], out=tmp_path)
+    assert_files(paths, "scale")
+    table = pd.read_csv(tmp_path / "scale.csv")
+    runs = finished_runs(studies["scale"])
+    for metric in ("top1_err", "fewshot1_err", "fewshot5_err"):
+        by_hand = runs.groupby(["model", "n_train"])[metric].agg(["mean", "min", "max"])
+        got = table[table["metric"] == metric].set_index(["model", "n_train"])[["mean", "min", "max"]]
+        pd.testing.assert_frame_equal(got.sort_index(), by_hand.sort_index(), check_names=False)
+
+
+def test_optimizer_csv_is_the_gap_of_the_means(studies, tmp_path):
+    paths = plots.plot_study(studies["optimizer"], out=tmp_path)  # kind from the study column
+    assert_files(paths, "optimizer")
+    table = pd.read_csv(tmp_path / "optimizer.csv")
+    means = finished_runs(studies["optimizer"]).groupby(["model", "optimizer", "epochs"])["top1_err"].mean()
+    gaps = table[table["panel"] == "gap"]
+    assert len(gaps) == 9
+    for r in gaps.itertuples():
+        assert r.value == pytest.approx(means[(r.model, "sgd", r.epochs)] - means[(r.model, "adamw", r.epochs)])
+    delta = table[table["panel"] == "delta"].set_index(["model", "epochs"])
+    assert delta.loc[("regnety_1gf", 5), "optimizer"] == "sgd"  # its best optimizer, as in the paper
+    assert delta.loc[("vit_p_1gf", 5), "value"] == pytest.approx(
+        means[("vit_p_1gf", "adamw", 5)] - means[("vit_p_1gf", "adamw", 20)])
+
+
+def test_plot_study_skips_single_runs(tmp_path):
+    folder = write_study(tmp_path / "train", [row("vit_c_1gf", 30.0)], "train", toml=False)
+    assert plots.plot_study(folder) == []
+
+
+def test_model_colours_follow_the_family():
+    styles = plots.model_styles(["vit_p_1gf", "vit_p_4gf", "vit_c_1gf", "regnety_4gf", "resnet50"])
+    r, g, b, _ = styles["vit_p_4gf"]["color"]
+    assert b > r  # ViT_P: blues
+    r, g, b, _ = styles["vit_c_1gf"]["color"]
+    assert r > b  # ViT_C: oranges
+    r, g, b, _ = styles["resnet50"]["color"]
+    assert r == g == b  # CNNs: greys
+    assert plots.model_order(["regnety_4gf", "vit_p_4gf", "vit_c_1gf", "vit_p_1gf"]) == [
+        "vit_p_1gf", "vit_p_4gf", "vit_c_1gf", "regnety_4gf"]
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def test_report_has_figures_tables_and_provenance(studies, tmp_path):
+    folders = [studies["adamw"], studies["sgd"], studies["scale"], studies["optimizer"]]
+    paths = write_report(folders, tmp_path, n_boot=200)
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    assert paths[:2] == [tmp_path / "report.md", tmp_path / "report.html"]
+    for stem in ("cdf", "lrwd_adamw", "lrwd_sgd", "scale", "optimizer"):
+        assert f"figures/{stem}.png" in md and (tmp_path / "figures" / f"{stem}.pdf").exists()
+        assert f"{stem}.png" in page
+    for text in ("Provenance", "c0ffee123456", "NVIDIA H100", "2.4.0", "RuntimeError: CUDA OOM",
+                 'kind = "stability"', "Optimizer gap", "fewshot5_err"):
+        assert text in md and text in page, text
+    assert page.count("data:image/png;base64,") == 5 and 'src="figures' not in page  # stands alone
+
+
+def test_markdown_table():
+    df = pd.DataFrame({"model": ["a|b", "c"], "err": [12.345, 100.0], "lr": [0.00025, 1.9], "n": [3.0, 64.0]})
+    assert markdown_table(df).splitlines() == ["| model | err | lr | n |", "|---|---|---|---|",
+                                               "| a\\|b | 12.35 | 0.00025 | 3 |", "| c | 100.00 | 1.90 | 64 |"]
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+def test_cli_writes_and_prints_the_figures(studies, tmp_path):
+    p = run_cli("plot-scale", studies["scale"], "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert str(tmp_path / "scale.png") in p.stdout and (tmp_path / "scale.pdf").exists()
+
+
+def test_cli_bad_input_is_one_line(studies, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run_cli("plot-cdf", empty), "no runs.csv")
+    (empty / "runs.csv").write_text("")
+    assert_user_error(run_cli("plot-cdf", empty), "no runs")
+    thin = write_study(tmp_path / "thin", [{"model": "vit_p_1gf", "top1_err": 30.0}], "stability")
+    assert_user_error(run_cli("plot-cdf", thin), "lacks column", "optimizer", "lr", "wd")
+    assert_user_error(run_cli("plot-scale", studies["adamw"]), "holds a stability study", "plot-cdf")
+    assert_user_error(run_cli("plot-optimizer", studies["scale"]), "holds a scale study", "plot-scale")
+    bad = write_study(tmp_path / "bad", [row("vit_p_1gf", "thirty")], "stability")
+    assert_user_error(run_cli("plot-cdf", bad), "top1_err", "thirty")
+    assert_user_error(run_cli("plot-cdf", studies["adamw"], studies["sgd"]), "--out")

@@ -1,0 +1,161 @@
+"""The training engine: schedule, weight-decay groups, EMA, divergence, resume, CSV schema."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_user_error, run_cli
+from vitexp import models as vmodels
+from vitexp.config import TrainConfig
+from vitexp.optim import EMA, build_scheduler, lr_factor, param_groups, peak_lr, warmup_steps
+from vitexp.store import HISTORY_COLUMNS, RUN_COLUMNS, TrialStore
+from vitexp.train import run_trial
+
+SMALLEST_VIT_C = min((n for n in vmodels.list_models() if n.startswith("vit_c_") and n.endswith("mf")),
+                     key=lambda n: vmodels.complexity(n)["gflops"])
+
+
+def test_lr_schedule_values():
+    total, warm, floor = 1000, 100, 0.005
+    assert lr_factor(0, total, warm, floor) == pytest.approx(0.01 * (floor + (1 - floor) * 0.5 * (1 + math.cos(0))))
+    # end of warmup: the cosine value itself
+    c = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 99 / total))
+    assert lr_factor(99, total, warm, floor) == pytest.approx(c)
+    assert lr_factor(total // 2, total, warm, floor) == pytest.approx(floor + (1 - floor) * 0.5)
+    assert lr_factor(total, total, warm, floor) == pytest.approx(floor)
+    vals = [lr_factor(s, total, warm, floor) for s in range(warm, total)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone after warmup
+
+
+def test_scheduler_drives_optimizer_and_scales_lr():
+    cfg = TrainConfig(lr=0.1, wd=0.0, batch_size=256, lr_batch_size=1024, epochs=10, warmup_epochs=1)
+    assert peak_lr(cfg) == pytest.approx(0.025)
+    assert warmup_steps(cfg, 10) == 10
+    p = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=peak_lr(cfg))
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.025 * 0.1 * lr_factor(0, 100, 10, 0.005) / 0.1)
+    assert max(lrs) == pytest.approx(lrs[9])  # peak right after warmup
+    assert lrs[-1] == pytest.approx(0.025 * lr_factor(99, 100, 10, 0.005))
+    # a warmup longer than a tenth of training is capped there
+    assert warmup_steps(TrainConfig(epochs=10, warmup_epochs=5), 10) == 10
+
+
+def test_weight_decay_groups_exclude_norms_biases_embeddings():
+    model = vmodels.build_model(SMALLEST_VIT_C, num_classes=10)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert any(n.endswith("pos_embedding") for n in nd) and "class_token" in nd
+    assert all(model.get_parameter(n).ndim <= 1 or n.endswith(("pos_embedding", "class_token")) for n in nd)
+    assert all(model.get_parameter(n).ndim >= 2 for n in d)
+    assert any("norm" in n for n in nd) and any(n.endswith("bias") for n in nd)
+    assert len(d) + len(nd) == len(list(model.parameters()))
+
+
+def test_ema_matches_hand_computed_average():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.9, every=1)
+    w = [model[0].weight.detach().clone()]
+    ema.update_parameters(model)  # first update copies
+    expect = w[0].clone()
+    for n in range(1, 5):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        model[1].num_batches_tracked += 3
+        ema.update_parameters(model)
+        d = min(0.9, (1 + n - 1) / (10 + n - 1))
+        expect = d * expect + (1 - d) * model[0].weight.detach()
+    assert torch.allclose(ema.module[0].weight, expect, atol=1e-6)
+    assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked  # integer buffers copied
+
+
+def test_divergence_is_a_result_not_a_crash(tmp_path, tiny):
+    cfg = TrainConfig(model=SMALLEST_VIT_C, optimizer="sgd", lr=1e4, wd=0.0, **tiny)
+    row = run_trial(cfg, out=tmp_path)
+    assert row["diverged"] is True and row["top1_err"] == 100.0 and row["last_err"] == 100.0
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert bool(runs.diverged.iloc[0]) and runs.top1_err.iloc[0] == 100.0
+
+
+class Kill(Exception):
+    pass
+
+
+def test_killed_trial_resumes_to_the_same_result(tmp_path, tiny):
+    cfg = TrainConfig(model=SMALLEST_VIT_C, **{**tiny, "epochs": 3})
+    whole = run_trial(cfg, out=tmp_path / "whole")
+
+    def die_after_epoch_2(ev):
+        if ev["event"] == "epoch" and ev["epoch"] == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run_trial(cfg, out=tmp_path / "killed", progress=die_after_epoch_2)
+    store = TrialStore(tmp_path / "killed")
+    assert store.checkpoint_path(cfg.key()).exists() and store.result(cfg.key()) is None
+    resumed = run_trial(cfg, out=tmp_path / "killed")
+    for k in ("top1_err", "last_err", "top1_err_model", "train_loss", "best_epoch"):
+        assert resumed[k] == whole[k], k
+    h1 = pd.read_csv(tmp_path / "whole" / "history.csv")
+    h2 = pd.read_csv(tmp_path / "killed" / "history.csv")
+    assert h1[["train_loss", "test_err", "ema_err", "lr"]].equals(h2[["train_loss", "test_err", "ema_err", "lr"]])
+    assert not store.checkpoint_path(cfg.key()).exists()  # cleaned up once recorded
+
+
+def test_csv_schema_and_provenance(tmp_path, tiny):
+    cfg = TrainConfig(model=SMALLEST_VIT_C, **tiny)
+    run_trial(cfg, out=tmp_path)
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    hist = pd.read_csv(tmp_path / "history.csv")
+    for c in RUN_COLUMNS + ["commit", "torch", "device", "batch_size", "label_smoothing", "ema", "params_m"]:
+        assert c in runs.columns, c
+    for c in HISTORY_COLUMNS:
+        assert c in hist.columns, c
+    assert len(runs) == 1 and len(hist) == tiny["epochs"]
+    r = runs.iloc[0]
+    assert r.n_train == 256 and r.status == "ok" and r.study == "train"
+    assert r.top1_err == pytest.approx(hist.ema_err.min())  # protocol: best evaluated (EMA) error
+    assert r.last_err == pytest.approx(hist.ema_err.iloc[-1])
+
+
+def test_train_cli_learns_shapes_and_is_idempotent(tmp_path):
+    args = ["train", "--model", SMALLEST_VIT_C, "--dataset", "shapes", "--epochs", "3", "--device", "cpu",
+            "--n-train", "5000", "--n-test", "1000", "--out", tmp_path]
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    row = pd.read_csv(tmp_path / "runs.csv").iloc[0]
+    assert row.top1_err < 60  # chance is 90% error on 10 classes
+    p2 = run_cli(*args)
+    assert p2.returncode == 0 and "nothing to do" in p2.stdout
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 1
+
+
+def test_train_cli_divergence_exits_zero(tmp_path):
+    p = run_cli("train", "--model", SMALLEST_VIT_C, "--optimizer", "sgd", "--lr", "10000", "--epochs", "1",
+                "--n-train", "256", "--n-test", "100", "--device", "cpu", "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert bool(pd.read_csv(tmp_path / "runs.csv").diverged.iloc[0])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--optimizer", "lamb"], "optimizer"),
+    (["--lr", "-1"], "--lr"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--model", "vit_q_1gf"], "unknown model"),
+    (["--dataset", "imagenot"], "dataset"),
+    (["--n-train", "10000000"], "n-train"),
+])
+def test_train_cli_bad_input(tmp_path, args, needle):
+    assert_user_error(run_cli("train", "--device", "cpu", "--out", tmp_path, *args), needle)

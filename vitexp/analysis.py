@@ -1,0 +1,333 @@
+"""The numbers behind every figure and report table, in pandas/numpy only, so that
+tests and notebooks can check each plotted value without matplotlib.
+
+Conventions (PAPERS.md section 4):
+- A run's error is `top1_err` (the minimum over epochs of the evaluated test error).
+  Diverged runs count at 100% error: they are results (the recipe failed), not gaps.
+  Runs with status != "ok" (crashed trials) are left out of every number and only
+  counted.
+- EDF: F(e) = fraction of runs with error strictly below e. It is a step function,
+  continuous from the left: at a tie value e the runs at exactly e are not yet
+  counted; just right of e they are (`edf_right`).
+- Best lr/wd and its "good range": pycls's empirical bootstrap (see `bootstrap_best`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vitexp.errors import UserError
+from vitexp.store import read_runs
+
+KINDS = ("scale", "stability", "optimizer", "train")
+# the command that plots each study kind (for "use ..." hints)
+PLOT_COMMAND = {"scale": "plot-scale", "stability": "plot-cdf", "optimizer": "plot-optimizer"}
+# the runs.csv columns each kind's figures need
+NEEDS = {
+    "stability": ("model", "optimizer", "lr", "wd", "top1_err"),
+    "scale": ("model", "n_train", "top1_err"),
+    "optimizer": ("model", "optimizer", "epochs", "top1_err"),
+    "train": ("model", "top1_err"),
+}
+DIVERGED_ERR = 100.0
+NUMERIC = ("n_train", "seed", "lr", "wd", "epochs", "batch_size", "top1_err", "last_err", "wall_s", "params_m")
+FEWSHOT = re.compile(r"^fewshot(\d+)_err$")
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
+
+
+# -- loading ----------------------------------------------------------------------
+
+def study_kind(folder: str | Path) -> str | None:
+    """The `[study] kind` of FOLDER/study.toml, None when there is no such file."""
+    path = Path(folder) / "study.toml"
+    if not path.is_file():
+        return None
+    try:
+        kind = tomllib.loads(path.read_text()).get("study", {}).get("kind")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML ({e}); fix or delete it") from None
+    return str(kind) if kind else None
+
+
+def fewshot_columns(runs: pd.DataFrame) -> list[str]:
+    """The few-shot error columns present, by shot count."""
+    return sorted((c for c in runs.columns if FEWSHOT.match(c)), key=lambda c: int(FEWSHOT.match(c)[1]))
+
+
+def load_runs(folders, required=("model", "top1_err")) -> pd.DataFrame:
+    """runs.csv of each folder, concatenated and cleaned: numbers parsed, `study`
+    filled from study.toml where missing, `status` defaulting to "ok", `diverged`
+    a bool, diverged runs at 100% error; `source` names the folder of each row."""
+    frames = []
+    for folder in folders:
+        df = read_runs(folder, required)
+        df["source"] = str(folder)
+        kind = study_kind(folder)
+        if "study" not in df:
+            df["study"] = kind or "train"
+        elif kind:
+            df["study"] = df["study"].fillna(kind)
+        frames.append(df)
+    runs = pd.concat(frames, ignore_index=True)
+    runs["study"] = runs["study"].fillna("train").astype(str)
+    runs["status"] = runs["status"].fillna("failed").astype(str) if "status" in runs else "ok"
+    runs["model"] = runs["model"].astype(str)
+    if "optimizer" in runs:
+        runs["optimizer"] = runs["optimizer"].astype(str).str.lower()
+    for col in [c for c in NUMERIC if c in runs] + fewshot_columns(runs):
+        runs[col] = _numeric(runs, col)
+    runs["diverged"] = _boolean(runs, "diverged") if "diverged" in runs else False
+    runs.loc[runs["diverged"], "top1_err"] = DIVERGED_ERR
+    lost = (runs["status"] == "ok") & runs["top1_err"].isna()
+    if lost.any():
+        row = runs[lost].iloc[0]
+        raise UserError(f"{row['source']}/runs.csv: trial {_name(row)} is ok but has no top1_err; "
+                        f"rerun the study to rebuild runs.csv")
+    return runs
+
+
+def _name(row) -> str:
+    return str(row.get("key", "without a key"))
+
+
+def _numeric(runs: pd.DataFrame, col: str) -> pd.Series:
+    raw = runs[col]
+    num = pd.to_numeric(raw, errors="coerce")
+    bad = raw.notna() & num.isna() & (raw.astype(str).str.strip().str.lower() != "nan")
+    if bad.any():
+        row = runs[bad].iloc[0]
+        raise UserError(f"{row['source']}/runs.csv: column {col} has unparsable value {row[col]!r} "
+                        f"(trial {_name(row)}); fix or rebuild runs.csv")
+    return num.astype(float)
+
+
+_TRUE, _FALSE = {"true", "1", "1.0", "yes"}, {"false", "0", "0.0", "no", "nan", ""}
+
+
+def _boolean(runs: pd.DataFrame, col: str) -> pd.Series:
+    text = runs[col].astype(str).str.strip().str.lower()
+    bad = ~text.isin(_TRUE | _FALSE)
+    if bad.any():
+        row = runs[bad].iloc[0]
+        raise UserError(f"{row['source']}/runs.csv: column {col} has unparsable value {row[col]!r} "
+                        f"(trial {_name(row)}); expected True or False")
+    return text.isin(_TRUE)
+
+
+def select_study(runs: pd.DataFrame, kind: str, command: str) -> pd.DataFrame:
+    """The rows of study KIND; single `train` runs pass for any kind (they carry no
+    kind). Folders that hold only another kind are a UserError pointing at the
+    right command."""
+    kinds = set(runs["study"])
+    if kind in kinds:
+        return runs[runs["study"] == kind]
+    if kinds <= {"train"}:
+        return runs
+    other = sorted(kinds - {"train"})[0]
+    where = ", ".join(sorted(set(runs.loc[runs["study"] == other, "source"])))
+    hint = f" (use {PLOT_COMMAND[other]})" if other in PLOT_COMMAND else ""
+    raise UserError(f"{where} holds {_a(other)} study; {command} needs {_a(kind)} study{hint}")
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def check_columns(runs: pd.DataFrame, kind: str) -> None:
+    """Every column the figures of KIND need, as a UserError naming the missing ones."""
+    missing = [c for c in NEEDS[kind] if c not in runs]
+    if missing:
+        where = ", ".join(sorted(set(runs["source"])))
+        raise UserError(f"runs.csv in {where} lacks column(s) {', '.join(missing)} needed for a {kind} figure")
+
+
+def finished(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that have a result (status ok; diverged ones included at 100%)."""
+    return runs[runs["status"] == "ok"]
+
+
+def counts(runs: pd.DataFrame) -> dict:
+    """n runs, ok, failed (no result), diverged (a result at 100%)."""
+    ok = runs["status"] == "ok"
+    return {"runs": len(runs), "ok": int(ok.sum()), "failed": int((~ok).sum()),
+            "diverged": int((ok & runs["diverged"]).sum())}
+
+
+# -- error distribution functions ---------------------------------------------------
+
+def edf(errors, at) -> np.ndarray:
+    """F(e) = fraction of ERRORS strictly below e, for each e in AT."""
+    errors = np.sort(np.asarray(errors, dtype=float))
+    return np.searchsorted(errors, np.asarray(at, dtype=float), side="left") / len(errors)
+
+
+def edf_steps(errors) -> pd.DataFrame:
+    """The corners of the EDF step function: one row per distinct error, with F at
+    that error (`edf`, ties not yet counted) and just right of it (`edf_right`)."""
+    errors = np.sort(np.asarray(errors, dtype=float))
+    at = np.unique(errors)
+    return pd.DataFrame({"error": at, "edf": edf(errors, at),
+                         "edf_right": np.searchsorted(errors, at, side="right") / len(errors)})
+
+
+def edf_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """EDF corners per optimizer and model, for the error itself (metric `top1_err`)
+    and for its difference to the best run of that model and optimizer (`gap`)."""
+    parts = []
+    for (opt, model), g in finished(runs).groupby(["optimizer", "model"], sort=True):
+        err = g["top1_err"].to_numpy()
+        for metric, values in (("top1_err", err), ("gap", err - err.min())):
+            steps = edf_steps(values)
+            steps.insert(0, "metric", metric)
+            steps.insert(0, "model", model)
+            steps.insert(0, "optimizer", opt)
+            parts.append(steps)
+    return pd.concat(parts, ignore_index=True)
+
+
+def edf_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per optimizer and model: n (with a result), diverged, failed, min/mean/median
+    error (diverged at 100) and the fraction of runs within 4 points of the best
+    (gap < 4, the paper's yardstick)."""
+    rows = []
+    for (opt, model), g in runs.groupby(["optimizer", "model"], sort=True):
+        ok = finished(g)
+        err = ok["top1_err"].to_numpy()
+        rows.append({"optimizer": opt, "model": model, "n": len(err), "diverged": int(ok["diverged"].sum()),
+                     "failed": len(g) - len(ok),
+                     "min": err.min() if len(err) else math.nan, "mean": err.mean() if len(err) else math.nan,
+                     "median": np.median(err) if len(err) else math.nan,
+                     "within_4": float(edf(err - err.min(), [4.0])[0]) if len(err) else math.nan})
+    return pd.DataFrame(rows)
+
+
+# -- best hyper-parameter by bootstrap -----------------------------------------------
+
+def bootstrap_best(values, errors, n_boot: int = 2500, frac: float = 0.25, seed: int = 0,
+                   replace: bool = True, log: bool = True) -> dict:
+    """pycls's empirical bootstrap (`sweep/analysis.py: get_filters`): draw N_BOOT
+    subsets of max(1, int(FRAC * n)) runs, take the VALUE (lr or wd) of the
+    lowest-error run of each, and return the median (`best`) and the 2.5/97.5
+    percentiles (`lo`, `hi`: the "good range"). pycls draws with replacement
+    (`np.random.choice(n, k)`), hence the default. Percentiles are taken of log10
+    VALUE when LOG (pycls transforms lr and wd by log10 first). Deterministic for a
+    SEED; ties in error go to the first drawn run."""
+    values, errors = np.asarray(values, dtype=float), np.asarray(errors, dtype=float)
+    n = len(values)
+    if n == 0 or n != len(errors):
+        raise ValueError("bootstrap_best needs as many values as errors, at least one")
+    k = max(1, int(n * frac))
+    rng = np.random.default_rng(seed)
+    if replace:
+        idx = rng.integers(0, n, size=(n_boot, k))
+    else:
+        idx = np.argsort(rng.random((n_boot, n)), axis=1)[:, :k]
+    winners = idx[np.arange(n_boot), np.argmin(errors[idx], axis=1)]
+    picked = np.log10(values[winners]) if log else values[winners]
+    lo, best, hi = np.percentile(picked, [2.5, 50, 97.5])
+    if log:
+        lo, best, hi = 10 ** lo, 10 ** best, 10 ** hi
+    return {"lo": float(lo), "best": float(best), "hi": float(hi), "n": n, "n_sample": k}
+
+
+def hparam_bands(runs: pd.DataFrame, n_boot: int = 2500, seed: int = 0) -> pd.DataFrame:
+    """Best value and good range of lr and wd per optimizer and model (runs with a
+    result and a positive value; on a log scale)."""
+    if n_boot < 1:
+        raise UserError(f"--n-boot must be at least 1, got {n_boot}")
+    rows = []
+    for (opt, model), g in finished(runs).groupby(["optimizer", "model"], sort=True):
+        for param in ("lr", "wd"):
+            ok = g[np.isfinite(g[param]) & (g[param] > 0)]
+            if ok.empty:
+                continue
+            band = bootstrap_best(ok[param], ok["top1_err"], n_boot=n_boot, seed=seed)
+            rows.append({"optimizer": opt, "model": model, "param": param, **band})
+    return pd.DataFrame(rows, columns=["optimizer", "model", "param", "lo", "best", "hi", "n", "n_sample"])
+
+
+# -- data-size scaling ------------------------------------------------------------------
+
+def scale_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per model, training-set size and metric (top1_err and each fewshot{k}_err):
+    mean, std (ddof 1; NaN for one seed), min, max and n over seeds; diverged runs
+    count at 100 for top1_err and are counted in `diverged`."""
+    ok = finished(runs)
+    rows = []
+    for metric in ["top1_err"] + fewshot_columns(ok):
+        for (model, size), g in ok.groupby(["model", "n_train"], sort=True):
+            v = g[metric].dropna()
+            if v.empty:
+                continue
+            rows.append({"model": model, "n_train": int(size), "metric": metric, "mean": v.mean(),
+                         "std": v.std(), "min": v.min(), "max": v.max(), "n": len(v),
+                         "diverged": int(g.loc[v.index, "diverged"].sum())})
+    return pd.DataFrame(rows, columns=["model", "n_train", "metric", "mean", "std", "min", "max", "n", "diverged"])
+
+
+# -- optimizer and training length ------------------------------------------------------
+
+def optimizer_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per model, optimizer and epochs: mean/min/max top1_err over seeds, n, diverged."""
+    ok = finished(runs)
+    g = ok.groupby(["model", "optimizer", "epochs"], sort=True)
+    out = g["top1_err"].agg(["mean", "min", "max", "count"]).rename(columns={"count": "n"})
+    out["diverged"] = g["diverged"].sum().astype(int)
+    out = out.reset_index()
+    out["epochs"] = out["epochs"].astype(int)
+    return out
+
+
+def optimizer_gaps(summary: pd.DataFrame) -> pd.DataFrame:
+    """SGD minus AdamW mean error per model and epochs, where both were run."""
+    wide = summary.pivot_table(index=["model", "epochs"], columns="optimizer", values="mean")
+    if not {"adamw", "sgd"} <= set(wide.columns):
+        return pd.DataFrame(columns=["model", "epochs", "adamw", "sgd", "gap"])
+    wide = wide[["adamw", "sgd"]].dropna().reset_index()
+    wide["gap"] = wide["sgd"] - wide["adamw"]
+    wide.columns.name = None
+    return wide
+
+
+def best_optimizer(summary: pd.DataFrame) -> dict:
+    """model -> the optimizer with the lower mean error at the longest schedule both
+    ran (the only one when only one ran; AdamW on a tie), as the paper picks each
+    model's best optimizer."""
+    best = {}
+    for model, g in summary.groupby("model", sort=True):
+        opts = sorted(set(g["optimizer"]))
+        common = set.intersection(*(set(g.loc[g["optimizer"] == o, "epochs"]) for o in opts))
+        at = g[g["epochs"] == max(common)] if common else g[g["epochs"] == g["epochs"].max()]
+        best[model] = at.sort_values(["mean", "optimizer"]).iloc[0]["optimizer"]
+    return best
+
+
+def length_curves(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per model and optimizer: mean error minus that at its longest schedule, vs
+    epochs; `best` marks each model's best optimizer (the paper's curves)."""
+    best = best_optimizer(summary)
+    out = summary[["model", "optimizer", "epochs", "mean"]].copy()
+    longest = out.loc[out.groupby(["model", "optimizer"])["epochs"].idxmax()].set_index(["model", "optimizer"])["mean"]
+    out["delta"] = out["mean"] - [longest[(m, o)] for m, o in zip(out["model"], out["optimizer"])]
+    out["best"] = [best[m] == o for m, o in zip(out["model"], out["optimizer"])]
+    return out.reset_index(drop=True)
+
+
+# -- single runs --------------------------------------------------------------------------
+
+def model_table(runs: pd.DataFrame, by=("model",)) -> pd.DataFrame:
+    """Per group: n, diverged, failed, mean/min top1_err of the runs with a result."""
+    by = [c for c in by if c in runs]
+    rows = []
+    for keys, g in runs.groupby(by, sort=True):
+        ok = finished(g)
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        rows.append({**dict(zip(by, keys)), "n": len(ok), "diverged": int(ok["diverged"].sum()),
+                     "failed": len(g) - len(ok), "mean_err": ok["top1_err"].mean(), "min_err": ok["top1_err"].min()})
+    return pd.DataFrame(rows)

@@ -1,0 +1,171 @@
+"""`vitexp bench`: training throughput, data vs compute time, memory, FLOPs and MFU.
+
+The fast path is the trainer's own: in-memory uint8 data augmented on the device,
+bf16 autocast, fused optimizer, SDPA attention (torchvision's MultiheadAttention
+dispatches to it), channels_last CNNs, optional torch.compile, and no host sync
+inside the timed steps. `baseline=True` measures the same model the plain way:
+fp32, a standard DataLoader with torchvision transforms on CPU workers, unfused
+optimizer; the ratio of the two is what the fast path buys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitexp import data as vdata
+from vitexp import models as vmodels
+from vitexp.config import TrainConfig
+from vitexp.optim import build_optimizer
+from vitexp.store import atomic_write_csv, provenance
+from vitexp.train import _autocast, device_name, resolve_device
+
+# dense bf16 peak TFLOP/s (no sparsity) by device-name substring, first match wins
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+
+
+def peak_tflops(name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
+
+
+def train_flops_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Forward + backward FLOPs of one training step per image (FlopCounterMode
+    counts 2 per multiply-accumulate; norms and activations are not counted)."""
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _baseline_loader(bundle, cfg: TrainConfig, device: torch.device):
+    """The standard way: a DataLoader over CPU tensors, per-sample torchvision transforms."""
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.RandomCrop(bundle.image_size, padding=cfg.crop_pad), v2.RandomHorizontalFlip(),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(bundle.mean, bundle.std)])
+
+    class Images(Dataset):
+        def __len__(self):
+            return len(bundle.train_x)
+
+        def __getitem__(self, i):
+            return tf(bundle.train_x[i]), bundle.train_y[i]
+
+    loader = DataLoader(Images(), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        num_workers=min(cfg.num_workers, 8), pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.num_workers > 0)
+
+    def batches():
+        while True:
+            for x, y in loader:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return batches()
+
+
+def _cycle(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int = 50, warmup: int = 10,
+          device: str = "auto", compile: bool = False, amp: bool = True, baseline: bool = False,
+          image_size: int | None = None, num_workers: int = 8, data_dir: str | None = None) -> dict:
+    """Measure one configuration; returns one row (also what `vitexp bench` prints)."""
+    dev = resolve_device(device)
+    if baseline:
+        amp, compile = False, False
+    n = max(batch_size * (steps + warmup), 2 * batch_size)
+    size = vdata.dataset_info(dataset)["n_train"]
+    cfg = TrainConfig(model=model, dataset=dataset, batch_size=batch_size, device=str(dev), amp=amp,
+                      compile=compile, image_size=image_size, num_workers=num_workers, data_dir=data_dir,
+                      n_train=min(n, size) if size else n, n_test=batch_size).validate().resolved()
+    bundle = vdata.load_data(dataset, data_dir=data_dir, image_size=image_size, n_train=cfg.n_train,
+                             n_test=cfg.n_test)
+    torch.manual_seed(0)
+    net = vmodels.build_model(model, image_size=bundle.image_size, in_chans=bundle.in_chans,
+                              num_classes=bundle.num_classes).to(dev)
+    is_vit = vmodels.is_vit(net)
+    fast_layout = dev.type == "cuda" and not is_vit and not baseline
+    if fast_layout:
+        net.to(memory_format=torch.channels_last)
+    if baseline:
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        batches = _baseline_loader(bundle, cfg, dev)
+    else:
+        opt = build_optimizer(net, dataclasses.replace(cfg, lr=1e-4 * cfg.lr_batch_size / batch_size), dev)
+        batches = _cycle(vdata.make_loaders(bundle, cfg, dev)[0])
+    step_net = torch.compile(net) if compile else net
+    x0, y0 = next(batches)
+    flops = train_flops_per_image(net, x0, y0)
+
+    def step(x, y):
+        if fast_layout:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(dev, amp):
+            loss = nn.functional.cross_entropy(step_net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step_net.train()
+    for _ in range(warmup):  # compile, cuDNN autotune, allocator warm-up
+        step(*next(batches))
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*next(batches))
+    _sync(dev)
+    step_s = (time.perf_counter() - t0) / steps
+    # the data pipeline alone, the same number of batches (its share of a step)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x, _y = next(batches)
+    _sync(dev)
+    data_s = (time.perf_counter() - t0) / steps
+    name = device_name(dev)
+    img_s = batch_size / step_s
+    tflops = flops * img_s / 1e12
+    peak = peak_tflops(name) if dev.type == "cuda" else None
+    if dev.type == "cuda":
+        mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
+    else:
+        mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process peak
+    return {"model": model, "dataset": dataset, "image_size": bundle.image_size, "batch_size": batch_size,
+            "mode": "baseline" if baseline else "fast", "compile": compile, "amp": amp and dev.type == "cuda",
+            "device": name, "steps": steps, "images_per_s": img_s, "step_ms": 1e3 * step_s,
+            "data_ms": 1e3 * data_s, "compute_ms": 1e3 * max(step_s - data_s, 0.0),
+            "data_frac": min(data_s / step_s, 1.0), "peak_mem_gb": mem_gb,
+            "train_gflop_per_image": flops / 1e9, "tflops": tflops,
+            "mfu": tflops / peak if peak else float("nan"),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance()}
+
+
+def append_row(row: dict, csv: str | Path) -> None:
+    """Append one row to a CSV (atomically; columns may grow)."""
+    csv = Path(csv)
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    old = pd.read_csv(csv) if csv.exists() and csv.stat().st_size > 0 else pd.DataFrame()
+    atomic_write_csv(csv, pd.concat([old, pd.DataFrame([row])], ignore_index=True))
+

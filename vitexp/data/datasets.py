@@ -1,0 +1,247 @@
+"""Data sets by name -> DataBundle.
+
+Small data sets (shapes, fashion-mnist, cifar10/100, svhn) are held as uint8
+tensors, augmented on the device by vitexp.data.loaders; ImageFolder trees (ImageNet
+style) go through torchvision transforms and a DataLoader. Subsets, resizing and
+the fixed test slice are applied here, once, so every loader sees final data.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitexp.data.shapes import make_shapes
+from vitexp.data.subsets import balanced_subset
+from vitexp.errors import UserError, unknown
+
+DATASETS = ("shapes", "fashion-mnist", "cifar10", "cifar100", "svhn")
+NUM_CLASSES = {"shapes": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
+IMAGEFOLDER = "imagefolder:"  # prefix of "imagefolder:PATH"
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+SHAPES_TRAIN, SHAPES_TEST = 50_000, 10_000  # default sizes; more on request (prefix-stable)
+SHAPES_TRAIN_SEED, SHAPES_TEST_SEED = 0, 1  # disjoint generator streams
+SHAPES_MAX = 1_000_000  # generated images per split (3 GB at 32 px): beyond this, a typo
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGEFOLDER_SIZE = 224
+STATS = {  # per-channel mean/std of the training sets, [0, 1] units (the usual published values)
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+
+@dataclass
+class DataBundle:
+    """A loaded data set: in-memory uint8 tensors, or ImageFolder datasets.
+
+    Tensors may be shared with load_data's cache: treat them as read-only.
+    """
+
+    name: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_x: torch.Tensor | None = None  # uint8 (N, C, H, W)
+    train_y: torch.Tensor | None = None  # int64 (N,)
+    test_x: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
+    train_set: torch.utils.data.Dataset | None = None  # yields (PIL image, int)
+    test_set: torch.utils.data.Dataset | None = None
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.train_x is not None
+
+    def __len__(self) -> int:
+        return len(self.train_x) if self.in_memory else len(self.train_set)
+
+    def on_device(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(train_x, train_y, test_x, test_y) on `device`, copied once per bundle and device."""
+        key = str(torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = tuple(t.to(device) for t in
+                                         (self.train_x, self.train_y, self.test_x, self.test_y))
+        return self._on_device[key]
+
+
+def default_data_dir() -> Path:
+    """$VITEXP_DATA, else ~/.cache/vitexp."""
+    return Path(os.environ.get("VITEXP_DATA") or Path.home() / ".cache" / "vitexp")
+
+
+def load_data(name: str, data_dir: str | None = None, image_size: int | None = None,
+              n_train: int | None = None, n_test: int | None = None, subset_seed: int = 0) -> DataBundle:
+    """Load a data set by name, with an optional nested subset, test slice and resize.
+
+    n_train: class-balanced nested subset (balanced_subset with subset_seed).
+    n_test: the first n_test of the fixed test set (never depends on subset_seed).
+    """
+    root = Path(data_dir) if data_dir else default_data_dir()
+    if name.startswith(IMAGEFOLDER):
+        return _imagefolder(name, image_size, n_train, n_test, subset_seed)
+    if name not in DATASETS:
+        raise unknown("dataset", name, DATASETS + (IMAGEFOLDER + "PATH",))
+    if name == "shapes":  # generated natively at the asked size, as many as asked
+        if max(n_train or 0, n_test or 0) > SHAPES_MAX:
+            raise UserError(f"shapes generates at most {SHAPES_MAX} images per split, "
+                            f"got --n-train {n_train} --n-test {n_test}")
+        xtr, ytr, xte, yte, stats = _shapes(max(SHAPES_TRAIN, n_train or 0), max(SHAPES_TEST, n_test or 0),
+                                            image_size or 32)
+    else:
+        xtr, ytr, xte, yte = _LOADERS[name](root)
+        stats = STATS[name]
+    for what, n, have in (("train", n_train, len(ytr)), ("test", n_test, len(yte))):
+        if n is not None and n > have:
+            raise UserError(f"--n-{what} {n} is larger than {name}'s {what} set ({have} images)")
+    if n_train is not None and n_train < len(ytr):
+        idx = balanced_subset(ytr, n_train, subset_seed)
+        xtr, ytr = xtr[idx], ytr[idx]
+    if n_test is not None:
+        xte, yte = xte[:n_test], yte[:n_test]
+    if image_size is not None and image_size != xtr.shape[-1]:
+        xtr, xte = _resize(xtr, image_size), _resize(xte, image_size)
+    return DataBundle(name=name, num_classes=NUM_CLASSES[name],
+                      in_chans=xtr.shape[1], image_size=xtr.shape[-1], mean=stats[0], std=stats[1],
+                      train_x=xtr, train_y=ytr, test_x=xte, test_y=yte)
+
+
+# --- in-memory data sets: each returns uint8 (N,C,H,W) / int64 (N,) train and test
+
+
+@functools.lru_cache(maxsize=1)  # a study's trials share one generated set
+def _shapes(n_train: int, n_test: int, size: int):
+    xtr, ytr = make_shapes(n_train, SHAPES_TRAIN_SEED, size)
+    xte, yte = make_shapes(n_test, SHAPES_TEST_SEED, size)
+    return xtr, ytr, xte, yte, _channel_stats(xtr[:SHAPES_TRAIN])  # stats of the default set only
+
+
+def _channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std in [0, 1] units, accumulated in chunks (a float copy of all would be GBs)."""
+    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for i in range(0, len(x), chunk):
+        c = x[i:i + chunk].double().div_(255)
+        s += c.sum((0, 2, 3))
+        s2 += c.square_().sum((0, 2, 3))
+    n = x.numel() / x.shape[1]
+    mean = s / n
+    return tuple(mean.tolist()), tuple((s2 / n - mean.square()).sqrt().tolist())
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """One idx file (the MNIST format: 0, 0, dtype 0x08, ndim, big-endian dims, bytes)."""
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path} is corrupt ({e}); delete it and fetch it again") from None
+    ndim = data[3] if len(data) >= 4 and data[:3] == b"\x00\x00\x08" else 0
+    head = 4 + 4 * ndim
+    dims = np.frombuffer(data, ">i4", count=ndim, offset=4) if ndim and len(data) >= head else None
+    if dims is None or len(data) != head + int(np.prod(dims)):
+        raise UserError(f"{path} is not a valid idx file of uint8 data; delete it and fetch it again")
+    return np.frombuffer(data, np.uint8, offset=head).reshape(dims)
+
+
+@functools.lru_cache(maxsize=1)
+def _fashion_mnist(root: Path):
+    files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    places = [root / "fashion-mnist", FASHION_MNIST_SYSTEM_DIR]
+    found = next((p for p in places if all((p / f).is_file() for f in files)), None)
+    if found is None:
+        raise UserError(f"fashion-mnist not found in {places[0]} or {places[1]}; "
+                        f"`apt-get install dataset-fashion-mnist` or put the 4 idx .gz files in {places[0]}")
+    xtr, ytr, xte, yte = (torch.from_numpy(_read_idx(found / f).copy()) for f in files)
+    if xtr.shape[1:] != (28, 28) or len(xtr) != len(ytr) or len(xte) != len(yte):
+        raise UserError(f"fashion-mnist files in {found} do not match each other; fetch them again")
+    return xtr[:, None], ytr.long(), xte[:, None], yte.long()
+
+
+def _torchvision(name: str, root: Path):
+    """CIFAR-10/100, SVHN via torchvision: local files first, else try a download."""
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "svhn": datasets.SVHN}[name]
+    where = root / name
+
+    def load(split_is_train: bool, download: bool):
+        split = {"train": split_is_train} if name != "svhn" else {"split": "train" if split_is_train else "test"}
+        return cls(str(where), download=download, **split)
+
+    try:
+        sets = [load(True, False), load(False, False)]
+    except RuntimeError:  # torchvision's "not found or corrupted"
+        try:
+            sets = [load(True, True), load(False, True)]
+        except Exception as e:  # no network, bad checksum, ...: say where and how in one line
+            reason = " ".join(str(e).split())[:160]
+            raise UserError(f"{name} not found (or corrupt) in {where} and the download failed ({reason}); "
+                            f"run once with network access or copy torchvision's {name} files there") from None
+    out = []
+    for ds in sets:
+        x = torch.from_numpy(ds.data)
+        x = x if name == "svhn" else x.permute(0, 3, 1, 2)  # CIFAR stores NHWC
+        y = torch.as_tensor(ds.labels if name == "svhn" else ds.targets, dtype=torch.long)
+        out += [x.contiguous(), y]
+    return tuple(out)
+
+
+_LOADERS = {
+    "fashion-mnist": _fashion_mnist,
+    **{name: functools.lru_cache(maxsize=1)(functools.partial(_torchvision, name))
+       for name in ("cifar10", "cifar100", "svhn")},
+}
+
+
+def _resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 images, in chunks to bound float memory."""
+    out = torch.empty(*x.shape[:2], size, size, dtype=torch.uint8)
+    for i in range(0, len(x), chunk):
+        y = F.interpolate(x[i:i + chunk].float(), size=(size, size), mode="bilinear",
+                          antialias=True, align_corners=False)
+        out[i:i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+# --- ImageFolder trees
+
+
+def _imagefolder(name: str, image_size: int | None, n_train: int | None, n_test: int | None,
+                 subset_seed: int) -> DataBundle:
+    from torchvision.datasets import ImageFolder
+
+    path = Path(name[len(IMAGEFOLDER):]).expanduser()
+    missing = [d for d in ("train", "val") if not (path / d).is_dir()]
+    if missing:
+        raise UserError(f"{name}: no {' or '.join(missing)}/ folder in {path}; "
+                        "expected PATH/train/<class>/*.jpg and PATH/val/<class>/*.jpg")
+    try:
+        train, test = ImageFolder(str(path / "train")), ImageFolder(str(path / "val"))
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"{name}: {' '.join(str(e).split())}") from None
+    if train.classes != test.classes:
+        raise UserError(f"{name}: train/ and val/ have different class folders")
+    sets = []
+    for what, ds, n, seed in (("train", train, n_train, subset_seed), ("test", test, n_test, 0)):
+        if n is not None and n > len(ds):
+            raise UserError(f"--n-{what} {n} is larger than {name}'s {what} set ({len(ds)} images)")
+        if n is not None and n < len(ds):
+            # val/ is sorted by class, so a plain prefix would be one class: take a fixed
+            # (seed 0) balanced subset instead, still independent of subset_seed
+            ds = torch.utils.data.Subset(ds, balanced_subset(torch.tensor(ds.targets), n, seed).tolist())
+        sets.append(ds)
+    return DataBundle(name=name, num_classes=len(train.classes), in_chans=3,
+                      image_size=image_size or IMAGEFOLDER_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      train_set=sets[0], test_set=sets[1])

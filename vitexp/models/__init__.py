@@ -1,0 +1,20 @@
+"""The model zoo: [EC]'s ViT_P / ViT_C / RegNetY models, ResNets, and a small
+32 px family, all built from torchvision classes; plus their cost in the papers'
+convention (`vitexp models`)."""
+
+from vitexp.models.complexity import complexity, complexity_table
+from vitexp.models.registry import (
+    FAMILIES,
+    ModelSpec,
+    build_model,
+    features,
+    get_spec,
+    is_vit,
+    list_models,
+    tuned_hparams,
+    unwrap,
+)
+from vitexp.models.vit import conv_stem_configs, resize_pos_embed
+
+__all__ = ["FAMILIES", "ModelSpec", "build_model", "complexity", "complexity_table", "conv_stem_configs", "features",
+           "get_spec", "is_vit", "list_models", "resize_pos_embed", "tuned_hparams", "unwrap"]

@@ -1,0 +1,84 @@
+"""Model cost in the papers' convention: params, GF and activations of one forward pass at batch 1.
+
+GF = multiply-accumulates x 1e-9 of the convs, linears and attention matmuls (not
+norms or activations): torch's FlopCounterMode counts 2 FLOPs per MAC. acts =
+output elements of those same layers (and max-pools), as pycls counts them. The
+forward runs on the meta device, so even a 36GF model costs no compute or memory,
+and in training mode: in eval mode nn.MultiheadAttention takes a fused path whose
+attention matmuls the counter does not see.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitexp.errors import UserError
+from vitexp.models.registry import build_model, get_spec, list_models, unwrap
+
+_aten = torch.ops.aten
+_LAYERS = {_aten.convolution, _aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.max_pool2d_with_indices}
+_FUSED_ATTENTION = {_aten._scaled_dot_product_flash_attention, _aten._scaled_dot_product_efficient_attention,
+                    _aten._scaled_dot_product_flash_attention_for_cpu, _aten._scaled_dot_product_cudnn_attention}
+
+
+class _ActsCounter(TorchDispatchMode):
+    """Counts output elements of the layers pycls counts activations for."""
+
+    def __init__(self):
+        super().__init__()
+        self.acts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        packet = func.overloadpacket
+        if packet in _LAYERS:
+            self.acts += (out[0] if isinstance(out, tuple) else out).numel()
+        elif packet in _FUSED_ATTENTION:  # scores (B, H, L, S) and output, as the unfused path has them
+            q, k = args[0], args[1]
+            self.acts += q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] + out[0].numel()
+        return out
+
+
+def complexity(name_or_model, resolution: int | None = None, in_chans: int = 3, num_classes: int = 1000) -> dict:
+    """params_m, gflops, acts_m of one image at `resolution` (default: native, or the ViT's own size).
+
+    A model object is counted on a meta-device copy, so its weights and BN
+    statistics stay untouched; in_chans/num_classes then come from the model.
+    """
+    if isinstance(name_or_model, str):
+        resolution = resolution or get_spec(name_or_model).resolution
+        with torch.device("meta"):
+            model = build_model(name_or_model, resolution, in_chans=in_chans, num_classes=num_classes)
+    else:
+        inner = unwrap(name_or_model)
+        resolution = resolution or getattr(inner, "image_size", None)
+        if resolution is None:
+            raise UserError("complexity of a CNN object needs a resolution")
+        model = copy.deepcopy(inner).to("meta")
+        in_chans = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    model.train()
+    x = torch.empty(1, in_chans, resolution, resolution, device="meta")
+    with FlopCounterMode(display=False) as flops, _ActsCounter() as acts:
+        model(x)
+    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "gflops": flops.get_total_flops() / 2 / 1e9,
+            "acts_m": acts.acts / 1e6}
+
+
+def complexity_table(resolution: int | None = None, names=None) -> pd.DataFrame:
+    """One row per model (default: all registered), each at its native resolution unless given."""
+    rows = []
+    for name in names or list_models():
+        spec = get_spec(name)
+        res = resolution or spec.resolution
+        k = spec.kwargs
+        depth = k["depth"] if spec.is_vit else sum(k.get("depths") or k["layers"])
+        width = k["width"] if spec.is_vit else k["widths"][-1] if "widths" in k else 2048  # ResNet: 512 x 4
+        rows.append({"model": name, "family": spec.family, "resolution": res, **complexity(name, res),
+                     "depth": depth, "width": width})
+    return pd.DataFrame(rows)

@@ -1,0 +1,88 @@
+"""ViT_P and ViT_C ([EC] section 2) on torchvision's VisionTransformer.
+
+torchvision already builds both stems (`conv_stem_configs` appends the final 1x1
+conv to the width itself); what it cannot express is an input with other than 3
+channels, so `build_vit` swaps the first conv for one that takes `in_chans`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from torch import nn
+from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer, interpolate_embeddings
+
+from vitexp.errors import UserError
+
+
+def conv_stem_configs(width: int, patch_size: int, stem: tuple | None = None) -> list[ConvStemConfig]:
+    """The 3x3 conv+BN+ReLU layers of a ViT_C stem for `patch_size` (before the 1x1 to the width).
+
+    Without an explicit `stem` ((channels, stride), ... for patch 16): log2(p) stride-2
+    convs whose channels double up to the width, e.g. 24, 48, 96, 192 for width 192 at
+    p=16 ([EC] 1GF/4GF). An explicit stem at a smaller patch keeps its shortest tail
+    holding log2(p) stride-2 convs, so it still ends at its widest layers.
+    """
+    n = int(math.log2(patch_size)) if patch_size > 1 else 0
+    if n == 0 or 2**n != patch_size:
+        raise UserError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}; use 2, 4, 8 or 16")
+    if stem is None:
+        if width % 2 ** (n - 1):
+            raise UserError(f"width {width} cannot halve {n - 1} times for a patch-{patch_size} conv stem; "
+                            f"use a smaller patch size")
+        return [ConvStemConfig(width >> (n - 1 - i), 3, 2) for i in range(n)]
+    available = sum(s == 2 for _, s in stem)
+    if n > available:
+        raise UserError(f"this model's conv stem supports patch sizes up to {2**available}, got {patch_size}")
+    start, twos = len(stem), 0
+    while twos < n:
+        start -= 1
+        twos += stem[start][1] == 2
+    return [ConvStemConfig(c, 3, s) for c, s in stem[start:]]
+
+
+def build_vit(*, width: int, depth: int, heads: int, mlp: int, patch: int, conv_stem: bool, stem: tuple | None = None,
+              image_size: int, in_chans: int, num_classes: int, patch_size: int | None, dropout: float) -> VisionTransformer:
+    """A class-token ViT; `patch_size` overrides the model's own patch."""
+    p = patch_size or patch
+    if image_size % p:
+        raise UserError(f"image size {image_size} is not divisible by the patch size {p}; "
+                        f"use an image size that is a multiple of {p} (or another patch size)")
+    model = VisionTransformer(image_size, p, depth, heads, width, mlp, dropout=dropout, num_classes=num_classes,
+                              conv_stem_configs=conv_stem_configs(width, p, stem) if conv_stem else None)
+    if in_chans != 3:
+        _set_in_chans(model, in_chans)
+    return model
+
+
+def _set_in_chans(model: VisionTransformer, in_chans: int) -> None:
+    """Replace the first conv (torchvision hard-codes 3 input channels), initialised as torchvision does."""
+    if isinstance(model.conv_proj, nn.Conv2d):
+        old = model.conv_proj
+        new = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride)
+        nn.init.trunc_normal_(new.weight, std=math.sqrt(1 / new.weight[0].numel()))
+        nn.init.zeros_(new.bias)
+        model.conv_proj = new
+    else:  # conv stem: its 3x3 convs keep PyTorch's default init in torchvision too
+        first = model.conv_proj.conv_bn_relu_0
+        old = first[0]
+        first[0] = nn.Conv2d(in_chans, old.out_channels, 3, old.stride, padding=1, bias=False)
+
+
+def resize_pos_embed(model: nn.Module, image_size: int) -> None:
+    """Resize a ViT's position embeddings in place for `image_size` ([ViT]: 2D
+    interpolation of the grid part, class token untouched) so forward works there."""
+    from vitexp.models.registry import unwrap
+
+    vit = unwrap(model)
+    if not isinstance(vit, VisionTransformer):
+        raise UserError(f"resize_pos_embed needs a ViT, got {type(vit).__name__}")
+    if image_size % vit.patch_size:
+        raise UserError(f"image size {image_size} is not divisible by the patch size {vit.patch_size}; "
+                        f"use a multiple of {vit.patch_size}")
+    old = vit.encoder.pos_embedding
+    state = interpolate_embeddings(image_size, vit.patch_size, OrderedDict({"encoder.pos_embedding": old.detach()}))
+    vit.encoder.pos_embedding = nn.Parameter(state["encoder.pos_embedding"].clone(), requires_grad=old.requires_grad)
+    vit.image_size = image_size
+    vit.seq_length = vit.encoder.pos_embedding.shape[1]
