@@ -173,7 +173,7 @@ def test_mixer_gives_soft_targets():
 
 
 def test_in_memory_loader_epochs_len_and_normalisation():
-    b = indexed_bundle(100, 30)
+    b = indexed_bundle(100, 40)
     cfg = TrainConfig(batch_size=32, seed=3, crop_pad=0, hflip=False)
     train, test = make_loaders(b, cfg, "cpu")
     assert len(train) == 3 and len(test) == 2  # train drops the partial batch, test keeps it
@@ -196,7 +196,7 @@ def test_in_memory_loader_augmentation_is_reproducible():
     first = [x for x, _ in make_loaders(b, cfg, "cpu")[0]]
     train = make_loaders(b, cfg, "cpu")[0]
     train.set_epoch(0)
-    assert all(torch.equal(a, c) for a, c in zip(first, train))
+    assert all(torch.equal(a, c) for a, (c, _) in zip(first, train))
 
 
 def test_partial_batch_kept_when_it_is_the_only_one():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import sys
 import typing
 from pathlib import Path
@@ -138,9 +139,12 @@ def train(config: dict, out: Path = typer.Option(Path("runs/train"), help="resul
     if done is not None and done.get("status") == "ok":
         console.print(f"trial {cfg.key()} already in {out}: top1_err {done['top1_err']:.2f}% (nothing to do)")
         return
-    with StudyProgress() as progress:
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    with StudyProgress(enabled=None if main_rank else False) as progress:
         progress.start_trial(f"{cfg.model} on {cfg.dataset}", cfg.epochs)
         row = run_trial(cfg, store=store, progress=progress)
+    if not main_rank:
+        return
     status = "DIVERGED" if row["diverged"] else "done"
     console.print(f"{status}: {row['model']} {row['dataset']} n={row['n_train']} {row['optimizer']} "
                   f"lr={row['lr']:.3g} wd={row['wd']:.3g} top1_err {row['top1_err']:.2f}% "
@@ -150,6 +154,8 @@ def train(config: dict, out: Path = typer.Option(Path("runs/train"), help="resul
 # --- studies (issue 4) --------------------------------------------------------
 # fields a study sets per trial: the study's own options replace them
 STUDY_FIELDS = ("model", "seed", "n_train", "subset_seed", "optimizer", "lr", "wd", "epochs", "fewshot")
+# only the scale study sets the training-set size per trial; the others take --n-train as given
+FIXED_SIZE_FIELDS = tuple(f for f in STUDY_FIELDS if f != "n_train")
 _PRESET = typer.Option(None, "--preset", help="preset name in experiments/ or a .toml path "
                        "[default: KIND_DATASET if it exists, else KIND_shapes]")
 _OUT = typer.Option(None, "--out", help="study folder [default: runs/PRESET]")
@@ -213,7 +219,7 @@ def scale_study(config: dict, preset: Optional[str] = _PRESET, out: Optional[Pat
 
 
 @app.command()
-@with_config(overrides=True, exclude=STUDY_FIELDS)
+@with_config(overrides=True, exclude=FIXED_SIZE_FIELDS)
 def stability(config: dict, optimizer: str = typer.Option("adamw", help="adamw | sgd"),
               preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
               shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
@@ -228,7 +234,7 @@ def stability(config: dict, optimizer: str = typer.Option("adamw", help="adamw |
 
 
 @app.command("optimizer-study")
-@with_config(overrides=True, exclude=STUDY_FIELDS)
+@with_config(overrides=True, exclude=FIXED_SIZE_FIELDS)
 def optimizer_study(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
                     shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
                     progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
@@ -343,6 +349,25 @@ def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model nam
 
 
 # --- launch (issue 7) ---------------------------------------------------------
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(ctx: typer.Context,
+           shards: int = typer.Option(..., help="number of array tasks (shards of the study)"),
+           cluster: Optional[str] = typer.Option(None, help="slurm | local | debug [default: slurm when sbatch exists]"),
+           partition: Optional[str] = typer.Option(None, help="SLURM partition"),
+           gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per task"),
+           cpus_per_task: Optional[int] = typer.Option(None, help="CPUs per task"),
+           mem_gb: Optional[int] = typer.Option(None, help="memory per task"),
+           timeout_min: Optional[int] = typer.Option(None, help="time limit per task in minutes"),
+           parallelism: Optional[int] = typer.Option(None, help="at most this many tasks at once"),
+           wait: bool = typer.Option(False, "--wait/--no-wait", help="wait for every task to finish")):
+    """Submit a study as a SLURM job array (submitit): `vitexp launch --shards 8 -- stability --out DIR ...`."""
+    from vitexp.launch import submit
+
+    slurm = {"slurm_partition": partition, "slurm_array_parallelism": parallelism} if cluster != "local" else {}
+    ids = submit(list(ctx.args), shards, cluster, wait, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                 mem_gb=mem_gb, timeout_min=timeout_min, **slurm)
+    console.print(f"submitted {len(ids)} tasks: {', '.join(ids)}")
+
 
 # --- doctor (issue 8) ---------------------------------------------------------
 @app.command()
@@ -367,7 +392,11 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escape: messages name preset tables like [study], which rich would eat as markup
+        msg = " ".join(str(e).split())  # one line, whatever the message
+        err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")
@@ -375,11 +404,25 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # click's usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        usage, abort = _click_exceptions()
+        if isinstance(e, usage):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, abort):
             sys.exit(130)
         raise
+
+
+def _click_exceptions() -> tuple[tuple, tuple]:
+    """(usage errors, aborts) of click and of the click copy newer typers vendor."""
+    import importlib
+
+    usage, abort = [], [typer.Abort]
+    for mod in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        usage += [getattr(m, "ClickException")] if hasattr(m, "ClickException") else []
+        abort += [getattr(m, "Abort")] if hasattr(m, "Abort") else []
+    return tuple(usage), tuple(abort)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass, field, fields
 
 from vitexp.errors import UserError
@@ -74,6 +76,16 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise UserError naming the first bad field."""
+        self._check_types()
+        from vitexp.errors import unknown
+        from vitexp.models import get_spec
+
+        spec = get_spec(self.model)  # unknown model: the closest names
+        if not self.dataset.startswith("imagefolder:"):
+            from vitexp.data.datasets import DATASETS
+
+            if self.dataset not in DATASETS:
+                raise unknown("dataset", self.dataset, DATASETS + ("imagefolder:PATH",))
         if self.optimizer not in OPTIMIZERS:
             from vitexp.errors import unknown
 
@@ -103,7 +115,29 @@ class TrainConfig:
             raise UserError(f"--fewshot shots must be positive, got {self.fewshot}")
         if not 0 < self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        patch = spec.kwargs.get("patch") if spec.is_vit else None
+        if patch and self.image_size is not None and self.image_size % patch:
+            raise UserError(f"--image-size {self.image_size} is not divisible by {self.model}'s patch size {patch}; "
+                            f"use a multiple of {patch}, e.g. {max(patch, self.image_size // patch * patch)}")
         return self
+
+    def _check_types(self) -> None:
+        """Presets and notebooks can pass anything: say which field has the wrong type."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            v, want = getattr(self, f.name), hints[f.name]
+            union = typing.get_origin(want) in (typing.Union, types.UnionType)
+            allowed = tuple(typing.get_origin(a) or a for a in (typing.get_args(want) if union else (want,)))
+            ok = isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
+            if float in allowed and isinstance(v, int) and not isinstance(v, bool):
+                ok = True
+            if ok and isinstance(v, list):
+                ok = all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            if not ok:
+                names = " or ".join("None" if a is type(None) else "a list of int" if a is list else a.__name__
+                                    for a in allowed)
+                raise UserError(f"{f.name} must be {names}, got {v!r}; fix --{f.name.replace('_', '-')} "
+                                f"(or [train] {f.name} in the preset)")
 
     def resolved(self) -> "TrainConfig":
         """A copy with lr/wd filled from the model's tuned values."""

@@ -36,13 +36,34 @@ RUN_COLUMNS = ["key", "study", "status", "model", "dataset", "n_train", "seed", 
 HISTORY_COLUMNS = ["key", "epoch", "train_loss", "test_err", "ema_err", "lr", "seconds", "images_per_s"]
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def tmp_path(path: Path) -> Path:
+    """The temporary name a writer of `path` uses before its rename: hidden, and
+    naming the writer (host, pid) so leftovers of a killed writer can be swept."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def _tmp_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a tmp_path name, None for any other name."""
+    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+        return None
+    head, _, pid = name[: -len(TMP_SUFFIX)].rpartition(".")
+    host = socket.gethostname()
+    if not pid.isdigit() or not head.endswith("." + host):
+        return None
+    return host, int(pid)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file and rename; leave an identical file untouched
     (a rerun that finds nothing to do changes no file)."""
     path = Path(path)
     if path.exists() and path.stat().st_size == len(text.encode()) and path.read_text() == text:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmp_path(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -84,7 +105,7 @@ class TrialStore:
             try:
                 for sub in ("trials", "checkpoints", "claims"):
                     (self.root / sub).mkdir(parents=True, exist_ok=True)
-                probe = self.root / f".write-test.{os.getpid()}"
+                probe = tmp_path(self.root / "write-test")
                 probe.write_text("")
                 probe.unlink()
             except OSError as e:
@@ -130,16 +151,21 @@ class TrialStore:
         return {k for k, r in self.finished().items() if r.get("status") == "ok"}
 
     # -- claims: one process per trial -----------------------------------------
-    def claim(self, key: str) -> bool:
-        """Take the trial for this process; False if another live process has it."""
+    def claim(self, key: str, seen: dict | None = None) -> bool:
+        """Take the trial for this process. False if another live process has it, or
+        if its record changed since the caller planned its work (`seen`: the record
+        it saw then, None for none): another process finished it meanwhile. Both
+        checks and the claim happen under the folder lock, so no two processes
+        ever run one trial."""
         path = self.root / "claims" / key
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+              "time": time.time()}
         with self.lock():
+            now = self._read(self.trial_path(key))
+            if now is not None and (now.get("status") == "ok" or now != seen):
+                return False
             if path.exists():
-                try:
-                    other = json.loads(path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    other = {}
+                other = self._read(path) or {}
                 if other.get("pid") == os.getpid() and other.get("host") == me["host"]:
                     return True
                 if _alive(other):
@@ -147,9 +173,34 @@ class TrialStore:
             atomic_write_text(path, json.dumps(me))
             return True
 
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
     def release(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / "claims" / key).unlink()
+
+    def sweep(self) -> list[Path]:
+        """Remove what killed processes of this host left behind: half-written
+        temporary files, and checkpoints of trials that finished (a kill between the
+        record and the checkpoint's removal). Returns the removed paths."""
+        removed = []
+        with self.lock():
+            done = {k for k, r in self.finished().items() if r.get("status") == "ok"}
+            for sub in (self.root, self.root / "trials", self.root / "checkpoints", self.root / "claims"):
+                for p in sub.iterdir():
+                    owner = _tmp_owner(p.name)
+                    dead_tmp = owner is not None and not _alive({"host": owner[0], "pid": owner[1]})
+                    done_ckpt = sub.name == "checkpoints" and p.suffix == ".pt" and p.stem in done
+                    if (dead_tmp or done_ckpt) and p.is_file():
+                        with contextlib.suppress(FileNotFoundError):
+                            p.unlink()
+                            removed.append(p)
+        return removed
 
     # -- recording ------------------------------------------------------------
     def record(self, key: str, row: dict, history: list[dict] | None = None) -> None:
@@ -180,18 +231,36 @@ class TrialStore:
             atomic_write_csv(self.root / HISTORY, pd.concat(hist, ignore_index=True) if hist else pd.DataFrame())
 
 
+def _start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, Linux), to tell a reused pid
+    from the process that wrote a claim; None where /proc is not there."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22 of proc(5)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _alive(claim: dict) -> bool:
-    """Is the claiming process still running? Same host: ask the OS; other hosts: trust
-    the claim for 24 h (a crashed remote process frees its trials after that)."""
+    """Is the claiming process still running? Same host: ask the OS (and check that
+    the pid was not reused since); other hosts: trust the claim for 24 h (a crashed
+    remote process frees its trials after that)."""
     if claim.get("host") == socket.gethostname():
         try:
-            os.kill(int(claim.get("pid", -1)), 0)
-            return True
-        except (ProcessLookupError, ValueError):
+            pid = int(claim.get("pid", -1))
+            if pid <= 0:
+                return False
+            os.kill(pid, 0)
+        except (ProcessLookupError, ValueError, TypeError):
             return False
         except PermissionError:
-            return True
-    return time.time() - float(claim.get("time", 0)) < 24 * 3600
+            pass
+        start = claim.get("start")
+        return start is None or _start_time(pid) in (None, start)
+    try:
+        return time.time() - float(claim.get("time", 0)) < 24 * 3600
+    except (TypeError, ValueError):
+        return False
 
 
 def read_runs(folder: str | Path, required=("model", "top1_err")) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from vitexp import models as vmodels
 from vitexp.config import TrainConfig
 from vitexp.errors import UserError
 from vitexp.optim import EMA, build_optimizer, build_scheduler, peak_lr
-from vitexp.store import TrialStore, provenance
+from vitexp.store import TrialStore, provenance, tmp_path
 
 DIVERGED_ERR = 100.0
 # host-side check for a non-finite loss every this many steps (each check is a sync)
@@ -111,7 +111,7 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmp_path(path)  # a name TrialStore.sweep recognises if this process is killed
     torch.save(obj, tmp)
     os.replace(tmp, path)
 

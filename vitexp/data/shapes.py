@@ -48,9 +48,9 @@ GLYPHS = (  # 5x5, one per class; '#' is ink
 )
 GLYPH = 5  # glyph box side at 32 px
 CHUNK = 2048  # images per independently seeded chunk (the prefix property's unit)
-MAX_DISTRACTORS = 4
+MAX_DISTRACTORS = 3
 VARIANTS = 2  # glyph variants per class: as drawn, mirrored (8: all rotations too)
-FRAGMENT_INK = 0.3  # ink probability of a random fragment pixel
+FRAGMENT_INK = 0.25  # ink probability of a random fragment pixel
 
 
 def _glyph_variants(num_classes: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ attention matmuls the counter does not see.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pandas as pd
 import torch
@@ -52,15 +53,25 @@ def complexity(name_or_model, resolution: int | None = None, in_chans: int = 3, 
     """
     if isinstance(name_or_model, str):
         resolution = resolution or get_spec(name_or_model).resolution
-        with torch.device("meta"):
-            model = build_model(name_or_model, resolution, in_chans=in_chans, num_classes=num_classes)
-    else:
-        inner = unwrap(name_or_model)
-        resolution = resolution or getattr(inner, "image_size", None)
-        if resolution is None:
-            raise UserError("complexity of a CNN object needs a resolution")
-        model = copy.deepcopy(inner).to("meta")
-        in_chans = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+        return dict(_named(name_or_model, resolution, in_chans, num_classes))
+    inner = unwrap(name_or_model)
+    resolution = resolution or getattr(inner, "image_size", None)
+    if resolution is None:
+        raise UserError("complexity of a CNN object needs a resolution")
+    model = copy.deepcopy(inner).to("meta")
+    in_chans = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    return _count(model, in_chans, resolution)
+
+
+@functools.lru_cache(maxsize=None)
+def _named(name: str, resolution: int, in_chans: int, num_classes: int) -> tuple:
+    """A registered model's cost never changes, and tables ask for it again and again."""
+    with torch.device("meta"):
+        model = build_model(name, resolution, in_chans=in_chans, num_classes=num_classes)
+    return tuple(_count(model, in_chans, resolution).items())
+
+
+def _count(model: torch.nn.Module, in_chans: int, resolution: int) -> dict:
     model.train()
     x = torch.empty(1, in_chans, resolution, resolution, device="meta")
     with FlopCounterMode(display=False) as flops, _ActsCounter() as acts:

@@ -62,16 +62,39 @@ def shard_of(keyed: list, shard: tuple[int, int]) -> list:
     return keyed[i::n]
 
 
-def _check_folder(out: Path, kind: str) -> None:
-    """Refuse a folder that holds a study of another kind (its rows would mix)."""
+# what makes two specs one study (one folder): rows of studies that differ here would
+# mix in one figure; models, seeds, samples or sizes may grow a study in place
+IDENTITY = {"kind": ("study", "kind"), "dataset": ("train", "dataset"), "optimizer": ("study", "optimizer")}
+
+
+def _identity(spec: dict) -> dict:
+    out = {name: spec.get(table, {}).get(key) for name, (table, key) in IDENTITY.items()}
+    if out["kind"] != "stability":
+        out.pop("optimizer")
+    out["dataset"] = out["dataset"] or "shapes"
+    return out
+
+
+def _check_folder(out: Path, spec: dict | str) -> None:
+    """Refuse a folder that holds another study (another kind, data set or, for a
+    stability study, optimizer): its rows would mix with this one's."""
+    mine = _identity(spec) if isinstance(spec, dict) else {"kind": spec}
+    kind = mine["kind"]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the study")
     f = out / "study.toml"
     if f.exists():
         try:
-            other = tomllib.loads(f.read_text()).get("study", {}).get("kind")
-        except (tomllib.TOMLDecodeError, OSError):
-            other = None
-        if other and other != kind:
-            raise UserError(f"{out} holds a {other} study; give this {kind} study another --out")
+            theirs = _identity(tomllib.loads(f.read_text()))
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError, AttributeError):
+            raise UserError(f"{f} is not a readable study file; give this study another --out "
+                            f"(or delete that file if the folder is yours)") from None
+        if theirs["kind"] and theirs["kind"] != kind:
+            raise UserError(f"{out} holds a {theirs['kind']} study; give this {kind} study another --out")
+        for name in mine:
+            if theirs.get(name) is not None and mine[name] is not None and theirs[name] != mine[name]:
+                raise UserError(f"{out} holds a {kind} study with {name} {theirs[name]}, not {mine[name]}; "
+                                f"give this study another --out")
     elif (out / "runs.csv").exists():
         try:
             kinds = set(pd.read_csv(out / "runs.csv", usecols=["study"])["study"])
@@ -133,12 +156,13 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
     out = Path(out)
     kind = spec["study"]["kind"]
     keyed = unique(studies.trials(spec))  # validates the whole study before touching the folder
+    _check_folder(out, spec)
     store = TrialStore(out)
-    _check_folder(out, kind)
+    store.sweep()  # leftovers of killed runs
     atomic_write_text(out / "study.toml", dumps_toml(spec))
     mine = shard_of(keyed, shard)
-    done = store.done_keys()
-    todo = [(k, t) for k, t in mine if k not in done]
+    seen = store.finished()  # a claim checks that a trial's record is still what we saw here
+    todo = [(k, t) for k, t in mine if seen.get(k, {}).get("status") != "ok"]
     if not todo:  # rebuild in case a kill fell between a trial's record and the tables
         store.rebuild()
         return _runs(out)
@@ -149,7 +173,7 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
 
     with StudyProgress(len(todo), enabled=progress) as bar:
         for key, cfg in todo:
-            if key in store.done_keys() or not store.claim(key):
+            if not store.claim(key, seen.get(key)):
                 log.info("trial %s done or claimed by another process; skipped", key)
                 bar.end_trial(f"{key} skipped (done or running elsewhere)")
                 continue
@@ -217,12 +241,24 @@ def collect(folders: list[str | Path], out: str | Path) -> pd.DataFrame:
     for f in srcs:
         if not (f / "trials").is_dir():
             raise UserError(f"{f} is not a study folder (no trials/); give folders written by a study --out")
-    kinds = {tomllib.loads((f / "study.toml").read_text())["study"]["kind"] for f in srcs if (f / "study.toml").exists()}
+    specs = {}
+    for f in srcs:
+        if (f / "study.toml").exists():
+            try:
+                specs[f] = tomllib.loads((f / "study.toml").read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{f / 'study.toml'} is not valid TOML ({e}); fix or delete it") from None
+    idents = {f: _identity(s) for f, s in specs.items()}
+    kinds = {i["kind"] for i in idents.values()}
     if len(kinds) > 1:
-        raise UserError(f"cannot merge studies of different kinds ({', '.join(sorted(kinds))})")
+        raise UserError(f"cannot merge studies of different kinds ({', '.join(sorted(map(str, kinds)))}); "
+                        f"collect each kind into its own --out")
+    if len({tuple(sorted(i.items())) for i in idents.values()}) > 1:
+        desc = "; ".join(f"{f}: {', '.join(f'{k} {v}' for k, v in i.items())}" for f, i in idents.items())
+        raise UserError(f"cannot merge different studies ({desc}); collect each into its own --out")
+    if specs:
+        _check_folder(out, next(iter(specs.values())))
     store = TrialStore(out)
-    if kinds:
-        _check_folder(out, next(iter(kinds)))
     have = store.finished()
     for f in srcs:
         if f.resolve() == out.resolve():

@@ -58,11 +58,26 @@ def sampling_range(spec: dict, model: str, optimizer: str) -> dict[str, tuple[fl
     if r is None:
         lr, wd = tuned(spec, model, optimizer)
         r = {"lr": [lr / RANGE_BELOW, lr * RANGE_ABOVE], "wd": [wd / RANGE_BELOW, wd * RANGE_ABOVE]}
+    return _range_pair(r, f"[ranges.{model}.{optimizer}]")
+
+
+def _range_pair(r, where: str) -> dict[str, tuple[float, float]]:
+    """{'lr': (lo, hi), 'wd': (lo, hi)} of one ranges table, checked: two numbers each,
+    0 < low < high (log-uniform sampling needs both ends positive and apart)."""
+    if not isinstance(r, dict):
+        raise UserError(f"{where} must be a table like {{lr = [LOW, HIGH], wd = [LOW, HIGH]}}, got {r!r}")
     out = {}
     for name in ("lr", "wd"):
-        lo, hi = (float(v) for v in r[name])
+        v = r.get(name)
+        try:
+            lo, hi = (float(x) for x in v)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} {name} must be [LOW, HIGH] with two numbers, got {v!r}; "
+                            f"e.g. {name} = [1e-4, 1e-2]") from None
         if not 0 < lo < hi:
-            raise UserError(f"{name} range of {model} ({optimizer}) is [{lo}, {hi}]; it must be 0 < low < high")
+            what = "inverted" if lo > hi > 0 else "empty" if lo == hi else "not positive"
+            raise UserError(f"{where} {name} range [{lo:g}, {hi:g}] is {what}; "
+                            f"give {name} = [LOW, HIGH] with 0 < LOW < HIGH")
         out[name] = (lo, hi)
     return out
 
@@ -78,11 +93,51 @@ def _scale(u: float, lo: float, hi: float) -> float:
 
 
 def _ints(v, name: str) -> list[int]:
-    vals = [v] if isinstance(v, (int, float)) else list(v)
     try:
-        return [int(x) for x in vals]
+        vals = [v] if isinstance(v, (int, float)) else list(v)
+        out = [int(x) for x in vals]
     except (TypeError, ValueError):
-        raise UserError(f"--{name} takes integers, got {v}") from None
+        raise UserError(f"--{name} takes integers, got {v!r}") from None
+    if not out:
+        raise UserError(f"--{name} is empty; give at least one value (or set [study] {name} in the preset)")
+    return out
+
+
+def _int(s: dict, key: str, default) -> int:
+    """An integer knob of [study] (from the preset or --KEY)."""
+    v = s.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+        raise UserError(f"--{key.replace('_', '-')} takes an integer, got {v!r}; fix [study] {key} in the preset")
+    return int(v)
+
+
+def _check_tables(spec: dict) -> None:
+    """The preset's [tuned.MODEL] and [ranges.MODEL_OR_FAMILY] tables: known names,
+    known optimizers, sensible numbers (a typo must not silently fall back to defaults)."""
+    names = set(vmodels.list_models())
+    for table in ("tuned", "ranges"):
+        allowed = names | (set(vmodels.FAMILIES) if table == "ranges" else set())
+        t = spec.get(table, {})
+        if not isinstance(t, dict):
+            raise UserError(f"[{table}] of the preset must hold one table per model, got {t!r}")
+        for model, per_opt in t.items():
+            if model not in allowed:
+                raise unknown(f"[{table}] model{' or family' if table == 'ranges' else ''}", model, sorted(allowed))
+            if not isinstance(per_opt, dict):
+                raise UserError(f"[{table}.{model}] must hold one entry per optimizer, got {per_opt!r}")
+            for opt, v in per_opt.items():
+                if opt not in OPTIMIZERS:
+                    raise unknown(f"optimizer in [{table}.{model}]", opt, OPTIMIZERS)
+                where = f"[{table}.{model}] {opt}" if table == "tuned" else f"[ranges.{model}.{opt}]"
+                if table == "ranges":
+                    _range_pair(v, where)
+                    continue
+                try:
+                    lr, wd = (float(x) for x in v)
+                except (TypeError, ValueError):
+                    raise UserError(f"{where} must be [LR, WD], got {v!r}; e.g. {opt} = [1e-3, 0.05]") from None
+                if not (lr > 0 and wd >= 0):
+                    raise UserError(f"{where} = [{lr:g}, {wd:g}]: lr must be > 0 and wd >= 0")
 
 
 def _check(spec: dict) -> tuple[dict, TrainConfig]:
@@ -96,11 +151,17 @@ def _check(spec: dict) -> tuple[dict, TrainConfig]:
     bad = sorted(set(spec["train"]) - set(config_fields()))
     if bad:
         raise unknown("[train] field", bad[0], config_fields())
-    if not s.get("models"):
+    models = s.get("models")
+    if isinstance(models, str) or not isinstance(models, (list, tuple)):
+        raise UserError(f"[study] models must be a list of model names, got {models!r}")
+    if not models:
         raise UserError("the study has no models; give --models or set [study] models in the preset")
-    for m in s["models"]:
-        vmodels.get_spec(m)  # unknown model: one line with the closest names
-    base = TrainConfig(**spec["train"]).validate()
+    for m in models:
+        vmodels.get_spec(str(m))  # unknown model: one line with the closest names
+    _check_tables(spec)
+    # the base config takes the study's first model: every trial sets its own, and
+    # model-dependent checks (patch vs image size) then run per trial
+    base = TrainConfig(**{**spec["train"], "model": str(models[0])}).validate()
     return s, base
 
 
@@ -116,18 +177,21 @@ def trials(spec: dict) -> list[TrainConfig]:
         return dataclasses.replace(base, extra=extra, **kw).validate()
 
     if kind == "scale":
-        sizes = list(s.get("sizes", []))
-        if not sizes:
+        if not s.get("sizes"):
             raise UserError("the scale study has no sizes; give --sizes 500,2000,... or set [study] sizes")
-        if any(float(x) <= 0 for x in sizes):
+        sizes = _ints(s["sizes"], "sizes")
+        if any(x <= 0 for x in sizes):
             raise UserError(f"--sizes must be positive, got {sizes}")
-        steps, floor = int(s.get("steps", 0)), int(s.get("min_epochs", 1))
-        fixed_epochs = s.get("epochs")
+        steps, floor = _int(s, "steps", 0), _int(s, "min_epochs", 1)
+        fixed_epochs = _int(s, "epochs", 0) if s.get("epochs") is not None else None
+        if steps < 0:
+            raise UserError(f"--steps must be >= 0, got {steps}")
+        if floor <= 0 or (fixed_epochs is not None and fixed_epochs <= 0):
+            raise UserError(f"--min-epochs and --epochs must be positive, got {floor} and {fixed_epochs}")
         for model in s["models"]:
             lr, wd = tuned(spec, model, base.optimizer)
             for seed in seeds:
-                for size in sizes:
-                    n = int(size)
+                for n in sizes:
                     epochs = int(fixed_epochs) if fixed_epochs else max(floor, math.ceil(steps * base.batch_size / n))
                     out.append(trial(model=model, n_train=n, seed=seed, subset_seed=seed, epochs=epochs,
                                      lr=base.lr or lr, wd=base.wd if base.wd is not None else wd,
@@ -137,11 +201,11 @@ def trials(spec: dict) -> list[TrainConfig]:
         opt = s.get("optimizer", "adamw")
         if opt not in OPTIMIZERS:
             raise unknown("optimizer", opt, OPTIMIZERS)
-        n = int(s.get("samples", 64))
+        n = _int(s, "samples", 64)
         if n <= 0:
             raise UserError(f"--samples must be positive, got {n}")
-        u = log_uniform(n, int(s.get("sample_seed", 0)))
-        epochs = int(s.get("epochs", base.epochs))
+        u = log_uniform(n, _int(s, "sample_seed", 0))
+        epochs = _int(s, "epochs", base.epochs)
         for model in s["models"]:
             r = sampling_range(spec, model, opt)
             for i in range(n):
@@ -152,6 +216,8 @@ def trials(spec: dict) -> list[TrainConfig]:
                                             "wd_lo": r["wd"][0], "wd_hi": r["wd"][1]}))
     else:
         opts = s.get("optimizers", list(OPTIMIZERS))
+        if isinstance(opts, str) or not opts:
+            raise UserError(f"--optimizers takes a comma-separated list of {', '.join(OPTIMIZERS)}, got {opts!r}")
         for o in opts:
             if o not in OPTIMIZERS:
                 raise unknown("optimizer", o, OPTIMIZERS)

@@ -1,0 +1,68 @@
+"""torchrun with gloo on the CPU: 2 processes equal 1 process at the same global batch;
+SLURM arrays through submitit's local executor."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, run_cli
+
+# ViT_P (no BatchNorm), no augmentation and no dropout: then the 2-rank gradient is the mean of two half-batch
+# gradients of exactly the images the 1-rank batch holds, and a LayerNorm ViT matches up to
+# float summation order
+ARGS = ["train", "--model", "vit_p_25mf", "--dataset", "fashion-mnist", "--n-train", "512", "--n-test", "256",
+        "--batch-size", "64", "--lr", "0.064", "--epochs", "3", "--crop-pad", "0", "--no-hflip", "--device", "cpu"]
+LOSS_RTOL = 1e-4  # relative difference of the per-epoch training loss
+ERR_ATOL = 0.5  # top-1 error points (one or two test images may flip)
+
+
+def torchrun(nproc, *args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(29500 + os.getpid() % 1000), "-m", "vitexp", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    one = run_cli(*ARGS, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *ARGS, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    r1, r2 = (pd.read_csv(tmp_path / d / "runs.csv") for d in ("one", "two"))
+    assert len(r1) == len(r2) == 1  # only rank 0 wrote
+    assert r1.key.iloc[0] == r2.key.iloc[0] and r2.n_train.iloc[0] == 512
+    h1, h2 = (pd.read_csv(tmp_path / d / "history.csv") for d in ("one", "two"))
+    assert ((h1.train_loss - h2.train_loss).abs() / h1.train_loss).max() < LOSS_RTOL
+    assert abs(r1.top1_err.iloc[0] - r2.top1_err.iloc[0]) <= ERR_ATOL
+    assert abs(r1.last_err.iloc[0] - r2.last_err.iloc[0]) <= ERR_ATOL
+
+
+def test_global_batch_not_divisible_by_world_size(tmp_path):
+    args = [a if a != "64" else "63" for a in ARGS]
+    p = torchrun(2, *args, "--out", tmp_path)
+    # each rank prints the one line and exits 2; the traceback after it is torchrun's own report
+    assert p.returncode != 0
+    assert p.stderr.count("error: --batch-size 63 is not divisible by the world size 2") == 2
+    assert "exitcode  : 2" in p.stderr
+    assert "vitexp/train.py" not in p.stderr  # none of our frames
+
+
+def test_launch_runs_shards_through_submitit_local(tmp_path):
+    pytest.importorskip("submitit")
+    out = tmp_path / "st"
+    p = run_cli("launch", "--shards", "2", "--cluster", "local", "--wait", "--", "stability",
+                "--models", "vit_c_25mf", "--samples", "2", "--epochs", "1", "--n-train", "128",
+                "--n-test", "64", "--batch-size", "64", "--device", "cpu", "--no-plot", "--out", out)
+    assert p.returncode == 0, p.stderr
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2 and runs.key.is_unique and (runs.status == "ok").all()
+
+
+def test_launch_needs_a_study_and_its_out(tmp_path):
+    from conftest import assert_user_error
+
+    assert_user_error(run_cli("launch", "--shards", "2", "--", "train"), "study")
+    assert_user_error(run_cli("launch", "--shards", "2", "--cluster", "local", "--", "stability"), "--out")
