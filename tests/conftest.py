@@ -4,7 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# with more busy threads than cores, OpenMP's spin-waiting makes torch ~100x slower;
+# set before torch loads, inherited by the CLI subprocesses the tests start
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

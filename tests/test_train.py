@@ -59,7 +59,8 @@ def test_weight_decay_groups_exclude_norms_biases_embeddings():
     assert any(n.endswith("pos_embedding") for n in nd) and "class_token" in nd
     assert all(model.get_parameter(n).ndim <= 1 or n.endswith(("pos_embedding", "class_token")) for n in nd)
     assert all(model.get_parameter(n).ndim >= 2 for n in d)
-    assert any("norm" in n for n in nd) and any(n.endswith("bias") for n in nd)
+    norms = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, (nn.LayerNorm, nn.BatchNorm2d))}
+    assert norms and norms <= nd and any(n.endswith("bias") for n in nd)
     assert len(d) + len(nd) == len(list(model.parameters()))
 
 

@@ -20,6 +20,10 @@ from rich.console import Console
 
 from vitexp.errors import UserError
 
+# more busy CPU threads than cores (several trials or users on one machine) make
+# OpenMP's spin-waiting slow torch down ~100x; set before torch is first imported
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 app = typer.Typer(
     name="vitexp",
     help="Reproduce the inductive-bias studies of ViT (data-size scaling) and "

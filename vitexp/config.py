@@ -46,6 +46,7 @@ class TrainConfig:
     lr_batch_size: int = _f(2048, "the paper's reference batch for lr")
     epochs: int = _f(10, "training epochs over the (sub)set")
     batch_size: int = _f(128, "global batch size (split across ranks under torchrun)")
+    eval_every: int = _f(1, "evaluate every this many epochs (and always after the last)")
     warmup_epochs: float = _f(5.0, "linear warmup, capped at a tenth of training")
     min_lr_frac: float = _f(0.005, "half-cosine ends at min_lr_frac x peak lr")
     momentum: float = _f(0.9, "SGD momentum")
@@ -94,7 +95,7 @@ class TrainConfig:
             from vitexp.errors import unknown
 
             raise unknown("augment", self.augment, AUGMENTS)
-        for name in ("epochs", "batch_size", "lr_batch_size"):
+        for name in ("epochs", "batch_size", "lr_batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("lr",):

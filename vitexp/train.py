@@ -208,13 +208,17 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
             state["diverged"] = True
             state["wall"] += time.perf_counter() - t0
             break
-        test_err = evaluate(net if di.world == 1 else model, test_loader, device, cfg.amp)
-        ema_err = evaluate(ema.module, test_loader, device, cfg.amp) if ema is not None else float("nan")
+        train_s = time.perf_counter() - t0
+        test_err = ema_err = float("nan")
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            test_err = evaluate(net if di.world == 1 else model, test_loader, device, cfg.amp)
+            if ema is not None:
+                ema_err = evaluate(ema.module, test_loader, device, cfg.amp)
         seconds = time.perf_counter() - t0
         state["wall"] += seconds
         row = {"key": key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err,
                "ema_err": ema_err, "lr": sched.get_last_lr()[0], "seconds": seconds,
-               "images_per_s": n_train_seen / seconds}
+               "images_per_s": n_train_seen / train_s}
         state["history"].append(row)
         state["epoch"] = epoch + 1
         if ckpt is not None and di.main and epoch + 1 < cfg.epochs:
@@ -241,10 +245,11 @@ def _summarise(cfg: TrainConfig, key: str, state: dict, n_params: int, n_train: 
     if state["diverged"] or not hist:
         top1, last, best_epoch, model_err = DIVERGED_ERR, DIVERGED_ERR, 0, DIVERGED_ERR
     else:
-        errs = [h[col] for h in hist]
+        evals = [h for h in hist if not math.isnan(h[col])]
+        errs = [h[col] for h in evals]
         top1, last = min(errs), errs[-1]
-        best_epoch = errs.index(top1) + 1
-        model_err = min(h["test_err"] for h in hist)
+        best_epoch = evals[errs.index(top1)]["epoch"]
+        model_err = min(h["test_err"] for h in evals)
     fields = cfg.to_dict()
     extra = fields.pop("extra")
     fields.pop("fewshot")

@@ -12,8 +12,8 @@ from functools import partial
 
 from torch import nn
 from torchvision.models.regnet import BlockParams, RegNet
-from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.ops.misc import Conv2dNormActivation
 
 SMALL_INPUT = 64  # at or below this size the stems do not downsample
 

@@ -56,7 +56,7 @@ def _add(name, family, resolution, tuned, **kwargs):
 
 def _vit_twins(level: str, resolution: int, patch: int, width: int, depth: int, heads: int, mlp: int,
                tuned_p: dict, tuned_c: dict, stem: tuple | None = None):
-    """ViT_P and its ViT_C twin: the conv stem costs about a block, so ViT_C has one block fewer."""
+    """ViT_P and its ViT_C twin, one block shallower: [EC]'s conv stem costs about one block."""
     common = dict(width=width, heads=heads, mlp=mlp, patch=patch)
     _add(f"vit_p_{level}", "vit_p", resolution, tuned_p, depth=depth, conv_stem=False, **common)
     _add(f"vit_c_{level}", "vit_c", resolution, tuned_c, depth=depth - 1, conv_stem=True, stem=stem, **common)
@@ -81,12 +81,12 @@ _add("resnet101", "resnet", 224, _REGNETY, layers=(3, 4, 23, 3))
 # costs about half a block, so ViT_C runs ~7% cheaper than its twin; the RegNetY sits between.
 # All RegNetYs here: depths 1,3,6,2 (stride-1 stem at 32 px, stages at 16, 8, 4, 2 px).
 SMALL_LEVELS = ("25mf", "50mf", "200mf")
-for _level, (_width, _heads), (_widths, _group) in zip(
-        SMALL_LEVELS,
-        ((64, 1), (96, 2), (192, 3)),
-        (((40, 80, 208, 504), 8), ((64, 128, 320, 768), 8), ((128, 256, 640, 1536), 16))):
-    _vit_twins(_level, 32, 4, _width, 8, _heads, 3 * _width, _SMALL_VIT, _SMALL_VIT)
-    _add(f"regnety_{_level}", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=_widths, group_width=_group)
+_vit_twins("25mf", 32, 4, 64, 8, 1, 192, _SMALL_VIT, _SMALL_VIT)
+_add("regnety_25mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(40, 80, 208, 504), group_width=8)
+_vit_twins("50mf", 32, 4, 96, 8, 2, 288, _SMALL_VIT, _SMALL_VIT)  # 2 heads of 48: width 64 or 128 misses the cost
+_add("regnety_50mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(64, 128, 320, 768), group_width=8)
+_vit_twins("200mf", 32, 4, 192, 8, 3, 576, _SMALL_VIT, _SMALL_VIT)
+_add("regnety_200mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(128, 256, 640, 1536), group_width=16)
 
 
 def list_models() -> list[str]:

@@ -42,9 +42,12 @@ def conv_stem_configs(width: int, patch_size: int, stem: tuple | None = None) ->
     return [ConvStemConfig(c, 3, s) for c, s in stem[start:]]
 
 
-def build_vit(*, width: int, depth: int, heads: int, mlp: int, patch: int, conv_stem: bool, stem: tuple | None = None,
-              image_size: int, in_chans: int, num_classes: int, patch_size: int | None, dropout: float) -> VisionTransformer:
-    """A class-token ViT; `patch_size` overrides the model's own patch."""
+def build_vit(*, width: int, depth: int, heads: int, mlp: int, patch: int, conv_stem: bool,
+              stem: tuple | None = None, image_size: int, in_chans: int, num_classes: int, patch_size: int | None,
+              dropout: float) -> VisionTransformer:
+    """A class-token ViT; `patch_size` overrides the model's own patch. `dropout` is
+    torchvision's (on the embeddings, the attention output and in the MLP, as in [ViT]);
+    attention-weight dropout stays off, as in [ViT]'s models."""
     p = patch_size or patch
     if image_size % p:
         raise UserError(f"image size {image_size} is not divisible by the patch size {p}; "

@@ -27,7 +27,7 @@ RANGE_BELOW, RANGE_ABOVE = 8.0, 4.0
 # the study-level knobs each kind understands (anything else in [study] is an error)
 STUDY_KEYS = {
     "common": {"kind", "preset", "description", "models", "seeds"},
-    "scale": {"sizes", "steps", "min_epochs", "epochs", "fewshot"},
+    "scale": {"sizes", "steps", "min_epochs", "epochs", "fewshot", "evals"},
     "stability": {"optimizer", "samples", "sample_seed", "epochs"},
     "optimizer": {"optimizers", "epochs"},
 }
@@ -193,7 +193,10 @@ def trials(spec: dict) -> list[TrainConfig]:
             for seed in seeds:
                 for n in sizes:
                     epochs = int(fixed_epochs) if fixed_epochs else max(floor, math.ceil(steps * base.batch_size / n))
+                    # evaluations per trial stay ~`evals` however many epochs a small subset gets
+                    every = max(1, epochs // int(s.get("evals", 10)))
                     out.append(trial(model=model, n_train=n, seed=seed, subset_seed=seed, epochs=epochs,
+                                     eval_every=every,
                                      lr=base.lr or lr, wd=base.wd if base.wd is not None else wd,
                                      fewshot=list(s.get("fewshot", base.fewshot)),
                                      extra={"size": n, "budget_steps": steps}))

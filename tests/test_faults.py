@@ -1,0 +1,373 @@
+"""Faults: SIGKILL at random moments, trials that raise, two processes on one
+folder, stale claims and leftovers, and `vitexp doctor`.
+
+The kill test is the expensive one (a study restarted ~7 times); everything else
+trains a handful of 1-epoch trials on 128 images.
+"""
+
+import csv
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import vitexp.data
+import vitexp.train
+from conftest import REPO, run_cli
+from vitexp.store import RUNS, TrialStore, _start_time
+from vitexp.store import tmp_path as writer_tmp_path
+from vitexp.sweep import resolve_spec, run_study, trials
+
+MODEL = "vit_p_25mf"  # the smallest model: ~1 s an epoch on 256 images
+# one thread per process: the killed and the uninterrupted runs must reduce in the same order
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+STUDY = ["stability", "--samples", "4", "--epochs", "3", "--n-train", "256", "--n-test", "128",
+         "--batch-size", "64", "--device", "cpu", "--no-plot", "--no-progress", "--models", MODEL]
+COMPARED = ("top1_err", "last_err", "train_loss", "lr", "wd", "epochs_run", "diverged")
+HISTORY_COMPARED = ("train_loss", "test_err", "ema_err", "lr")
+REAL_RUN_TRIAL = vitexp.train.run_trial
+
+
+def _start(out: Path, args=STUDY, log: Path | None = None) -> subprocess.Popen:
+    err = open(log, "a") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "vitexp", *args, "--out", str(out)], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=err)
+
+
+# -- what must hold at every moment -------------------------------------------------
+
+def _visible_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+
+
+def check_readable(out: Path) -> None:
+    """Cheap, for polling while a study runs: every CSV is a whole table (header and
+    rows of one width), every trial json parses, no key twice in runs.csv."""
+    for p in _visible_files(out) + _visible_files(out / "trials"):
+        try:
+            text = p.read_text()
+        except FileNotFoundError:  # removed (a checkpoint, a claim) between listing and reading
+            continue
+        if p.suffix == ".csv":
+            rows = list(csv.reader(io.StringIO(text)))
+            rows = [r for r in rows if r]
+            assert all(len(r) == len(rows[0]) for r in rows), f"{p} is partial:\n{text}"
+            if p.name == RUNS and rows:
+                keys = [r[rows[0].index("key")] for r in rows[1:]]
+                assert len(keys) == len(set(keys)), f"duplicate rows in {p}:\n{text}"
+        elif p.suffix == ".json":
+            json.loads(text)
+
+
+def check_consistent(out: Path) -> pd.DataFrame:
+    """Thorough, between runs: the tables parse and agree with trials/."""
+    check_readable(out)
+    if not (out / RUNS).exists():
+        return pd.DataFrame()
+    try:
+        runs = pd.read_csv(out / RUNS)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    assert runs.key.is_unique
+    assert set(runs.key) <= {p.stem for p in (out / "trials").glob("*.json")}
+    assert (runs.status == "ok").all()
+    hist = pd.read_csv(out / "history.csv")
+    assert not hist.duplicated(["key", "epoch"]).any()
+    assert set(hist.key) == set(runs.key)
+    for key, g in hist.groupby("key"):  # a finished trial has every epoch once, in order
+        assert list(g.epoch) == list(range(1, len(g) + 1)), key
+    return runs
+
+
+# -- kills ------------------------------------------------------------------------
+
+def _listing(folder: Path) -> dict[str, int]:
+    try:
+        return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    except FileNotFoundError:
+        return {}
+
+
+def _has_tmp(*folders: Path) -> bool:
+    return any(n.endswith(".tmp") for f in folders for n in _listing(f))
+
+
+def _kill_at(proc: subprocess.Popen, out: Path, mode: str, delay: float, timeout: float = 180) -> dict:
+    """Watch the running study and SIGKILL it at the moment `mode` names:
+    'checkpoint' (a checkpoint being written or just renamed into place),
+    'record' (a trial's history, json or the tables being written), or
+    'random' (`delay` seconds into training). Parses every table all the while."""
+    ckpt, tri = out / "checkpoints", out / "trials"
+    before = {"checkpoint": _listing(ckpt), "record": {**_listing(tri), **_listing(out)}}
+    t_train, last_check, t0 = None, 0.0, time.monotonic()
+    while proc.poll() is None:
+        now = time.monotonic()
+        assert now - t0 < timeout, f"no {mode} moment within {timeout}s"
+        if mode == "checkpoint":
+            hit = _has_tmp(ckpt) or _listing(ckpt).keys() - before["checkpoint"].keys() or any(
+                v != before["checkpoint"].get(k) for k, v in _listing(ckpt).items() if k.endswith(".pt"))
+        elif mode == "record":
+            cur = {**_listing(tri), **_listing(out)}
+            hit = _has_tmp(tri, out) or any(before["record"].get(k) != v for k, v in cur.items()
+                                            if k.endswith((".json", ".csv")))
+        else:
+            if t_train is None and _listing(out / "claims"):
+                t_train = now
+            hit = t_train is not None and now - t_train >= delay
+        if hit:
+            mid_write = _has_tmp(ckpt, tri, out)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return {"mode": mode, "killed": True, "mid_write": mid_write}
+        if now - last_check > 0.05:
+            check_readable(out)
+            last_check = now
+        time.sleep(0.002)
+    return {"mode": mode, "killed": False, "rc": proc.returncode}
+
+
+def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    reference = _start(whole, log=tmp_path / "whole.err")  # the uninterrupted run, on the other core
+    rng = random.Random(20240611)
+    modes = ["checkpoint", "record", "random"] * 3
+    rng.shuffle(modes)
+    events, resumable = [], 0
+    for mode in modes:
+        proc = _start(killed, log=tmp_path / "killed.err")
+        ev = _kill_at(proc, killed, mode, delay=rng.uniform(0.0, 4.0))
+        events.append(ev)
+        if not ev["killed"]:  # the study finished before this moment came
+            assert ev["rc"] == 0, (tmp_path / "killed.err").read_text()
+            break
+        check_consistent(killed)
+        resumable += any((killed / "checkpoints").glob("*.pt"))
+        if sum(e["killed"] for e in events) >= 7:
+            break
+    kills = [e for e in events if e["killed"]]
+    assert len(kills) >= 5, events
+    assert {e["mode"] for e in kills} == {"checkpoint", "record", "random"}, events
+    assert resumable >= 1, "no kill left a checkpoint to resume from"
+
+    p = run_cli(*STUDY, "--out", killed, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    assert reference.wait(timeout=600) == 0, (tmp_path / "whole.err").read_text()
+
+    a, b = check_consistent(killed), check_consistent(whole)
+    assert len(b) == 4 and sorted(a.key) == sorted(b.key)  # every trial exactly once
+    a, b = a.set_index("key").sort_index(), b.set_index("key").sort_index()
+    for c in COMPARED:  # resumed trials end bit for bit where uninterrupted ones do (CPU)
+        assert a[c].equals(b[c]), (c, a[c], b[c])
+    ha = pd.read_csv(killed / "history.csv").set_index(["key", "epoch"]).sort_index()
+    hb = pd.read_csv(whole / "history.csv").set_index(["key", "epoch"]).sort_index()
+    assert ha.index.equals(hb.index)
+    for c in HISTORY_COMPARED:
+        assert ha[c].equals(hb[c]), c
+    # nothing left behind: no checkpoint, claim or half-written temporary file
+    assert not list((killed / "checkpoints").iterdir())
+    assert not list((killed / "claims").iterdir())
+    assert not [p for p in killed.rglob("*") if p.name.endswith(".tmp")]
+    print("kills:", events)
+
+
+# -- failing and diverging trials ---------------------------------------------------
+
+TINY = {"n_train": 128, "n_test": 64, "batch_size": 64, "device": "cpu"}
+
+
+def _stability(samples=3, **train):
+    return resolve_spec("stability", None, {"models": [MODEL], "samples": samples, "epochs": 1},
+                        {**TINY, **train})
+
+
+def _counting(monkeypatch, fail: dict | None = None) -> list:
+    """Replace run_trial by one that records each call and raises for the keys in `fail`."""
+    real, calls = REAL_RUN_TRIAL, []
+
+    def run_trial(cfg, **kw):
+        calls.append(cfg.key())
+        if fail and cfg.key() in fail:
+            raise fail[cfg.key()]
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(vitexp.train, "run_trial", run_trial)
+    return calls
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_retried(tmp_path, monkeypatch):
+    spec = _stability()
+    keys = [t.key() for t in trials(spec)]
+    oom = getattr(torch, "OutOfMemoryError", RuntimeError)("CUDA out of memory. Tried to allocate 2.00 GiB")
+    calls = _counting(monkeypatch, {keys[0]: oom, keys[2]: OSError("image file is truncated (3 bytes not processed)")})
+    runs = run_study(spec, tmp_path, progress=False, plot=False)
+    assert calls == keys  # the study went on after each failure
+    runs = pd.read_csv(tmp_path / RUNS).set_index("key")
+    assert list(runs.loc[keys, "status"]) == ["failed", "ok", "failed"]
+    assert "OutOfMemoryError" in runs.loc[keys[0], "error"] or "out of memory" in runs.loc[keys[0], "error"]
+    assert runs.loc[keys[2], "error"].startswith("OSError: image file is truncated")
+    assert runs.loc[keys[0], ["model", "lr", "wd", "epochs"]].notna().all()  # a failed row says which trial
+    assert pd.isna(runs.loc[keys[0], "top1_err"])
+    assert "FAILED" in (tmp_path / "log.txt").read_text()
+
+    calls = _counting(monkeypatch)  # the cause is gone: a rerun retries exactly the failed trials
+    run_study(spec, tmp_path, progress=False, plot=False)
+    assert sorted(calls) == sorted([keys[0], keys[2]])
+    runs = pd.read_csv(tmp_path / RUNS)
+    assert len(runs) == 3 and runs.key.is_unique and (runs.status == "ok").all()
+    calls = _counting(monkeypatch)
+    run_study(spec, tmp_path, progress=False, plot=False)
+    assert calls == []
+
+
+def test_a_failed_trials_checkpoint_is_dropped_so_its_retry_starts_clean(tmp_path, monkeypatch):
+    spec = _stability(samples=1)
+    (key,) = [t.key() for t in trials(spec)]
+    store = TrialStore(tmp_path)
+    store.checkpoint_path(key).write_bytes(b"not a checkpoint")  # e.g. from another code version
+    calls = _counting(monkeypatch)
+    run_study(spec, tmp_path, progress=False, plot=False)
+    row = pd.read_csv(tmp_path / RUNS).iloc[0]
+    assert row.status == "failed" and isinstance(row.error, str) and row.error
+    assert not store.checkpoint_path(key).exists()
+    run_study(spec, tmp_path, progress=False, plot=False)
+    assert len(calls) == 2 and pd.read_csv(tmp_path / RUNS).status.tolist() == ["ok"]
+
+
+def test_divergence_is_a_result_not_a_failure(tmp_path, monkeypatch):
+    spec = resolve_spec("optimizer", None, {"models": [MODEL], "optimizers": ["sgd"], "epochs": [2]},
+                        {**TINY, "n_train": 256})
+    spec["tuned"] = {MODEL: {"sgd": [1e4, 0.0]}}
+    calls = _counting(monkeypatch)
+    run_study(spec, tmp_path, progress=False, plot=False)
+    runs = pd.read_csv(tmp_path / RUNS)
+    assert len(calls) == 1 and len(runs) == 1
+    assert runs.status[0] == "ok" and bool(runs.diverged[0]) and runs.top1_err[0] == 100.0
+    calls = _counting(monkeypatch)
+    run_study(spec, tmp_path, progress=False, plot=False)
+    assert calls == []  # not retried
+
+
+def test_bad_input_inside_a_trial_stops_the_study_without_a_failed_row(tmp_path, monkeypatch):
+    from vitexp.errors import UserError
+
+    spec = _stability(samples=2)
+    keys = [t.key() for t in trials(spec)]
+    _counting(monkeypatch, {keys[0]: UserError("cifar10 not found in /nowhere; copy its files there")})
+    with pytest.raises(UserError, match="cifar10"):
+        run_study(spec, tmp_path, progress=False, plot=False)
+    assert not list((tmp_path / "trials").iterdir()) and not list((tmp_path / "claims").iterdir())
+
+
+# -- two processes, claims, leftovers -------------------------------------------------
+
+def test_two_processes_on_one_folder_run_every_trial_exactly_once(tmp_path):
+    out = tmp_path / "shared"
+    args = ["stability", "--samples", "4", "--epochs", "1", "--n-train", "128", "--n-test", "64",
+            "--batch-size", "64", "--device", "cpu", "--no-plot", "--no-progress", "--models", MODEL]
+    procs = [_start(out, args, log=tmp_path / f"p{i}.err") for i in range(2)]
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=600) == 0, (tmp_path / f"p{i}.err").read_text()
+    runs = check_consistent(out)
+    assert len(runs) == 4 and (runs.status == "ok").all()
+    # log.txt: one line per trial run ("trial KEY <label>: top1_err ..."), from either process
+    ran = [ln.split()[4] for ln in (out / "log.txt").read_text().splitlines() if ": top1_err" in ln]
+    assert sorted(ran) == sorted(runs.key), ran
+    assert not list((out / "claims").iterdir())
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_claims(tmp_path):
+    import socket
+
+    store, host = TrialStore(tmp_path), socket.gethostname()
+    claim = tmp_path / "claims" / "k1"
+    claim.write_text(json.dumps({"host": host, "pid": _dead_pid(), "time": time.time()}))
+    assert store.claim("k1")  # a claim of a dead process is stale
+    assert json.loads(claim.read_text())["pid"] == os.getpid()
+    store.release("k1")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for _ in range(100):  # until the child has exec'd (its start time is final)
+            if _start_time(live.pid) is not None:
+                break
+            time.sleep(0.01)
+        claim.write_text(json.dumps({"host": host, "pid": live.pid, "start": _start_time(live.pid),
+                                     "time": time.time()}))
+        assert not store.claim("k1")  # a live process has it
+        if _start_time(live.pid) is not None:  # the pid, reused by another process, does not hold it
+            claim.write_text(json.dumps({"host": host, "pid": live.pid, "start": _start_time(live.pid) - 1,
+                                         "time": time.time()}))
+            assert store.claim("k1")
+    finally:
+        live.kill()
+        live.wait()
+    # another host: trusted for 24 h
+    claim.write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": time.time()}))
+    assert not store.claim("k1")
+    claim.write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": time.time() - 25 * 3600}))
+    assert store.claim("k1")
+    store.release("k1")
+    # a trial finished (by another process) since the caller planned is not claimed
+    store.trial_path("k2").write_text(json.dumps({"key": "k2", "status": "ok"}))
+    assert not store.claim("k2") and not store.claim("k2", seen={"key": "k2", "status": "ok"})
+    failed = {"key": "k3", "status": "failed", "error": "x"}
+    store.trial_path("k3").write_text(json.dumps(failed))
+    assert store.claim("k3", seen=failed)  # failed when planned: retried
+    store.release("k3")
+    assert not store.claim("k3", seen=None)  # failed by someone else just now: not retried in this pass
+
+
+def test_sweep_removes_leftovers_of_dead_writers_only(tmp_path):
+    store = TrialStore(tmp_path)
+    import socket
+
+    host = tmp_path / "trials" / f".k1.json.{socket.gethostname()}.{_dead_pid()}.tmp"
+    host.write_text("{")
+    mine = tmp_path / f".runs.csv.{socket.gethostname()}.{os.getpid()}.tmp"
+    mine.write_text("a,")
+    foreign = tmp_path / "checkpoints" / ".k1.pt.otherhost.1.tmp"
+    foreign.write_text("x")
+    store.trial_path("k2").write_text(json.dumps({"key": "k2", "status": "ok"}))
+    store.checkpoint_path("k2").write_text("stale")  # finished trial: its checkpoint is garbage
+    store.checkpoint_path("k3").write_text("in flight")  # unfinished: kept for the resume
+    removed = store.sweep()
+    assert sorted(removed) == sorted([host, store.checkpoint_path("k2")])
+    assert mine.exists() and foreign.exists() and store.checkpoint_path("k3").exists()
+    assert writer_tmp_path(tmp_path / "runs.csv").name == mine.name  # what writers here actually use
+
+
+# -- doctor ----------------------------------------------------------------------------
+
+def test_doctor_parts():
+    from vitexp import doctor
+
+    v = doctor.versions()
+    assert torch.__version__.startswith(v["torch"]) and "python" in v
+    assert doctor.device_report()["cuda available"] in ("True", "False")
+    step = doctor.tiny_step("cpu")
+    assert step["status"] == "ok" and step["finite"] == "True" and step["device"] == "cpu"
+
+
+@pytest.mark.skipif(not hasattr(vitexp.data, "locate"), reason="vitexp.data.locate is not written yet")
+def test_doctor_cli():
+    p = run_cli("doctor", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    for section in ("versions", "device", "data", "tiny training step", "torch", "shapes"):
+        assert section in p.stdout
+    assert "status           ok" in p.stdout
