@@ -157,7 +157,7 @@ def test_shards_in_two_processes_then_collect_equal_one_run(tmp_path):
         assert pr.returncode == 0, err
     p = run_cli("collect", tmp_path / "shard0", tmp_path / "shard1", "--out", tmp_path / "merged")
     assert p.returncode == 0, p.stderr
-    p = run_cli(*common, "--out", tmp_path / "whole")
+    p = run_cli(*common, "--out", tmp_path / "whole", env=env)  # same threads: same float sums
     assert p.returncode == 0, p.stderr
     merged = pd.read_csv(tmp_path / "merged" / "runs.csv").set_index("key").sort_index()
     whole = pd.read_csv(tmp_path / "whole" / "runs.csv").set_index("key").sort_index()

@@ -186,8 +186,8 @@ class TrialStore:
 
     def sweep(self) -> list[Path]:
         """Remove what killed processes of this host left behind: half-written
-        temporary files, and checkpoints of trials that finished (a kill between the
-        record and the checkpoint's removal). Returns the removed paths."""
+        temporary files, their claims, and checkpoints of trials that finished (a
+        kill between the record and the checkpoint's removal). Returns the removed paths."""
         removed = []
         with self.lock():
             done = {k for k, r in self.finished().items() if r.get("status") == "ok"}
@@ -196,7 +196,9 @@ class TrialStore:
                     owner = _tmp_owner(p.name)
                     dead_tmp = owner is not None and not _alive({"host": owner[0], "pid": owner[1]})
                     done_ckpt = sub.name == "checkpoints" and p.suffix == ".pt" and p.stem in done
-                    if (dead_tmp or done_ckpt) and p.is_file():
+                    dead_claim = (sub.name == "claims" and owner is None
+                                  and self._read(p) is not None and not _alive(self._read(p)))
+                    if (dead_tmp or done_ckpt or dead_claim) and p.is_file():
                         with contextlib.suppress(FileNotFoundError):
                             p.unlink()
                             removed.append(p)

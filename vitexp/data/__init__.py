@@ -10,10 +10,10 @@ subsets, and device-side loaders (make_loaders) for the trainer.
 """
 
 from vitexp.data.augment import batch_mixer, normalize, random_crop_flip
-from vitexp.data.datasets import DATASETS, DataBundle, default_data_dir, load_data
+from vitexp.data.datasets import DATASETS, DataBundle, dataset_info, default_data_dir, load_data, locate
 from vitexp.data.loaders import make_loaders
 from vitexp.data.shapes import make_shapes
 from vitexp.data.subsets import balanced_subset, subset_size
 
-__all__ = ["DATASETS", "DataBundle", "balanced_subset", "batch_mixer", "default_data_dir", "load_data",
+__all__ = ["DATASETS", "DataBundle", "balanced_subset", "batch_mixer", "dataset_info", "default_data_dir", "load_data", "locate",
            "make_loaders", "make_shapes", "normalize", "random_crop_flip", "subset_size"]

@@ -245,3 +245,38 @@ def _imagefolder(name: str, image_size: int | None, n_train: int | None, n_test:
     return DataBundle(name=name, num_classes=len(train.classes), in_chans=3,
                       image_size=image_size or IMAGEFOLDER_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                       train_set=sets[0], test_set=sets[1])
+
+
+# --- facts without loading: for cost estimates and `vitexp doctor`
+
+_INFO = {  # name -> (image_size, in_chans, train images)
+    "shapes": (32, 3, SHAPES_TRAIN), "fashion-mnist": (28, 1, 60_000), "cifar10": (32, 3, 50_000),
+    "cifar100": (32, 3, 50_000), "svhn": (32, 3, 73_257),
+}
+
+
+def dataset_info(name: str) -> dict:
+    """image_size, in_chans, num_classes, n_train of a data set by name, without loading it
+    (imagefolder: ImageNet-like defaults, 224 px and 1000 classes, n_train unknown = 0)."""
+    if name.startswith(IMAGEFOLDER):
+        return {"image_size": IMAGEFOLDER_SIZE, "in_chans": 3, "num_classes": 1000, "n_train": 0}
+    if name not in DATASETS:
+        raise unknown("dataset", name, DATASETS + (IMAGEFOLDER + "PATH",))
+    size, chans, n = _INFO[name]
+    return {"image_size": size, "in_chans": chans, "num_classes": NUM_CLASSES[name], "n_train": n}
+
+
+def locate(name: str, data_dir: str | None = None) -> str:
+    """Where a data set is found, or one line on how to get it (loads nothing big)."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    if name == "shapes":
+        return "built in (generated)"
+    if name == "fashion-mnist":
+        for p in (root / "fashion-mnist", FASHION_MNIST_SYSTEM_DIR):
+            if (p / "train-images-idx3-ubyte.gz").is_file():
+                return str(p)
+        return f"not found: `apt-get install dataset-fashion-mnist` or put the idx .gz files in {root / name}"
+    where = root / name
+    if where.is_dir() and any(where.iterdir()):
+        return str(where)
+    return f"not found in {where}: torchvision downloads it there when the network allows"

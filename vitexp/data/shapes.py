@@ -51,6 +51,7 @@ CHUNK = 2048  # images per independently seeded chunk (the prefix property's uni
 MAX_DISTRACTORS = 3
 VARIANTS = 2  # glyph variants per class: as drawn, mirrored (8: all rotations too)
 FRAGMENT_INK = 0.25  # ink probability of a random fragment pixel
+P_STROKE = 1.0  # probability that a distractor is a stroke (else a random fragment)
 
 
 def _glyph_variants(num_classes: int) -> torch.Tensor:
@@ -95,7 +96,7 @@ def _chunk(seed: int, index: int, image_size: int, channels: int, num_classes: i
     strokes = _strokes()
     strokes = strokes[randint(len(strokes), m, MAX_DISTRACTORS)]
     fragments = (rand(m, MAX_DISTRACTORS, GLYPH, GLYPH) < FRAGMENT_INK).float()
-    is_stroke = rand(m, MAX_DISTRACTORS, 1, 1) < 0.5
+    is_stroke = rand(m, MAX_DISTRACTORS, 1, 1) < P_STROKE
     distractors = torch.where(is_stroke, strokes, fragments)
     objects = torch.cat([glyphs, distractors], 1)  # (m, n_obj, 5, 5)
     n_obj = objects.shape[1]

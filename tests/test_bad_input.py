@@ -1,0 +1,281 @@
+"""Bad input, through the command line: one line that names the problem and the
+fix, exit code 2, no traceback, and nothing written (or nothing changed).
+
+Each case is one `python -m vitexp ...` run; the README's "bad input" table lists
+the same cases. Checks that need no subprocess (preset tables, field types) are at
+the bottom.
+"""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import assert_user_error, run_cli
+from vitexp.errors import UserError
+
+FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+# enough to keep a study short should a check ever let it through
+QUICK = ["--samples", "1", "--epochs", "1", "--n-train", "64", "--n-test", "64", "--device", "cpu",
+         "--no-plot", "--no-progress", "--models", "vit_p_25mf"]
+TRAIN = ["train", "--epochs", "1", "--n-train", "64", "--n-test", "64", "--device", "cpu"]
+
+PRESET = """[study]
+kind = "stability"
+models = ["vit_p_25mf"]
+samples = 1
+epochs = 1
+[train]
+dataset = "shapes"
+n_train = 64
+n_test = 64
+device = "cpu"
+[ranges.vit_p_25mf.adamw]
+lr = {lr}
+wd = {wd}
+"""
+
+
+def _preset(tmp: Path, lr="[1e-3, 1e-2]", wd="[0.01, 0.1]") -> Path:
+    p = tmp / "my_preset.toml"
+    p.write_text(PRESET.format(lr=lr, wd=wd))
+    return p
+
+
+def _study_folder(tmp: Path, kind: str, **extra) -> Path:
+    """A folder holding (the study.toml of) another study."""
+    f = tmp / "other"
+    f.mkdir()
+    lines = [f'[study]\nkind = "{kind}"'] + [f'{k} = "{v}"' for k, v in extra.items()] + ['[train]\ndataset = "shapes"']
+    (f / "study.toml").write_text("\n".join(lines) + "\n")
+    return f
+
+
+def _runs_csv(tmp: Path, text: str) -> Path:
+    f = tmp / "results"
+    f.mkdir()
+    (f / "runs.csv").write_text(text)
+    return f
+
+
+def _corrupt_fashion(tmp: Path) -> Path:
+    d = tmp / "data" / "fashion-mnist"
+    d.mkdir(parents=True)
+    for name in FASHION_FILES:
+        (d / name).write_bytes(b"\x1f\x8b garbage, not a gzip stream")
+    return tmp / "data"
+
+
+def _read_only_dir(tmp: Path) -> Path:
+    """A folder this process cannot create anything in (root ignores permission bits:
+    then a read-only file system, if there is one)."""
+    ro = tmp / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    probe = ro / "probe"
+    try:
+        probe.mkdir()
+    except OSError:
+        return ro
+    probe.rmdir()
+    for cand in (Path("/sys/fs"), Path("/proc/sys")):
+        try:
+            (cand / "vitexp-probe").mkdir()
+        except OSError:
+            return cand
+        (cand / "vitexp-probe").rmdir()
+    pytest.skip("no folder here is unwritable to this user")
+
+
+def _subset_case():
+    """A subset larger than the data set: fashion-mnist where it is installed, else
+    shapes (generated, so its limit is the generator's)."""
+    if FASHION_MNIST_SYSTEM.is_dir():
+        return ([*TRAIN, "--dataset", "fashion-mnist", "--n-train", "70000", "--out", "{out}"],
+                ["--n-train 70000 is larger than fashion-mnist's train set (60000"])
+    return [*TRAIN, "--n-train", "2000000", "--out", "{out}"], ["at most 1000000", "--n-train 2000000"]
+
+
+# (id, setup(tmp) -> dict of placeholders, argv with {placeholders}, needles, what must stay as it was)
+# "out": the --out folder must not exist afterwards; "trials": no trial recorded in it;
+# "same": the prepared folder {dir} is byte for byte unchanged
+CASES = [  # one subprocess each: the issue's list, in its order
+    ("unknown-model", None, ["stability", *QUICK, "--models", "vit_zz", "--out", "{out}"],
+     ["unknown model 'vit_zz'", "closest"], "out"),
+    ("unknown-dataset", None, ["stability", *QUICK, "--dataset", "cifar11", "--out", "{out}"],
+     ["unknown dataset 'cifar11'", "cifar10"], "out"),
+    ("unknown-optimizer", None, ["stability", *QUICK, "--optimizer", "adam", "--out", "{out}"],
+     ["unknown optimizer 'adam'", "adamw"], "out"),
+    ("unknown-preset", None, ["stability", "--preset", "stability_shapez", "--out", "{out}"],
+     ["unknown preset 'stability_shapez'", "stability_shapes"], "out"),
+    ("lr-zero", None, [*TRAIN, "--lr", "0", "--out", "{out}"], ["--lr must be positive", "got 0"], "out"),
+    ("wd-negative", None, [*TRAIN, "--wd", "-0.05", "--out", "{out}"], ["--wd must be >= 0"], "out"),
+    ("epochs-zero", None, ["stability", *QUICK, "--epochs", "0", "--out", "{out}"],
+     ["--epochs must be positive", "got 0"], "out"),
+    ("batch-size-zero", None, [*TRAIN, "--batch-size", "0", "--out", "{out}"],
+     ["--batch-size must be positive"], "out"),
+    ("range-empty", lambda t: {"preset": _preset(t, lr="[3e-3, 3e-3]")},
+     ["stability", "--preset", "{preset}", "--out", "{out}"],
+     ["[ranges.vit_p_25mf.adamw] lr range [0.003, 0.003] is empty", "0 < LOW < HIGH"], "out"),
+    ("range-inverted", lambda t: {"preset": _preset(t, wd="[0.5, 0.05]")},
+     ["stability", "--preset", "{preset}", "--out", "{out}"],
+     ["[ranges.vit_p_25mf.adamw] wd range [0.5, 0.05] is inverted", "0 < LOW < HIGH"], "out"),
+    ("subset-too-large", None, *_subset_case(), "trials"),
+    ("image-size-vs-patch", None, ["stability", *QUICK, "--image-size", "30", "--out", "{out}"],
+     ["--image-size 30 is not divisible by vit_p_25mf's patch size 4", "multiple of 4"], "out"),
+    ("data-folder-missing", None, [*TRAIN, "--dataset", "imagefolder:{tmp}/no-such-data", "--out", "{out}"],
+     ["no train or val/ folder", "no-such-data"], "trials"),
+    ("data-files-corrupt", lambda t: {"data": _corrupt_fashion(t)},
+     [*TRAIN, "--dataset", "fashion-mnist", "--data-dir", "{data}", "--out", "{out}"],
+     ["is corrupt", "fetch it again"], "trials"),
+    ("out-holds-another-study", lambda t: {"dir": _study_folder(t, "stability", optimizer="adamw")},
+     ["scale-study", "--out", "{dir}"], ["holds a stability study", "another --out"], "same"),
+    ("csv-missing-columns", lambda t: {"dir": _runs_csv(t, "key,model\nk1,vit_p_25mf\n")},
+     ["plot-cdf", "{dir}"], ["lacks column(s)", "top1_err"], "same"),
+    ("csv-unparsable-value", lambda t: {"dir": _runs_csv(
+        t, "key,study,status,model,optimizer,lr,wd,top1_err\nk1,stability,ok,vit_p_25mf,adamw,1e-3,0.1,n/a%\n")},
+     ["plot-cdf", "{dir}"], ["column top1_err has unparsable value 'n/a%'"], "same"),
+    ("plot-empty-folder", lambda t: {"dir": (t / "empty").mkdir() or t / "empty"},
+     ["plot-cdf", "{dir}"], ["no runs.csv in", "run a study"], "same"),
+    ("shard-out-of-range", None, ["stability", *QUICK, "--shard", "3/2", "--out", "{out}"],
+     ["--shard 3/2", "0 <= I < N"], "out"),
+    ("out-unwritable", lambda t: {"ro": _read_only_dir(t)}, ["stability", *QUICK, "--out", "{ro}/study"],
+     ["cannot write to output folder", "pick a writable --out"], None),
+]
+
+MORE_CASES = [  # variants, through the same main() in this process (no 5 s interpreter start)
+    ("lr-negative", None, [*TRAIN, "--lr", "-0.1", "--out", "{out}"], ["--lr must be positive"], "out"),
+    ("epochs-negative-in-list", None, ["optimizer-study", "--models", "vit_p_25mf", "--epochs", "2,-1",
+                                       "--out", "{out}"], ["--epochs must be positive"], "out"),
+    ("samples-zero", None, ["stability", *QUICK, "--samples", "0", "--out", "{out}"],
+     ["--samples must be positive"], "out"),
+    ("lr-range-inverted", lambda t: {"preset": _preset(t, lr="[1e-2, 1e-3]")},
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["lr range [0.01, 0.001] is inverted"], "out"),
+    ("range-missing-ends", lambda t: {"preset": _preset(t, lr="[]")},
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["lr must be [LOW, HIGH] with two numbers"], "out"),
+    ("preset-not-toml", lambda t: {"preset": (t / "p.toml").write_text("[study\n") and t / "p.toml"},
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["is not valid TOML"], "out"),
+    ("preset-unknown-key", lambda t: {"preset": (t / "p.toml").write_text(
+        '[study]\nkind = "stability"\nmodels = ["vit_p_25mf"]\nsamplez = 3\n') and t / "p.toml"},
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["unknown key 'samplez'"], "out"),
+    ("preset-wrong-type", lambda t: {"preset": (t / "p.toml").write_text(
+        '[study]\nkind = "stability"\nmodels = ["vit_p_25mf"]\n[train]\nepochs = "3"\n') and t / "p.toml"},
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["epochs must be int, got '3'"], "out"),
+    ("preset-of-another-kind", None, ["scale-study", "--preset", "stability_shapes", "--out", "{out}"],
+     ["is a stability study, not a scale study"], "out"),
+    ("seeds-empty", None, ["stability", *QUICK, "--seeds", ",", "--out", "{out}"], ["--seeds is empty"], "out"),
+    ("sizes-empty", None, ["scale-study", "--sizes", ",", "--out", "{out}"], ["no sizes", "--sizes"], "out"),
+    ("sizes-negative", None, ["scale-study", "--sizes", "100,-5", "--out", "{out}"],
+     ["--sizes must be positive"], "out"),
+    ("unknown-model-train", None, [*TRAIN, "--model", "vit_zz", "--out", "{out}"], ["unknown model"], "out"),
+    ("unknown-dataset-train", None, [*TRAIN, "--dataset", "mnist", "--out", "{out}"], ["unknown dataset"], "out"),
+    ("unknown-device", None, [*TRAIN, "--device", "tpu", "--out", "{out}"], ["unknown device 'tpu'"], None),
+    ("out-holds-another-optimizer", lambda t: {"dir": _study_folder(t, "stability", optimizer="adamw")},
+     ["stability", *QUICK, "--optimizer", "sgd", "--out", "{dir}"],
+     ["optimizer adamw, not sgd", "another --out"], "same"),
+    ("out-holds-another-dataset", lambda t: {"dir": _study_folder(t, "stability", optimizer="adamw")},
+     ["stability", *QUICK, "--dataset", "fashion-mnist", "--out", "{dir}"],
+     ["dataset shapes, not fashion-mnist"], "same"),
+    ("out-is-a-file", lambda t: {"file": (t / "file").write_text("x") and t / "file"},
+     ["stability", *QUICK, "--out", "{file}"], ["is a file, not a folder"], None),
+    ("train-out-is-a-file", lambda t: {"file": (t / "file").write_text("x") and t / "file"},
+     [*TRAIN, "--out", "{file}"], ["cannot write to output folder", "Not a directory"], None),
+    ("shard-malformed", None, ["stability", *QUICK, "--shard", "half", "--out", "{out}"],
+     ["--shard takes I/N"], "out"),
+    ("plot-no-such-folder", None, ["plot-scale", "{tmp}/nowhere"], ["no runs.csv in"], None),
+    ("csv-of-another-kind", lambda t: {"dir": _runs_csv(
+        t, "key,study,status,model,n_train,top1_err\nk1,scale,ok,vit_p_25mf,100,50.0\n")},
+     ["plot-cdf", "{dir}"], ["holds a scale study", "plot-cdf needs a stability study"], "same"),
+    ("collect-not-a-study", lambda t: {"dir": (t / "empty").mkdir() or t / "empty"},
+     ["collect", "{dir}", "--out", "{out}"], ["is not a study folder"], "out"),
+]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _check(tmp_path, run, setup, argv, needles, unchanged):
+    places = {"tmp": tmp_path, "out": tmp_path / "out", **(setup(tmp_path) if setup else {})}
+    before = _snapshot(places["dir"]) if "dir" in places else None
+    p = run(*[a.format(**places) for a in argv])
+    assert_user_error(p, *needles)
+    if unchanged == "out":
+        assert not places["out"].exists(), sorted(places["out"].rglob("*"))
+    elif unchanged == "trials":
+        assert not list(places["out"].glob("trials/*.json")) and not (places["out"] / "runs.csv").exists()
+    elif unchanged == "same":
+        assert _snapshot(places["dir"]) == before
+
+
+@pytest.mark.parametrize("setup,argv,needles,unchanged", [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_bad_input(tmp_path, setup, argv, needles, unchanged):
+    _check(tmp_path, lambda *a: run_cli(*a, timeout=300), setup, argv, needles, unchanged)
+
+
+@pytest.mark.parametrize("setup,argv,needles,unchanged", [pytest.param(*c[1:], id=c[0]) for c in MORE_CASES])
+def test_more_bad_input(tmp_path, monkeypatch, capsys, setup, argv, needles, unchanged):
+    from vitexp.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["vitexp", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=e.value.code, stdout=out, stderr=err)
+
+    _check(tmp_path, run, setup, argv, needles, unchanged)
+
+
+# -- without a subprocess -------------------------------------------------------------
+
+def test_preset_tables_are_checked():
+    from vitexp.sweep import resolve_spec, trials
+
+    def spec(**tables):
+        s = resolve_spec("stability", None, {"models": ["vit_p_25mf"], "samples": 2}, {})
+        s.update(tables)
+        return s
+
+    with pytest.raises(UserError, match=r"unknown \[ranges\] model or family 'vit_p_25fm'"):
+        trials(spec(ranges={"vit_p_25fm": {"adamw": {"lr": [1e-3, 1e-2], "wd": [0.01, 0.1]}}}))
+    with pytest.raises(UserError, match="unknown optimizer in"):
+        trials(spec(ranges={"vit_p": {"adam": {"lr": [1e-3, 1e-2], "wd": [0.01, 0.1]}}}))
+    with pytest.raises(UserError, match="not positive"):
+        trials(spec(ranges={"vit_p": {"adamw": {"lr": [0, 1e-2], "wd": [0.01, 0.1]}}}))
+    with pytest.raises(UserError, match=r"must be \[LR, WD\]"):
+        trials(spec(tuned={"vit_p_25mf": {"adamw": 1e-3}}))
+    with pytest.raises(UserError, match="lr must be > 0"):
+        trials(spec(tuned={"vit_p_25mf": {"adamw": [-1e-3, 0.1]}}))
+    s = spec()
+    s["study"]["samples"] = "many"
+    with pytest.raises(UserError, match="--samples takes an integer"):
+        trials(s)
+    s = spec()
+    s["study"]["models"] = "vit_p_25mf"
+    with pytest.raises(UserError, match="must be a list"):
+        trials(s)
+    # a study's checks use each trial's own model: a CNN-only study takes any image size
+    s = resolve_spec("stability", None, {"models": ["regnety_25mf"], "samples": 1}, {"image_size": 30})
+    assert trials(s)[0].image_size == 30
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("epochs", "3", "epochs must be int"), ("lr", True, "lr must be float or None"),
+    ("n_train", 2.5, "n_train must be int or None"), ("fewshot", [1, "5"], "fewshot must be a list of int"),
+    ("model", "vit_zz", "unknown model"), ("dataset", "mnist", "unknown dataset"),
+])
+def test_config_fields_are_checked(field, value, needle):
+    from vitexp.config import TrainConfig
+
+    with pytest.raises(UserError, match=needle):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_usage_errors_are_short_too():
+    # click's own errors (unknown option, bad type) exit 2 without a traceback
+    p = run_cli("stability", "--samples", "many")
+    assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout and "Invalid value" in p.stderr
