@@ -186,9 +186,6 @@ MORE_CASES = [  # variants, through the same main() in this process (no 5 s inte
     ("shard-malformed", None, ["stability", *QUICK, "--shard", "half", "--out", "{out}"],
      ["--shard takes I/N"], "out"),
     ("plot-no-such-folder", None, ["plot-scale", "{tmp}/nowhere"], ["no runs.csv in"], None),
-    ("csv-of-another-kind", lambda t: {"dir": _runs_csv(
-        t, "key,study,status,model,n_train,top1_err\nk1,scale,ok,vit_p_25mf,100,50.0\n")},
-     ["plot-cdf", "{dir}"], ["holds a scale study", "plot-cdf needs a stability study"], "same"),
     ("collect-not-a-study", lambda t: {"dir": (t / "empty").mkdir() or t / "empty"},
      ["collect", "{dir}", "--out", "{out}"], ["is not a study folder"], "out"),
 ]

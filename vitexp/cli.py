@@ -169,9 +169,11 @@ _PLOT = typer.Option(True, "--plot/--no-plot", help="draw the study's figures wh
 _MODELS = typer.Option(None, "--models", help="comma-separated model names")
 _SEEDS = typer.Option(None, "--seeds", help="comma-separated seeds")
 _PROGRESS = typer.Option(None, "--progress/--no-progress", help="rich progress bars [default: on a terminal]")
+_PACK = typer.Option(1, "--trials-per-gpu", help="run this many trials at once on the device (worker processes)")
 
 
-def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds, config: dict, **knobs):
+def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu: int,
+           config: dict, **knobs):
     """Shared body of the study commands: resolve, then dry-run or run."""
     from vitexp import sweep
 
@@ -199,7 +201,12 @@ def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds
                       f"{cost['train_images']:,} training images, {cost['train_pflop']:.3g} PFLOP "
                       f"(forward+backward ~ 3x forward)", highlight=False)
         return
-    runs = sweep.run_study(spec, out, part, progress=progress, plot=plot)
+    if trials_per_gpu > 1:
+        from vitexp.sweep.packing import run_packed
+
+        runs = run_packed(spec, out, part, trials_per_gpu, plot=plot)
+    else:
+        runs = sweep.run_study(spec, out, part, progress=progress, plot=plot)
     ok = runs[runs.status == "ok"] if "status" in runs else runs
     console.print(f"{kind} study: {len(ok)} trials done in {out} (runs.csv, history.csv"
                   f"{', figures/' if plot and (out / 'figures').exists() else ''})", highlight=False)
@@ -210,14 +217,14 @@ def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds
 def scale_study(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
                 shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
                 progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-                seeds: Optional[str] = _SEEDS,
+                seeds: Optional[str] = _SEEDS, trials_per_gpu: int = _PACK,
                 sizes: Optional[str] = typer.Option(None, help="comma-separated training-set sizes"),
                 steps: Optional[int] = typer.Option(None, help="optimisation budget in steps, the same for every size"),
                 min_epochs: Optional[int] = typer.Option(None, help="epoch floor for the largest sizes"),
                 epochs: Optional[int] = typer.Option(None, help="train every size this many epochs instead of the step budget"),
                 fewshot: Optional[str] = typer.Option(None, help="comma-separated shots for the linear few-shot eval, e.g. 1,5,10")):
     """ViT paper: error vs training-set size for a ViT_P, its ViT_C twin and a CNN (nested subsets, early stopping)."""
-    _study("scale", preset, out, shard, dry_run, plot, progress, models, seeds, config,
+    _study("scale", preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu, config,
            sizes=_parse_list(sizes, int, "sizes") if sizes else None, steps=steps, min_epochs=min_epochs,
            epochs=epochs, fewshot=_parse_list(fewshot, int, "fewshot") if fewshot else None)
 
@@ -228,12 +235,12 @@ def stability(config: dict, optimizer: str = typer.Option("adamw", help="adamw |
               preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
               shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
               progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-              seeds: Optional[str] = _SEEDS,
+              seeds: Optional[str] = _SEEDS, trials_per_gpu: int = _PACK,
               samples: Optional[int] = typer.Option(None, help="(lr, wd) pairs per model [preset; paper: 64]"),
               sample_seed: Optional[int] = typer.Option(None, help="seed of the (lr, wd) sampler"),
               epochs: Optional[int] = typer.Option(None, help="epochs of every trial [preset; paper: 50]")):
     """EC paper: lr/wd stability, N log-uniform (lr, wd) samples per model for one optimizer."""
-    _study("stability", preset, out, shard, dry_run, plot, progress, models, seeds, config,
+    _study("stability", preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu, config,
            optimizer=optimizer, samples=samples, sample_seed=sample_seed, epochs=epochs)
 
 
@@ -242,11 +249,11 @@ def stability(config: dict, optimizer: str = typer.Option("adamw", help="adamw |
 def optimizer_study(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
                     shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
                     progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-                    seeds: Optional[str] = _SEEDS,
+                    seeds: Optional[str] = _SEEDS, trials_per_gpu: int = _PACK,
                     optimizers: Optional[str] = typer.Option(None, help="comma-separated, default adamw,sgd"),
                     epochs: Optional[str] = typer.Option(None, help="comma-separated training lengths [paper: 50,100,200,400]")):
     """EC paper: AdamW vs SGD at tuned settings over training lengths (optimizer gap and training-length figures)."""
-    _study("optimizer", preset, out, shard, dry_run, plot, progress, models, seeds, config,
+    _study("optimizer", preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu, config,
            optimizers=[o.strip() for o in optimizers.split(",")] if optimizers else None,
            epochs=_parse_list(epochs, int, "epochs") if epochs else None)
 
