@@ -287,3 +287,17 @@ def test_imagefolder_needs_train_and_val(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(UserError, match="val/"):
         load_data(f"imagefolder:{tmp_path}")
+
+
+def test_missing_cifar_without_network(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise URLError("no network")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    with pytest.raises(UserError, match="cifar-10-python.tar.gz") as e:
+        load_data("cifar10", data_dir=str(tmp_path))
+    assert str(tmp_path / "cifar10") in str(e.value) and "no network" in str(e.value)

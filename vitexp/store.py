@@ -111,6 +111,7 @@ class TrialStore:
             except OSError as e:
                 raise UserError(f"cannot write to output folder {self.root} ({e.strerror}); "
                                 f"pick a writable --out") from None
+            self.sweep()  # leftovers of killed runs
 
     # -- locking ------------------------------------------------------------
     @contextlib.contextmanager
@@ -191,13 +192,14 @@ class TrialStore:
         removed = []
         with self.lock():
             done = {k for k, r in self.finished().items() if r.get("status") == "ok"}
-            for sub in (self.root, self.root / "trials", self.root / "checkpoints", self.root / "claims"):
+            ckpts, claims = self.root / "checkpoints", self.root / "claims"
+            for sub in (self.root, self.root / "trials", ckpts, claims):
                 for p in sub.iterdir():
                     owner = _tmp_owner(p.name)
                     dead_tmp = owner is not None and not _alive({"host": owner[0], "pid": owner[1]})
-                    done_ckpt = sub.name == "checkpoints" and p.suffix == ".pt" and p.stem in done
-                    dead_claim = (sub.name == "claims" and owner is None
-                                  and self._read(p) is not None and not _alive(self._read(p)))
+                    done_ckpt = sub == ckpts and p.suffix == ".pt" and p.stem in done
+                    claim = self._read(p) if sub == claims and owner is None else None
+                    dead_claim = claim is not None and not _alive(claim)
                     if (dead_tmp or done_ckpt or dead_claim) and p.is_file():
                         with contextlib.suppress(FileNotFoundError):
                             p.unlink()
@@ -281,5 +283,6 @@ def read_runs(folder: str | Path, required=("model", "top1_err")) -> pd.DataFram
         raise UserError(f"{path} has no runs yet; run a study into {folder} first")
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; it is not a vitexp runs table")
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; give a folder written by a vitexp "
+                        f"study, or rerun its study to rebuild runs.csv")
     return df

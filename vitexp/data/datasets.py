@@ -29,6 +29,8 @@ FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's
 SHAPES_TRAIN, SHAPES_TEST = 50_000, 10_000  # default sizes; more on request (prefix-stable)
 SHAPES_TRAIN_SEED, SHAPES_TEST_SEED = 0, 1  # disjoint generator streams
 SHAPES_MAX = 1_000_000  # generated images per split (3 GB at 32 px): beyond this, a typo
+TORCHVISION_FILES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz",
+                     "svhn": "train_32x32.mat and test_32x32.mat"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGEFOLDER_SIZE = 224
 STATS = {  # per-channel mean/std of the training sets, [0, 1] units (the usual published values)
@@ -188,7 +190,7 @@ def _torchvision(name: str, root: Path):
         except Exception as e:  # no network, bad checksum, ...: say where and how in one line
             reason = " ".join(str(e).split())[:160]
             raise UserError(f"{name} not found (or corrupt) in {where} and the download failed ({reason}); "
-                            f"run once with network access or copy torchvision's {name} files there") from None
+                            f"run once with network access or put {TORCHVISION_FILES[name]} there") from None
     out = []
     for ds in sets:
         x = torch.from_numpy(ds.data)

@@ -52,6 +52,9 @@ MAX_DISTRACTORS = 3
 VARIANTS = 2  # glyph variants per class: as drawn, mirrored (8: all rotations too)
 FRAGMENT_INK = 0.25  # ink probability of a random fragment pixel
 P_STROKE = 1.0  # probability that a distractor is a stroke (else a random fragment)
+SMOOTH_NOISE = 0.12  # std of the smooth background colour noise
+PIXEL_NOISE = 0.06  # std of the per-pixel noise
+SCALE = 1  # object pixels per glyph cell at 32 px
 
 
 def _glyph_variants(num_classes: int) -> torch.Tensor:
@@ -105,7 +108,7 @@ def _chunk(seed: int, index: int, image_size: int, channels: int, num_classes: i
     n_distract = 1 + randint(MAX_DISTRACTORS, m)  # 1..MAX visible distractors
     alpha[:, 2:] *= torch.arange(MAX_DISTRACTORS)[None] < n_distract[:, None]
 
-    scale = max(1, round(h / 32))
+    scale = max(1, round(SCALE * h / 32))
     if scale > 1:  # same task at a higher resolution: scale every object
         objects = objects.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     box = GLYPH * scale
@@ -119,10 +122,10 @@ def _chunk(seed: int, index: int, image_size: int, channels: int, num_classes: i
                                           accumulate=True).clamp_(max=1)[:, None]
 
     base = 0.05 + 0.45 * rand(m, channels, 1, 1)
-    smooth = F.interpolate(0.12 * torch.randn(m, channels, 5, 5, generator=g), size=(h, h),
+    smooth = F.interpolate(SMOOTH_NOISE * torch.randn(m, channels, 5, 5, generator=g), size=(h, h),
                            mode="bilinear", align_corners=False)
     fg = base + 0.35 + 0.25 * rand(m, channels, 1, 1)  # ink is lighter than the background
-    img = (base + smooth) * (1 - ink) + fg * ink + 0.06 * torch.randn(m, channels, h, h, generator=g)
+    img = (base + smooth) * (1 - ink) + fg * ink + PIXEL_NOISE * torch.randn(m, channels, h, h, generator=g)
     x = img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
     return x, y
 

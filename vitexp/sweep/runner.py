@@ -20,7 +20,7 @@ import pandas as pd
 
 from vitexp.config import TrainConfig
 from vitexp.errors import UserError
-from vitexp.store import TrialStore, atomic_write_text, provenance
+from vitexp.store import TrialStore, atomic_write_text, provenance, tmp_path
 from vitexp.sweep import studies
 from vitexp.sweep.presets import dumps_toml, load_preset
 
@@ -157,8 +157,7 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
     kind = spec["study"]["kind"]
     keyed = unique(studies.trials(spec))  # validates the whole study before touching the folder
     _check_folder(out, spec)
-    store = TrialStore(out)
-    store.sweep()  # leftovers of killed runs
+    store = TrialStore(out)  # also sweeps what killed runs left behind
     atomic_write_text(out / "study.toml", dumps_toml(spec))
     mine = shard_of(keyed, shard)
     seen = store.finished()  # a claim checks that a trial's record is still what we saw here
@@ -270,8 +269,9 @@ def collect(folders: list[str | Path], out: str | Path) -> pd.DataFrame:
                 continue
             hist = f / "trials" / f"{p.stem}.history.csv"
             if hist.exists():
-                shutil.copyfile(hist, out / "trials" / f".{hist.name}.tmp")
-                os.replace(out / "trials" / f".{hist.name}.tmp", out / "trials" / hist.name)
+                tmp = tmp_path(out / "trials" / hist.name)
+                shutil.copyfile(hist, tmp)
+                os.replace(tmp, out / "trials" / hist.name)
             atomic_write_text(out / "trials" / p.name, p.read_text())
             have[p.stem] = theirs
         if not (out / "study.toml").exists() and (f / "study.toml").exists():
