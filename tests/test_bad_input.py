@@ -182,7 +182,7 @@ MORE_CASES = [  # variants, through the same main() in this process (no 5 s inte
     ("out-is-a-file", lambda t: {"file": (t / "file").write_text("x") and t / "file"},
      ["stability", *QUICK, "--out", "{file}"], ["is a file, not a folder"], None),
     ("train-out-is-a-file", lambda t: {"file": (t / "file").write_text("x") and t / "file"},
-     [*TRAIN, "--out", "{file}"], ["cannot write to output folder", "Not a directory"], None),
+     [*TRAIN, "--out", "{file}"], ["is a file, not a folder", "give a folder"], None),
     ("shard-malformed", None, ["stability", *QUICK, "--shard", "half", "--out", "{out}"],
      ["--shard takes I/N"], "out"),
     ("plot-no-such-folder", None, ["plot-scale", "{tmp}/nowhere"], ["no runs.csv in"], None),

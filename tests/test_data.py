@@ -20,8 +20,9 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.fixture
 def small_shapes(monkeypatch):
-    """load_data('shapes') with a small default set, so tests need not generate 60k images."""
-    monkeypatch.setattr(datasets, "SHAPES_TRAIN", 600)
+    """load_data('shapes') with a small pool and defaults, so tests need not generate 52k images."""
+    monkeypatch.setattr(datasets, "SHAPES_POOL", 600)
+    monkeypatch.setattr(datasets, "SHAPES_TRAIN", 300)
     monkeypatch.setattr(datasets, "SHAPES_TEST", 200)
 
 
@@ -135,6 +136,10 @@ def test_load_shapes(small_shapes):
     other = load_data("shapes", n_train=100, n_test=50, subset_seed=2)
     assert torch.equal(other.test_x, b.test_x) and not torch.equal(other.train_x, b.train_x)
     assert all(0.2 < m < 0.8 for m in b.mean) and all(0.1 < s < 0.5 for s in b.std)
+    default = load_data("shapes", subset_seed=1)  # no --n-train: the default set, drawn from the pool
+    assert len(default) == 300 and len(default.test_y) == 200
+    inside = {bytes(x.numpy()) for x in default.train_x}
+    assert all(bytes(x.numpy()) in inside for x in b.train_x)  # nested: same seed, smaller set inside
 
 
 # --- augmentation

@@ -66,3 +66,17 @@ def test_launch_needs_a_study_and_its_out(tmp_path):
 
     assert_user_error(run_cli("launch", "--shards", "2", "--", "train"), "study")
     assert_user_error(run_cli("launch", "--shards", "2", "--cluster", "local", "--", "stability"), "--out")
+
+
+def test_a_study_under_torchrun_trains_each_trial_with_ddp(tmp_path):
+    args = ["stability", "--models", "vit_p_25mf", "--samples", "2", "--epochs", "1", "--dataset", "fashion-mnist",
+            "--n-train", "256", "--n-test", "128", "--batch-size", "64", "--crop-pad", "0", "--no-hflip",
+            "--device", "cpu", "--no-plot"]
+    one = run_cli(*args, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    r1, r2 = (pd.read_csv(tmp_path / d / "runs.csv").set_index("key").sort_index() for d in ("one", "two"))
+    assert list(r1.index) == list(r2.index) and len(r2) == 2  # every trial once, written by rank 0
+    assert ((r1.train_loss - r2.train_loss).abs() / r1.train_loss).max() < LOSS_RTOL
+    assert (r1.top1_err - r2.top1_err).abs().max() <= ERR_ATOL

@@ -81,6 +81,22 @@ def test_ema_matches_hand_computed_average():
     assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked  # integer buffers copied
 
 
+def test_ema_updates_when_an_epoch_is_shorter_than_its_period(monkeypatch, tiny):
+    import vitexp.train as vtrain
+
+    calls = []
+
+    class CountingEMA(EMA):
+        def update_parameters(self, model):
+            calls.append(1)
+            super().update_parameters(model)
+
+    monkeypatch.setattr(vtrain, "EMA", CountingEMA)
+    steps_per_epoch, epochs = 2, 4  # fewer steps per epoch than EMA_EVERY: tiny subsets in a scale study
+    run_trial(TrainConfig(model=SMALLEST_VIT_C, **{**tiny, "n_train": 128, "epochs": epochs}))
+    assert len(calls) == steps_per_epoch * epochs // vtrain.EMA_EVERY
+
+
 def test_divergence_is_a_result_not_a_crash(tmp_path, tiny):
     cfg = TrainConfig(model=SMALLEST_VIT_C, optimizer="sgd", lr=1e4, wd=0.0, **tiny)
     row = run_trial(cfg, out=tmp_path)
@@ -144,7 +160,7 @@ def test_train_cli_learns_shapes_and_is_idempotent(tmp_path):
 
 def test_train_cli_divergence_exits_zero(tmp_path):
     p = run_cli("train", "--model", SMALLEST_VIT_C, "--optimizer", "sgd", "--lr", "10000", "--epochs", "1",
-                "--n-train", "256", "--n-test", "100", "--device", "cpu", "--out", tmp_path)
+                "--n-train", "1024", "--n-test", "100", "--device", "cpu", "--out", tmp_path)
     assert p.returncode == 0, p.stderr
     assert bool(pd.read_csv(tmp_path / "runs.csv").diverged.iloc[0])
 

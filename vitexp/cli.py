@@ -134,10 +134,12 @@ def train(config: dict, out: Path = typer.Option(Path("runs/train"), help="resul
     """Train one trial and append it to OUT/runs.csv; rerun the same command to resume a killed one."""
     from vitexp.config import TrainConfig
     from vitexp.store import TrialStore
+    from vitexp.sweep.runner import check_folder
     from vitexp.train import run_trial
     from vitexp.ui import StudyProgress
 
     cfg = TrainConfig(**config).validate().resolved()
+    check_folder(out, "train")  # single runs never mix into a study's folder
     store = TrialStore(out)
     done = store.result(cfg.key())
     if done is not None and done.get("status") == "ok":
@@ -201,12 +203,14 @@ def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds
                       f"{cost['train_images']:,} training images, {cost['train_pflop']:.3g} PFLOP "
                       f"(forward+backward ~ 3x forward)", highlight=False)
         return
-    if trials_per_gpu > 1:
+    if trials_per_gpu != 1:  # run_packed also refuses < 1
         from vitexp.sweep.packing import run_packed
 
         runs = run_packed(spec, out, part, trials_per_gpu, plot=plot)
     else:
         runs = sweep.run_study(spec, out, part, progress=progress, plot=plot)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun rank 0 reports
     ok = runs[runs.status == "ok"] if "status" in runs else runs
     console.print(f"{kind} study: {len(ok)} trials done in {out} (runs.csv, history.csv"
                   f"{', figures/' if plot and (out / 'figures').exists() else ''})", highlight=False)

@@ -57,7 +57,8 @@ class TrainConfig:
     mixup: float = _f(0.0, "MixUp alpha (paper: 0.8); 0 = off")
     cutmix: float = _f(0.0, "CutMix alpha (paper: 1.0); one of the two per batch when both > 0")
     augment: str = _f("none", "none | autoaugment | randaugment (ImageFolder pipeline)")
-    crop_pad: int = _f(4, "random crop with this padding (in-memory pipeline); 0 = off")
+    crop_pad: int | None = _f(None, "random crop with this padding (in-memory pipeline); 0 = off; "
+                              "None: 4, but 0 on shapes, whose objects already sit at random places")
     hflip: bool = _f(True, "random horizontal flip")
     dropout: float = _f(0.0, "ViT dropout")
     ema: bool = _f(True, "evaluate an EMA of the weights (the papers' protocol)")
@@ -141,14 +142,13 @@ class TrainConfig:
                                 f"(or [train] {f.name} in the preset)")
 
     def resolved(self) -> "TrainConfig":
-        """A copy with lr/wd filled from the model's tuned values."""
-        if self.lr is not None and self.wd is not None:
-            return self
+        """A copy with lr/wd filled from the model's tuned values and crop_pad from the data set."""
         from vitexp.models import tuned_hparams
 
-        lr, wd = tuned_hparams(self.model, self.optimizer)
+        lr, wd = (self.lr, self.wd) if None not in (self.lr, self.wd) else tuned_hparams(self.model, self.optimizer)
+        pad = self.crop_pad if self.crop_pad is not None else (0 if self.dataset == "shapes" else 4)
         return dataclasses.replace(self, lr=self.lr if self.lr is not None else lr,
-                                   wd=self.wd if self.wd is not None else wd)
+                                   wd=self.wd if self.wd is not None else wd, crop_pad=pad)
 
     def result_fields(self) -> dict:
         """The fields that define the result (everything but execution)."""

@@ -195,7 +195,8 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
             opt.step()
             sched.step()
             loss_sum += loss.detach()
-            if ema is not None and (step + 1) % EMA_EVERY == 0:
+            # counted over the whole run: an epoch of fewer than EMA_EVERY steps still updates
+            if ema is not None and (epoch * steps_per_epoch + step + 1) % EMA_EVERY == 0:
                 ema.update_parameters(model)
             if (step + 1) % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
                 break

@@ -168,7 +168,7 @@ def make_loaders(bundle: DataBundle, cfg, device: torch.device | str, rank: int 
     if bundle.in_memory:
         xtr, ytr, xte, yte = bundle.on_device(device)
         train = InMemoryLoader(xtr, ytr, bundle, cfg.batch_size, train=True, seed=cfg.seed,
-                               crop_pad=cfg.crop_pad, hflip=cfg.hflip, rank=rank, world_size=world_size)
+                               crop_pad=cfg.resolved().crop_pad, hflip=cfg.hflip, rank=rank, world_size=world_size)
         return train, InMemoryLoader(xte, yte, bundle, cfg.batch_size, train=False)
     t_train, t_test = folder_transforms(bundle, cfg)
     train = FolderLoader(_Transformed(bundle.train_set, t_train, cfg.seed),

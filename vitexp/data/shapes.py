@@ -3,25 +3,27 @@
 A 2D analogue of mnist1d for inductive-bias studies: small enough to generate in
 seconds on a laptop, hard enough that the architecture's priors show. Each class
 is a 5x5 glyph (plus, X, diamond ring, bar pair, L-corner, checker, triangle, T,
-block, Z) drawn at a random position in a random one of its 8 rotations/mirrors,
-in the image's foreground colour, over clutter:
+block, Z) drawn at a random position, as drawn or mirrored, in the image's
+foreground colour, with each glyph cell 2x2 pixels at 32 px, over clutter:
 
 - background: a random base colour plus smooth colour noise (a 5x5 grid upsampled);
-- distractors: 2-6 line strokes and random binary fragments, drawn in the SAME
-  colour as the glyph, so only the shape tells the glyph apart;
+- distractors: 1-2 straight line strokes drawn in the SAME colour as the glyph, so
+  only the shape tells the glyph apart (a plus is two crossing strokes: a stroke
+  lying over another is a near miss, not a free give-away);
 - a second copy of the class glyph in half of the images, then pixel noise.
 
 Why this design: the label is a property of one small local pattern at an
 unknown place, as with objects in natural images, so locality and translation
 equivariance (a CNN's priors) are worth data, and a ViT has to learn them from
 examples. Nothing global gives the class away: colour, contrast and position are
-drawn independently of it, glyphs have similar pixel counts (8-13), and the
-distractor count (pixel mass 5-60) swamps the glyph's, so a linear probe on raw
-pixels or the mean intensity is near chance. Horizontal flips keep the label
+drawn independently of it and glyphs have similar pixel counts (8-13 cells), so a
+linear probe on raw pixels is near chance. Horizontal flips keep the label
 (mirrors are variants of the same class, no glyph is the mirror of another).
+The knobs below were set so that the smallest models learn it far below chance
+in three epochs of 5,000 images on a CPU, yet a ViT_P needs more images than a CNN.
 
-At image sizes above 32 every object is scaled by round(size/32), so the task
-stays the same task at a higher resolution. Images are generated in fixed chunks
+At other image sizes every object is scaled by round(2 * size/32) (at least 1), so
+the task stays the same task at a higher resolution. Images are generated in fixed chunks
 seeded by (seed, chunk), so `make_shapes(n, s)` is a prefix of `make_shapes(m, s)`
 for n < m: asking for more data never changes the images already there.
 """
@@ -48,13 +50,11 @@ GLYPHS = (  # 5x5, one per class; '#' is ink
 )
 GLYPH = 5  # glyph box side at 32 px
 CHUNK = 2048  # images per independently seeded chunk (the prefix property's unit)
-MAX_DISTRACTORS = 3
+MAX_DISTRACTORS = 2  # 1..MAX strokes per image
 VARIANTS = 2  # glyph variants per class: as drawn, mirrored (8: all rotations too)
-FRAGMENT_INK = 0.25  # ink probability of a random fragment pixel
-P_STROKE = 1.0  # probability that a distractor is a stroke (else a random fragment)
-SMOOTH_NOISE = 0.12  # std of the smooth background colour noise
-PIXEL_NOISE = 0.06  # std of the per-pixel noise
-SCALE = 1  # object pixels per glyph cell at 32 px
+SMOOTH_NOISE = 0.08  # std of the smooth background colour noise
+PIXEL_NOISE = 0.04  # std of the per-pixel noise
+SCALE = 2  # object pixels per glyph cell at 32 px
 
 
 def _glyph_variants(num_classes: int) -> torch.Tensor:
@@ -97,10 +97,7 @@ def _chunk(seed: int, index: int, image_size: int, channels: int, num_classes: i
     variants = _glyph_variants(k)
     glyphs = variants[y[:, None], randint(VARIANTS, m, 2)]  # (m, 2, 5, 5)
     strokes = _strokes()
-    strokes = strokes[randint(len(strokes), m, MAX_DISTRACTORS)]
-    fragments = (rand(m, MAX_DISTRACTORS, GLYPH, GLYPH) < FRAGMENT_INK).float()
-    is_stroke = rand(m, MAX_DISTRACTORS, 1, 1) < P_STROKE
-    distractors = torch.where(is_stroke, strokes, fragments)
+    distractors = strokes[randint(len(strokes), m, MAX_DISTRACTORS)]
     objects = torch.cat([glyphs, distractors], 1)  # (m, n_obj, 5, 5)
     n_obj = objects.shape[1]
     alpha = 0.6 + 0.4 * rand(m, n_obj)  # per-object contrast

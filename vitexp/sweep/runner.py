@@ -75,13 +75,13 @@ def _identity(spec: dict) -> dict:
     return out
 
 
-def _check_folder(out: Path, spec: dict | str) -> None:
+def check_folder(out: Path, spec: dict | str) -> None:
     """Refuse a folder that holds another study (another kind, data set or, for a
     stability study, optimizer): its rows would mix with this one's."""
     mine = _identity(spec) if isinstance(spec, dict) else {"kind": spec}
     kind = mine["kind"]
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; give a folder for the study")
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the results")
     f = out / "study.toml"
     if f.exists():
         try:
@@ -156,7 +156,10 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
     out = Path(out)
     kind = spec["study"]["kind"]
     keyed = unique(studies.trials(spec))  # validates the whole study before touching the folder
-    _check_folder(out, spec)
+    check_folder(out, spec)
+    lead = _join_torchrun(spec)
+    if not lead:  # under torchrun, rank 0 alone owns the folder; the others follow its decisions
+        return _follow(out)
     store = TrialStore(out)  # also sweeps what killed runs left behind
     atomic_write_text(out / "study.toml", dumps_toml(spec))
     mine = shard_of(keyed, shard)
@@ -164,6 +167,7 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
     todo = [(k, t) for k, t in mine if seen.get(k, {}).get("status") != "ok"]
     if not todo:  # rebuild in case a kill fell between a trial's record and the tables
         store.rebuild()
+        _broadcast(None)
         return _runs(out)
     log = _logger(out)
     log.info("study %s shard %d/%d: %d trials, %d done, %d to run", kind, *shard, len(mine),
@@ -176,6 +180,7 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
                 log.info("trial %s done or claimed by another process; skipped", key)
                 bar.end_trial(f"{key} skipped (done or running elsewhere)")
                 continue
+            _broadcast(cfg)
             label = f"{cfg.model} n={cfg.n_train or 'all'} {cfg.optimizer} lr={cfg.lr:.2g} wd={cfg.wd:.2g}"
             bar.start_trial(label, cfg.epochs)
             t0 = time.time()
@@ -185,6 +190,8 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
             except UserError:
                 raise  # bad input stops the study: every other trial would fail the same way
             except Exception as e:  # noqa: BLE001 - one failed trial must not end the study
+                if _world() > 1:
+                    raise  # the other ranks are inside the same collective: they cannot go on
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.info("trial %s FAILED: %s\n%s", key, reason, traceback.format_exc())
                 _record_failure(store, key, cfg, reason, time.time() - t0)
@@ -194,6 +201,7 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
                 store.release(key)
             log.info("trial %s %s", key, msg)
             bar.end_trial(msg)
+    _broadcast(None)
     store.rebuild()
     all_keys = {k for k, _ in keyed}
     finished = all_keys <= store.done_keys()
@@ -205,6 +213,41 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
         except UserError as e:
             log.info("no figure: %s", e)
     return _runs(out)
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _join_torchrun(spec: dict) -> bool:
+    """Under torchrun, join the process group (every trial then trains with DDP);
+    True on the rank that runs the study (rank 0, or the only process)."""
+    if _world() <= 1:
+        return True
+    from vitexp.train import init_distributed, resolve_device
+
+    return init_distributed(resolve_device(spec["train"].get("device", "auto"))).main
+
+
+def _broadcast(cfg: TrainConfig | None) -> TrainConfig | None:
+    """Rank 0 tells the other ranks which trial comes next (None: the study is over)."""
+    if _world() <= 1:
+        return cfg
+    import torch.distributed as dist
+
+    box = [cfg]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _follow(out: Path) -> pd.DataFrame:
+    """A non-zero rank: train each trial rank 0 announces, write nothing."""
+    from vitexp.train import run_trial
+
+    store = TrialStore(out, create=False)  # reads checkpoints to resume, never writes
+    while (cfg := _broadcast(None)) is not None:
+        run_trial(cfg, store=store)
+    return pd.DataFrame()
 
 
 def _runs(out: Path) -> pd.DataFrame:
@@ -256,7 +299,7 @@ def collect(folders: list[str | Path], out: str | Path) -> pd.DataFrame:
         desc = "; ".join(f"{f}: {', '.join(f'{k} {v}' for k, v in i.items())}" for f, i in idents.items())
         raise UserError(f"cannot merge different studies ({desc}); collect each into its own --out")
     if specs:
-        _check_folder(out, next(iter(specs.values())))
+        check_folder(out, next(iter(specs.values())))
     store = TrialStore(out)
     have = store.finished()
     for f in srcs:
