@@ -44,7 +44,7 @@ _VIT_C_18GF = {"adamw": (1.0e-3, 0.24), "sgd": (1.1, 2.7e-5)}
 # experiments/tune_shapes.toml (3 epochs of 5,000 shapes images; experiments/README.md)
 _SMALL_VIT_P = {"adamw": (1.2e-2, 0.25), "sgd": (2.4, 2.5e-4)}
 _SMALL_VIT_C = {"adamw": (3.5e-2, 0.04), "sgd": (0.66, 2.5e-4)}
-_SMALL_CNN = {"adamw": (7.0e-2, 0.04), "sgd": (6.4, 5e-5)}
+_SMALL_CNN = {"adamw": (7.0e-2, 0.04), "sgd": (0.88, 4e-5)}
 
 # [EC]'s 7-conv stem of the 18GF/36GF ViT_C: (channels, stride) of its 3x3 convs at patch 16
 _STEM_18GF = ((64, 2), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2))

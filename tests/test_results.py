@@ -1,0 +1,33 @@
+"""Committed results stay readable: every runs.csv / history.csv under results/ parses
+with the current schema, and every study folder says how it was made."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from vitexp.analysis import finished
+from vitexp.store import HISTORY_COLUMNS, RUN_COLUMNS, read_runs
+
+STUDIES = sorted(p.parent for p in (REPO / "results").rglob("runs.csv"))
+
+
+def test_results_are_committed():
+    assert STUDIES, "results/ holds no runs.csv"
+
+
+@pytest.mark.parametrize("folder", STUDIES, ids=lambda p: str(p.relative_to(REPO)))
+def test_committed_results_parse_with_the_current_schema(folder: Path):
+    runs = read_runs(folder, required=RUN_COLUMNS)
+    assert len(finished(runs)) == len(runs) > 0  # only finished trials are published
+    assert runs.key.is_unique and pd.api.types.is_numeric_dtype(runs.top1_err)
+    assert runs.top1_err.between(0, 100).all()
+    for c in ("commit", "device", "torch"):
+        assert runs[c].notna().all(), c  # provenance of every row
+    history = pd.read_csv(folder / "history.csv")
+    assert list(history.columns[: len(HISTORY_COLUMNS)]) == HISTORY_COLUMNS
+    assert set(history.key) == set(runs.key)
+    readme = (folder / "README.md").read_text()
+    for what in ("command", "commit", "device", "wall"):
+        assert what in readme.lower(), what
