@@ -8,8 +8,8 @@ foreground colour, with each glyph cell 2x2 pixels at 32 px, over clutter:
 
 - background: a random base colour plus smooth colour noise (a 5x5 grid upsampled);
 - distractors: 1-2 straight line strokes drawn in the SAME colour as the glyph, so
-  only the shape tells the glyph apart (a plus is two crossing strokes: a stroke
-  lying over another is a near miss, not a free give-away);
+  only the shape tells the glyph apart (two crossing strokes can mimic a plus, as
+  clutter mimics objects in natural images);
 - a second copy of the class glyph in half of the images, then pixel noise.
 
 Why this design: the label is a property of one small local pattern at an
