@@ -29,8 +29,8 @@ FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's
 # shapes: training subsets are nested, class-balanced draws from one generated pool (more on
 # request: a bigger --n-train grows the pool, prefix-stable); the defaults are sized so that a
 # 3-epoch `vitexp train` of the smallest model takes well under a minute on a 2-core CPU
-SHAPES_POOL = 50_000  # generated training images that every subset of up to 50k lies in
-SHAPES_TRAIN, SHAPES_TEST = 5_000, 2_000  # default training set (a subset of the pool) and test set
+SHAPES_POOL = 20_000  # generated training images that every subset of up to 20k lies in
+SHAPES_TRAIN, SHAPES_TEST = 5_000, 1_000  # default training set (a subset of the pool) and test set
 SHAPES_TRAIN_SEED, SHAPES_TEST_SEED = 0, 1  # disjoint generator streams
 SHAPES_MAX = 1_000_000  # generated images per split (3 GB at 32 px): beyond this, a typo
 TORCHVISION_FILES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz",
@@ -135,7 +135,7 @@ def load_data(name: str, data_dir: str | None = None, image_size: int | None = N
 def _shapes(n_train: int, n_test: int, size: int):
     xtr, ytr = make_shapes(n_train, SHAPES_TRAIN_SEED, size)
     xte, yte = make_shapes(n_test, SHAPES_TEST_SEED, size)
-    return xtr, ytr, xte, yte, _channel_stats(xtr[:SHAPES_POOL])  # stats of the default pool only
+    return xtr, ytr, xte, yte, _channel_stats(xtr[:SHAPES_TRAIN])  # the same stats for every pool size
 
 
 def _channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
