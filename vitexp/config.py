@@ -145,10 +145,12 @@ class TrainConfig:
         """A copy with lr/wd filled from the model's tuned values and crop_pad from the data set."""
         from vitexp.models import tuned_hparams
 
-        lr, wd = (self.lr, self.wd) if None not in (self.lr, self.wd) else tuned_hparams(self.model, self.optimizer)
+        lr, wd = self.lr, self.wd
+        if lr is None or wd is None:
+            tuned_lr, tuned_wd = tuned_hparams(self.model, self.optimizer)
+            lr, wd = tuned_lr if lr is None else lr, tuned_wd if wd is None else wd
         pad = self.crop_pad if self.crop_pad is not None else (0 if self.dataset == "shapes" else 4)
-        return dataclasses.replace(self, lr=self.lr if self.lr is not None else lr,
-                                   wd=self.wd if self.wd is not None else wd, crop_pad=pad)
+        return dataclasses.replace(self, lr=lr, wd=wd, crop_pad=pad)
 
     def result_fields(self) -> dict:
         """The fields that define the result (everything but execution)."""
