@@ -436,3 +436,15 @@ def test_doctor_cli():
     for section in ("versions", "device", "data", "tiny training step", "torch", "shapes"):
         assert section in p.stdout
     assert "status           ok" in p.stdout
+
+
+@pytest.mark.parametrize("key", ["054134010394", "740734e33302"])
+def test_keys_that_look_like_numbers_survive_the_rebuild(tmp_path, key):
+    """A hex key of digits (or digits, 'e', digits) once came back from a one-trial
+    history file as 54134010394 or inf, so history.csv lost its trial."""
+    store = TrialStore(tmp_path)
+    store.record(key, {"key": key, "status": "ok", "model": "m", "top1_err": 50.0},
+                 history=[{"key": key, "epoch": 1, "train_loss": 1.0}])
+    hist = pd.read_csv(tmp_path / "history.csv", dtype={"key": str})
+    assert hist.key.tolist() == [key]
+    assert pd.read_csv(tmp_path / RUNS, dtype={"key": str}).key.tolist() == [key]

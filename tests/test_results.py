@@ -25,7 +25,7 @@ def test_committed_results_parse_with_the_current_schema(folder: Path):
     assert runs.top1_err.between(0, 100).all()
     for c in ("commit", "device", "torch"):
         assert runs[c].notna().all(), c  # provenance of every row
-    history = pd.read_csv(folder / "history.csv")
+    history = pd.read_csv(folder / "history.csv", dtype={"key": str})
     assert list(history.columns[: len(HISTORY_COLUMNS)]) == HISTORY_COLUMNS
     assert set(history.key) == set(runs.key)
     readme = (folder / "README.md").read_text()

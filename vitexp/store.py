@@ -231,7 +231,8 @@ class TrialStore:
             for p in sorted((self.root / "trials").glob("*.history.csv")):
                 if self.trial_path(p.name.split(".")[0]).exists():
                     with contextlib.suppress(pd.errors.EmptyDataError):
-                        hist.append(pd.read_csv(p))
+                        # keys are hex strings: '054134010394' or '740734e33302' must not parse as numbers
+                        hist.append(pd.read_csv(p, dtype={"key": str}))
             atomic_write_csv(self.root / HISTORY, pd.concat(hist, ignore_index=True) if hist else pd.DataFrame())
 
 
@@ -274,7 +275,7 @@ def read_runs(folder: str | Path, required=("model", "top1_err")) -> pd.DataFram
     if not path.exists():
         raise UserError(f"no {RUNS} in {folder}; run a study with --out {folder} first")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype={"key": str})
     except pd.errors.EmptyDataError:
         df = pd.DataFrame()
     except (pd.errors.ParserError, UnicodeDecodeError) as e:

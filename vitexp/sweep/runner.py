@@ -252,7 +252,7 @@ def _follow(out: Path) -> pd.DataFrame:
 
 def _runs(out: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(out / "runs.csv")
+        return pd.read_csv(out / "runs.csv", dtype={"key": str})
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return pd.DataFrame()
 
