@@ -23,7 +23,7 @@ import torch
 import vitexp.data
 import vitexp.train
 from conftest import REPO, run_cli
-from vitexp.store import RUNS, TrialStore, _start_time
+from vitexp.store import RUNS, TrialStore, _start_time, read_runs
 from vitexp.store import tmp_path as writer_tmp_path
 from vitexp.sweep import resolve_spec, run_study, trials
 
@@ -448,3 +448,4 @@ def test_keys_that_look_like_numbers_survive_the_rebuild(tmp_path, key):
     hist = pd.read_csv(tmp_path / "history.csv", dtype={"key": str})
     assert hist.key.tolist() == [key]
     assert pd.read_csv(tmp_path / RUNS, dtype={"key": str}).key.tolist() == [key]
+    assert read_runs(tmp_path).key.tolist() == [key]  # the reader every command uses
