@@ -1,5 +1,7 @@
 """vitexp bench: FLOP accounting, a CPU run with sensible numbers; packed trials equal unpacked."""
 
+import os
+
 import pandas as pd
 import pytest
 import torch
@@ -9,6 +11,7 @@ from conftest import run_cli
 from vitexp import models as vmodels
 from vitexp.bench import bench, peak_tflops, train_flops_per_image
 from vitexp.sweep import resolve_spec
+from vitexp.sweep import packing
 from vitexp.sweep.packing import run_packed
 from vitexp.sweep.runner import run_study
 
@@ -68,3 +71,18 @@ def test_packed_trials_equal_one_by_one(tmp_path):
     for c in ("top1_err", "last_err", "lr", "wd"):
         assert a[c].equals(b[c]), c
     assert (b.train_loss - a.train_loss).abs().max() < 1e-4  # workers use fewer threads: float sum order
+
+
+@pytest.mark.parametrize("cores,workers", [(3, 2), (1, 0)])
+def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch, cores, workers):
+    """The default on the CPU: min(cores, trials to run) worker processes (0: in this process)."""
+    monkeypatch.setattr(packing, "_cores", lambda: cores)
+    started, watch = [], packing._watch
+    monkeypatch.setattr(packing, "_watch", lambda procs, *a: started.extend(procs) or watch(procs, *a))
+    spec = resolve_spec("stability", None, {"samples": 2, "epochs": 1, "models": ["vit_p_7mf"]},
+                        {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})
+    runs = run_packed(spec, tmp_path, (0, 1), None, plot=False, progress=False)
+    assert len(runs) == 2 and (runs.status == "ok").all()
+    assert len(started) == workers and all(p.exitcode == 0 for p in started)
+    pids = {int(ln.split()[2]) for ln in (tmp_path / "log.txt").read_text().splitlines() if " trial " in ln}
+    assert (pids == {os.getpid()}) if workers == 0 else (os.getpid() not in pids)

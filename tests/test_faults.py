@@ -449,3 +449,24 @@ def test_keys_that_look_like_numbers_survive_the_rebuild(tmp_path, key):
     assert hist.key.tolist() == [key]
     assert pd.read_csv(tmp_path / RUNS, dtype={"key": str}).key.tolist() == [key]
     assert read_runs(tmp_path).key.tolist() == [key]  # the reader every command uses
+
+
+def test_a_killed_parent_takes_its_packed_workers_with_it(tmp_path):
+    """On the CPU a study runs one worker process per core; SIGKILL of the study must not
+    leave workers training on (they would hold claims and write after the user's rerun)."""
+    out = tmp_path / "packed"
+    args = ["stability", "--samples", "2", "--epochs", "50", "--n-train", "256", "--n-test", "64",
+            "--batch-size", "64", "--device", "cpu", "--no-plot", "--no-progress", "--models", MODEL,
+            "--trials-per-gpu", "2"]
+    proc = _start(out, args, log=tmp_path / "err")
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "claims").glob("*"))) < 2:
+        time.sleep(0.2)
+    claims = [json.loads(p.read_text()) for p in (out / "claims").glob("*")]
+    assert len(claims) == 2, (tmp_path / "err").read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_start_time(c["pid"]) == c["start"] for c in claims):
+        time.sleep(0.2)
+    assert not any(_start_time(c["pid"]) == c["start"] for c in claims), "a worker outlived its parent"

@@ -14,7 +14,7 @@ from conftest import assert_user_error, run_cli
 from vitexp import models as vm
 from vitexp.cli import app
 from vitexp.errors import UserError
-from vitexp.models.registry import SMALL_LEVELS
+from vitexp.models.registry import SMALL_LEVELS, level_models
 
 # [EC] section 2 (PAPERS.md): params (M), GF, acts (M) at each model's own resolution
 PAPER = {
@@ -27,8 +27,7 @@ PAPER = {
 }
 # run for real in the forward/backward test (the builders' every code path); the
 # bigger ones run on the meta device, which checks shapes and the autograd graph for free
-REAL = {f"{f}_{level}" for f in ("vit_p", "vit_c", "regnety") for level in SMALL_LEVELS} | {
-    "vit_p_1gf", "vit_c_1gf", "regnety_1gf"}
+REAL = {name for level in SMALL_LEVELS for name in level_models(level)} | {"vit_p_1gf", "vit_c_1gf", "regnety_1gf"}
 
 def matches_paper(ours: float, paper: float) -> bool:
     """Within 2%, or equal at the paper's one-decimal rounding (1.076 GF is the paper's "1.1")."""
@@ -113,18 +112,33 @@ def test_explicit_stems():
 
 
 def test_small_family_matched():
-    """The three models of a level cost the same (within 10%) and what their name says."""
+    """The models of a level cost the same (within 12%) and what their name says; every
+    level has a ViT_P, its ViT_C twin and a ResNet, all but the CPU level a RegNetY too."""
     for level in SMALL_LEVELS:
         mf = float(level.removesuffix("mf"))
-        costs = {f: vm.complexity(f"{f}_{level}", 32, num_classes=10)["gflops"] * 1e3
-                 for f in ("vit_p", "vit_c", "regnety")}
-        assert max(costs.values()) / min(costs.values()) <= 1.10, costs
+        names = level_models(level)
+        families = {vm.get_spec(n).family for n in names}
+        assert {"vit_p", "vit_c", "resnet"} <= families and ("regnety" in families) == (level != "7mf"), names
+        costs = {n: vm.complexity(n, 32, num_classes=10)["gflops"] * 1e3 for n in names}
+        assert max(costs.values()) / min(costs.values()) <= 1.12, costs
         assert all(abs(c / mf - 1) <= 0.10 for c in costs.values()), costs
         assert vm.get_spec(f"vit_c_{level}").kwargs["depth"] == vm.get_spec(f"vit_p_{level}").kwargs["depth"] - 1
-    # 28 px Fashion-MNIST: a 7x7 grid
-    model = vm.build_model(f"vit_c_{SMALL_LEVELS[0]}", image_size=28, in_chans=1, num_classes=10)
+    # 28 px Fashion-MNIST: a 7x7 grid of 4 px patches
+    model = vm.build_model("vit_c_25mf", image_size=28, in_chans=1, num_classes=10)
     assert model.seq_length == 7 * 7 + 1
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_small_resnet():
+    """The CIFAR ResNet: full resolution in the first stage, halved per stage, basic blocks."""
+    model = vm.build_model("resnet_7mf", in_chans=1, num_classes=10)
+    x = torch.randn(2, 1, 32, 32)
+    sizes = []
+    hooks = [b.register_forward_hook(lambda _m, _i, out: sizes.append(tuple(out.shape[1:]))) for b in model.blocks]
+    assert model(x).shape == (2, 10)
+    for h in hooks:
+        h.remove()
+    assert sizes == [(8, 32, 32)] * 2 + [(16, 16, 16)] * 2 + [(32, 8, 8)] * 2
 
 
 def test_small_input_cnn_stems():
@@ -138,7 +152,7 @@ def test_small_input_cnn_stems():
 
 def test_resize_pos_embed():
     torch.manual_seed(0)
-    name = f"vit_p_{SMALL_LEVELS[0]}"
+    name = "vit_p_25mf"
     model = vm.build_model(name, num_classes=3)
     old = model.encoder.pos_embedding.detach().clone()
     vm.resize_pos_embed(model, 48)
@@ -152,7 +166,7 @@ def test_resize_pos_embed():
         vm.resize_pos_embed(model, 30)
 
 
-@pytest.mark.parametrize("name,dim", [(f"vit_c_{SMALL_LEVELS[0]}", 64), (f"regnety_{SMALL_LEVELS[0]}", 504),
+@pytest.mark.parametrize("name,dim", [("vit_c_25mf", 64), ("regnety_25mf", 504), ("resnet_25mf", 64),
                                       ("resnet50", 2048)])
 def test_features(name, dim):
     model = vm.build_model(name, image_size=16, num_classes=7).eval()
@@ -166,9 +180,9 @@ def test_features(name, dim):
 
 
 def test_complexity_of_a_model_object_leaves_it_untouched():
-    model = vm.build_model(f"regnety_{SMALL_LEVELS[0]}", num_classes=10)
+    model = vm.build_model("regnety_25mf", num_classes=10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert vm.complexity(model, 32) == pytest.approx(vm.complexity(f"regnety_{SMALL_LEVELS[0]}", 32, num_classes=10))
+    assert vm.complexity(model, 32) == pytest.approx(vm.complexity("regnety_25mf", 32, num_classes=10))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

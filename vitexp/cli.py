@@ -171,10 +171,11 @@ _PLOT = typer.Option(True, "--plot/--no-plot", help="draw the study's figures wh
 _MODELS = typer.Option(None, "--models", help="comma-separated model names")
 _SEEDS = typer.Option(None, "--seeds", help="comma-separated seeds")
 _PROGRESS = typer.Option(None, "--progress/--no-progress", help="rich progress bars [default: on a terminal]")
-_PACK = typer.Option(1, "--trials-per-gpu", help="run this many trials at once on the device (worker processes)")
+_PACK = typer.Option(None, "--trials-per-gpu", help="run this many trials at once on the device (worker processes) "
+                     "[default: 1 on a GPU; on the CPU one single-thread worker per core]")
 
 
-def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu: int,
+def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu: int | None,
            config: dict, **knobs):
     """Shared body of the study commands: resolve, then dry-run or run."""
     from vitexp import sweep
@@ -203,12 +204,9 @@ def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds
                       f"{cost['train_images']:,} training images, {cost['train_pflop']:.3g} PFLOP "
                       f"(forward+backward ~ 3x forward)", highlight=False)
         return
-    if trials_per_gpu != 1:  # run_packed also refuses < 1
-        from vitexp.sweep.packing import run_packed
+    from vitexp.sweep.packing import run_packed
 
-        runs = run_packed(spec, out, part, trials_per_gpu, plot=plot)
-    else:
-        runs = sweep.run_study(spec, out, part, progress=progress, plot=plot)
+    runs = run_packed(spec, out, part, trials_per_gpu, plot=plot, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun rank 0 reports
     ok = runs[runs.status == "ok"] if "status" in runs else runs
@@ -221,7 +219,7 @@ def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds
 def scale_study(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
                 shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
                 progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-                seeds: Optional[str] = _SEEDS, trials_per_gpu: int = _PACK,
+                seeds: Optional[str] = _SEEDS, trials_per_gpu: Optional[int] = _PACK,
                 sizes: Optional[str] = typer.Option(None, help="comma-separated training-set sizes"),
                 steps: Optional[int] = typer.Option(None, help="optimisation budget in steps, the same for every size"),
                 min_epochs: Optional[int] = typer.Option(None, help="epoch floor for the largest sizes"),
@@ -239,7 +237,7 @@ def stability(config: dict, optimizer: str = typer.Option("adamw", help="adamw |
               preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
               shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
               progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-              seeds: Optional[str] = _SEEDS, trials_per_gpu: int = _PACK,
+              seeds: Optional[str] = _SEEDS, trials_per_gpu: Optional[int] = _PACK,
               samples: Optional[int] = typer.Option(None, help="(lr, wd) pairs per model [preset; paper: 64]"),
               sample_seed: Optional[int] = typer.Option(None, help="seed of the (lr, wd) sampler"),
               epochs: Optional[int] = typer.Option(None, help="epochs of every trial [preset; paper: 50]")):
@@ -253,7 +251,7 @@ def stability(config: dict, optimizer: str = typer.Option("adamw", help="adamw |
 def optimizer_study(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
                     shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
                     progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-                    seeds: Optional[str] = _SEEDS, trials_per_gpu: int = _PACK,
+                    seeds: Optional[str] = _SEEDS, trials_per_gpu: Optional[int] = _PACK,
                     optimizers: Optional[str] = typer.Option(None, help="comma-separated, default adamw,sgd"),
                     epochs: Optional[str] = typer.Option(None, help="comma-separated training lengths [paper: 50,100,200,400]")):
     """EC paper: AdamW vs SGD at tuned settings over training lengths (optimizer gap and training-length figures)."""

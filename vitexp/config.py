@@ -36,7 +36,8 @@ class TrainConfig:
     dataset: str = _f("shapes", "shapes | fashion-mnist | cifar10 | cifar100 | svhn | imagefolder:PATH")
     n_train: int | None = _f(None, "class-balanced nested subset of the training set (None: all)")
     n_test: int | None = _f(None, "first n of the fixed test set (None: all)")
-    image_size: int | None = _f(None, "resize to this (None: the data set's native size)")
+    image_size: int | None = _f(None, "resize to this (None: the data set's native size, or the ViT's own "
+                                "resolution where its patch does not divide that)")
     subset_seed: int = _f(0, "which nested subsets; kept fixed across sizes of one study")
     seed: int = _f(0, "init, data order, augmentation")
     # optimisation (lr and wd: None takes the model's tuned value for the optimizer)
@@ -142,15 +143,21 @@ class TrainConfig:
                                 f"(or [train] {f.name} in the preset)")
 
     def resolved(self) -> "TrainConfig":
-        """A copy with lr/wd filled from the model's tuned values and crop_pad from the data set."""
-        from vitexp.models import tuned_hparams
+        """A copy with lr/wd filled from the model's tuned values, crop_pad from the data set,
+        and image_size where the data's own size would not fit the ViT's patches (a 7mf
+        ViT's 8 px patches on 28 px Fashion-MNIST: resized to the model's 32 px)."""
+        from vitexp.data.datasets import dataset_info
+        from vitexp.models import get_spec, tuned_hparams
 
         lr, wd = self.lr, self.wd
         if lr is None or wd is None:
             tuned_lr, tuned_wd = tuned_hparams(self.model, self.optimizer)
             lr, wd = tuned_lr if lr is None else lr, tuned_wd if wd is None else wd
         pad = self.crop_pad if self.crop_pad is not None else (0 if self.dataset == "shapes" else 4)
-        return dataclasses.replace(self, lr=lr, wd=wd, crop_pad=pad)
+        size, spec = self.image_size, get_spec(self.model)
+        if size is None and spec.is_vit and dataset_info(self.dataset)["image_size"] % spec.kwargs["patch"]:
+            size = spec.resolution
+        return dataclasses.replace(self, lr=lr, wd=wd, crop_pad=pad, image_size=size)
 
     def result_fields(self) -> dict:
         """The fields that define the result (everything but execution)."""

@@ -42,6 +42,15 @@ class StudyProgress:
             self.progress.update(self.trials, advance=1, info=summary)
         console.print(summary, highlight=False) if not self.enabled else self.progress.log(summary)
 
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.progress.log(text)
+
+    def running(self, labels: list[str]) -> None:
+        """Packed workers: the trials in flight, shown on the trials bar."""
+        if self.trials is not None and self.enabled:
+            self.progress.update(self.trials, info=("running: " + "; ".join(labels)) if labels else "")
+
     def __call__(self, event: dict) -> None:
         """The trainer's progress callback."""
         if self.epochs is None:

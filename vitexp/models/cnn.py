@@ -1,4 +1,4 @@
-"""The CNN baselines: [EC]'s RegNetY configs and ResNet-50/101, on torchvision.
+"""The CNN baselines: [EC]'s RegNetY configs, ResNet-50/101 and small CIFAR-style ResNets, on torchvision.
 
 Both adapt to small inputs as small-image practice does: at image_size <= 64 there
 is no early downsampling (a 3x3 stride-1 stem; ResNet also drops its max-pool), so
@@ -12,7 +12,7 @@ from functools import partial
 
 from torch import nn
 from torchvision.models.regnet import BlockParams, RegNet
-from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import Conv2dNormActivation
 
 SMALL_INPUT = 64  # at or below this size the stems do not downsample
@@ -38,8 +38,12 @@ def build_regnety(*, depths: tuple, widths: tuple, group_width: int, stem_width:
     return _head_dropout(model, dropout)
 
 
-def build_resnet(*, layers: tuple, image_size: int, in_chans: int, num_classes: int, dropout: float) -> ResNet:
-    """torchvision's bottleneck ResNet; small inputs get a 3x3 stride-1 stem and no max-pool."""
+def build_resnet(*, layers: tuple, widths: tuple | None = None, image_size: int, in_chans: int, num_classes: int,
+                 dropout: float) -> nn.Module:
+    """torchvision's bottleneck ResNet; small inputs get a 3x3 stride-1 stem and no max-pool.
+    With `widths`: the CIFAR ResNet instead (SmallResNet)."""
+    if widths is not None:
+        return _head_dropout(SmallResNet(layers, widths, in_chans, num_classes), dropout)
     model = ResNet(Bottleneck, list(layers), num_classes=num_classes)
     if image_size <= SMALL_INPUT:
         model.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
@@ -48,6 +52,36 @@ def build_resnet(*, layers: tuple, image_size: int, in_chans: int, num_classes: 
         model.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
     return _head_dropout(model, dropout)
+
+
+class SmallResNet(nn.Module):
+    """He et al.'s CIFAR ResNet: a 3x3 stem, then stages of torchvision BasicBlocks at
+    `widths`, stride 2 between stages, global pooling, `fc`. torchvision's ResNet class
+    hard-codes four stages of 64-512 channels, too costly for a few-MF model; [ViT]'s
+    CNN baseline is a ResNet, and at 32 px this one keeps the full resolution in its
+    first stage, which is what lets it learn `shapes` from a few hundred images."""
+
+    def __init__(self, layers: tuple, widths: tuple, in_chans: int, num_classes: int):
+        super().__init__()
+        self.stem = Conv2dNormActivation(in_chans, widths[0], kernel_size=3, stride=1)
+        blocks, c_in = [], widths[0]
+        for i, (depth, width) in enumerate(zip(layers, widths)):
+            for j in range(depth):
+                stride = 2 if i > 0 and j == 0 else 1
+                down = None
+                if stride > 1 or c_in != width:
+                    down = nn.Sequential(nn.Conv2d(c_in, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+                blocks.append(BasicBlock(c_in, width, stride, down))
+                c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():  # torchvision's ResNet init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
 
 
 def _head_dropout(model, dropout: float):

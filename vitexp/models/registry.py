@@ -2,8 +2,8 @@
 
 Two sets: [EC]'s models exactly as in PAPERS.md section 2 (224 px class; the
 RegNetYs at their own resolutions), and a small family for 28-32 px data named,
-like the paper's, by forward cost (mega-MACs at 32 px): ViT_P (patch 4), its ViT_C
-twin with one block fewer, and a RegNetY of the same cost.
+like the paper's, by forward cost (mega-MACs at 32 px): ViT_P, its ViT_C twin with
+one block fewer, and CNNs (RegNetY, ResNet) of the same cost.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ _VIT_C_18GF = {"adamw": (1.0e-3, 0.24), "sgd": (1.1, 2.7e-5)}
 _SMALL_VIT_P = {"adamw": (1.2e-2, 0.25), "sgd": (2.4, 2.5e-4)}
 _SMALL_VIT_C = {"adamw": (3.5e-2, 0.04), "sgd": (0.66, 2.5e-4)}
 _SMALL_CNN = {"adamw": (7.0e-2, 0.04), "sgd": (0.88, 4e-5)}
+# the 7mf ViTs' own search: AdamW picked the 25mf values again, SGD a lower lr
+_SMALL_VIT_P_7MF = {"adamw": (1.2e-2, 0.25), "sgd": (1.2, 4.2e-5)}
+_SMALL_VIT_C_7MF = {"adamw": (3.5e-2, 0.04), "sgd": (1.2, 4.2e-5)}
+# the ResNets' own search (resnet_7mf) drew the same samples as RegNetY's (same ranges and
+# sample seed) and its best were the same pairs
+_SMALL_RESNET = {"adamw": (7.0e-2, 0.04), "sgd": (0.88, 4e-5)}
 
 # [EC]'s 7-conv stem of the 18GF/36GF ViT_C: (channels, stride) of its 3x3 convs at patch 16
 _STEM_18GF = ((64, 2), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2))
@@ -80,15 +86,28 @@ _add("resnet101", "resnet", 224, _REGNETY, layers=(3, 4, 23, 3))
 # Small family at 32 px (28 px Fashion-MNIST gives a 7x7 token grid): ViT_P with 4x4 patches
 # (64 tokens + class token), MLP ratio 3 like [EC]'s 1GF/4GF and heads of width 64 where the
 # width allows; ViT_C by the same stem rule (2 stride-2 convs at patch 4). A patch-4 conv stem
-# costs about half a block, so ViT_C runs ~7% cheaper than its twin; the RegNetY sits between.
+# costs about half a block, so ViT_C runs ~7% cheaper than its twin; the CNNs sit between.
 # All RegNetYs here: depths 1,3,6,2 (stride-1 stem at 32 px, stages at 16, 8, 4, 2 px).
-SMALL_LEVELS = ("25mf", "50mf", "200mf")
+# ResNets ([ViT]'s CNN baseline): the CIFAR ResNet, 2 basic blocks per stage at 32, 16, 8 px.
+# 7mf is the CPU level of the default scale study: 8x8 patches (16 tokens) make a ViT a
+# quarter of the 25mf one's cost, so ten CPU minutes buy the ViTs the steps they need to fit.
+SMALL_LEVELS = ("7mf", "25mf", "50mf", "200mf")
+_vit_twins("7mf", 32, 8, 64, 9, 1, 192, _SMALL_VIT_P_7MF, _SMALL_VIT_C_7MF)
+_add("resnet_7mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(8, 16, 32))
 _vit_twins("25mf", 32, 4, 64, 8, 1, 192, _SMALL_VIT_P, _SMALL_VIT_C)
 _add("regnety_25mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(40, 80, 208, 504), group_width=8)
+_add("resnet_25mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(16, 32, 64))
 _vit_twins("50mf", 32, 4, 96, 8, 2, 288, _SMALL_VIT_P, _SMALL_VIT_C)  # 2 heads of 48: width 64 or 128 misses the cost
 _add("regnety_50mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(64, 128, 320, 768), group_width=8)
+_add("resnet_50mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(22, 44, 88))
 _vit_twins("200mf", 32, 4, 192, 8, 3, 576, _SMALL_VIT_P, _SMALL_VIT_C)
 _add("regnety_200mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(128, 256, 640, 1536), group_width=16)
+_add("resnet_200mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(44, 88, 176))
+
+
+def level_models(level: str) -> list[str]:
+    """The registered models of one small-family level, e.g. '25mf'."""
+    return [name for name in _SPECS if name.endswith(f"_{level}")]
 
 
 def list_models() -> list[str]:

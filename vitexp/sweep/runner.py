@@ -62,6 +62,13 @@ def shard_of(keyed: list, shard: tuple[int, int]) -> list:
     return keyed[i::n]
 
 
+def pending(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1)) -> list[tuple[str, TrainConfig]]:
+    """(key, config) of this shard's trials not yet finished in `out`: what a run would train."""
+    keyed = shard_of(unique(studies.trials(spec)), shard)
+    done = TrialStore(out, create=False).done_keys() if (Path(out) / "trials").is_dir() else set()
+    return [(k, t) for k, t in keyed if k not in done]
+
+
 # what makes two specs one study (one folder): rows of studies that differ here would
 # mix in one figure; models, seeds, samples or sizes may grow a study in place
 IDENTITY = {"kind": ("study", "kind"), "dataset": ("train", "dataset"), "optimizer": ("study", "optimizer")}
