@@ -86,3 +86,10 @@ def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch
     assert len(started) == workers and all(p.exitcode == 0 for p in started)
     pids = {int(ln.split()[2]) for ln in (tmp_path / "log.txt").read_text().splitlines() if " trial " in ln}
     assert (pids == {os.getpid()}) if workers == 0 else (os.getpid() not in pids)
+
+
+def test_a_packed_study_draws_its_figure(tmp_path):
+    spec = resolve_spec("scale", None, {"sizes": [64, 128], "steps": 2, "min_epochs": 1, "models": ["vit_p_7mf"],
+                                        "seeds": [0], "fewshot": []}, {"n_test": 32, "batch_size": 32, "device": "cpu"})
+    runs = run_packed(spec, tmp_path, (0, 1), 2, plot=True, progress=False)
+    assert len(runs) == 2 and (tmp_path / "figures" / "scale.png").exists()

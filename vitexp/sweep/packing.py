@@ -68,7 +68,7 @@ def run_packed(spec: dict, out: str | Path, shard: tuple[int, int], trials_per_d
     to run), so a trial's float sums do not depend on how many trials were left when
     the study was (re)started."""
     from vitexp.store import TrialStore
-    from vitexp.sweep.runner import check_folder, pending, run_study
+    from vitexp.sweep.runner import check_folder, pending, plot_if_complete, run_study
 
     if trials_per_device is not None and trials_per_device < 1:
         raise UserError(f"--trials-per-gpu must be >= 1, got {trials_per_device}")
@@ -93,7 +93,10 @@ def run_packed(spec: dict, out: str | Path, shard: tuple[int, int], trials_per_d
     if bad:
         raise UserError(f"{len(bad)} of {trials_per_device} packed workers failed (exit codes {bad}); "
                         f"see {Path(out) / 'log.txt'} and rerun to resume")
-    return run_study(spec, out, shard, plot=plot)  # nothing left to run: rebuilds tables, draws figures
+    runs = run_study(spec, out, shard, plot=False)  # nothing left to run: rebuilds the tables
+    if plot:
+        plot_if_complete(spec, out)
+    return runs
 
 
 def _watch(procs: list, out: Path, todo: dict, workers: int, progress: bool | None) -> None:

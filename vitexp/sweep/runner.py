@@ -210,16 +210,21 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
             bar.end_trial(msg)
     _broadcast(None)
     store.rebuild()
-    all_keys = {k for k, _ in keyed}
-    finished = all_keys <= store.done_keys()
-    if plot and finished:
+    if plot:
+        plot_if_complete(spec, out)
+    return _runs(out)
+
+
+def plot_if_complete(spec: dict, out: str | Path) -> None:
+    """Draw the study's figures once every trial of the whole study (all shards) is done."""
+    out = Path(out)
+    if {k for k, _ in unique(studies.trials(spec))} <= TrialStore(out, create=False).done_keys():
         try:
             from vitexp.plots import plot_study
 
             plot_study(out)
         except UserError as e:
-            log.info("no figure: %s", e)
-    return _runs(out)
+            _logger(out).info("no figure: %s", e)
 
 
 def _world() -> int:
