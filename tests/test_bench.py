@@ -73,15 +73,16 @@ def test_packed_trials_equal_one_by_one(tmp_path):
     assert (b.train_loss - a.train_loss).abs().max() < 1e-4  # workers use fewer threads: float sum order
 
 
-@pytest.mark.parametrize("cores,workers", [(3, 2), (1, 0)])
-def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch, cores, workers):
-    """The default on the CPU: min(cores, trials to run) worker processes (0: in this process)."""
+@pytest.mark.parametrize("cores,asked,workers", [(3, None, 2), (1, None, 0), (2, 1, 0)])
+def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch, cores, asked, workers):
+    """The default on the CPU: min(cores, trials to run) worker processes; one core or an
+    explicit --trials-per-gpu 1: in this process (workers 0)."""
     monkeypatch.setattr(packing, "_cores", lambda: cores)
     started, watch = [], packing._watch
     monkeypatch.setattr(packing, "_watch", lambda procs, *a: started.extend(procs) or watch(procs, *a))
     spec = resolve_spec("stability", None, {"samples": 2, "epochs": 1, "models": ["vit_p_7mf"]},
                         {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})
-    runs = run_packed(spec, tmp_path, (0, 1), None, plot=False, progress=False)
+    runs = run_packed(spec, tmp_path, (0, 1), asked, plot=False, progress=False)
     assert len(runs) == 2 and (runs.status == "ok").all()
     assert len(started) == workers and all(p.exitcode == 0 for p in started)
     pids = {int(ln.split()[2]) for ln in (tmp_path / "log.txt").read_text().splitlines() if " trial " in ln}

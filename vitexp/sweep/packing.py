@@ -77,7 +77,7 @@ def run_packed(spec: dict, out: str | Path, shard: tuple[int, int], trials_per_d
     if trials_per_device is None:
         single = int(os.environ.get("WORLD_SIZE", "1")) > 1 or not _on_cpu(spec) or _cores() == 1 or not todo
         trials_per_device, threads = (1, None) if single else (min(_cores(), len(todo)), 1)
-    elif _on_cpu(spec):
+    elif _on_cpu(spec) and trials_per_device > 1:
         threads = max(1, _cores() // trials_per_device)
     if trials_per_device == 1 and threads is None:
         return run_study(spec, out, shard, progress=progress, plot=plot)
