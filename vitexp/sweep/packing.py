@@ -2,7 +2,7 @@
 
 A CIFAR-scale trial cannot fill an H100, so several run at once; on the CPU the
 small models use a core each far better than they share several (two 1-thread
-workers train 1.7-2.6x the images/s of one 2-thread process on a 2-core VM,
+workers train 1.7-2.7x the images/s of one 2-thread process on a 2-core VM,
 benchmarks/README.md), so there a study runs one single-thread worker per core by
 default. Each worker is an ordinary `run_study` over the same folder: the per-trial
 claims hand every trial to exactly one worker, and each trial is the same pure
@@ -103,6 +103,7 @@ def _watch(procs: list, out: Path, todo: dict, workers: int, progress: bool | No
     """The parent's progress while workers train: trials done / left and ETA, the trials in
     flight, and one line per finished (or failed) trial."""
     from vitexp.store import TrialStore
+    from vitexp.sweep.runner import trial_label, trial_summary
     from vitexp.ui import StudyProgress
 
     store = TrialStore(out, create=False)
@@ -114,24 +115,12 @@ def _watch(procs: list, out: Path, todo: dict, workers: int, progress: bool | No
             for key, row in store.finished().items():
                 if seen.get(key) != row:
                     seen[key] = row
-                    bar.end_trial(_summary(row))
+                    bar.end_trial(trial_summary(trial_label(row), row))
             if not alive:
                 break
             claims = sorted(p.name for p in (out / "claims").glob("*")) if (out / "claims").is_dir() else []
-            bar.running([_label(todo[k]) for k in claims if k in todo])
+            bar.running([trial_label(todo[k].to_dict()) for k in claims if k in todo])
             time.sleep(POLL_S)
-
-
-def _label(cfg) -> str:
-    return f"{cfg.model} n={cfg.n_train or 'all'} {cfg.optimizer} lr={cfg.lr:.2g} wd={cfg.wd:.2g}"
-
-
-def _summary(row: dict) -> str:
-    label = f"{row.get('model')} n={row.get('n_train')} {row.get('optimizer')} lr={row.get('lr', 0):.2g} " \
-            f"wd={row.get('wd', 0):.2g}"  # what the runner logs for the trial
-    if row.get("status") != "ok":
-        return f"{label}: FAILED ({row.get('error', 'see log.txt')}); a rerun retries it"
-    return f"{label}: top1_err {row['top1_err']:.2f}%" + (" DIVERGED" if row.get("diverged") else "")
 
 
 def _has_cuda() -> bool:

@@ -188,12 +188,12 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
                 bar.end_trial(f"{key} skipped (done or running elsewhere)")
                 continue
             _broadcast(cfg)
-            label = f"{cfg.model} n={cfg.n_train or 'all'} {cfg.optimizer} lr={cfg.lr:.2g} wd={cfg.wd:.2g}"
+            label = trial_label(cfg.to_dict())
             bar.start_trial(label, cfg.epochs)
             t0 = time.time()
             try:
                 row = run_trial(cfg, store=store, progress=bar)
-                msg = f"{label}: top1_err {row['top1_err']:.2f}%" + (" DIVERGED" if row["diverged"] else "")
+                msg = trial_summary(label, row)
             except UserError:
                 raise  # bad input stops the study: every other trial would fail the same way
             except Exception as e:  # noqa: BLE001 - one failed trial must not end the study
@@ -202,7 +202,7 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.info("trial %s FAILED: %s\n%s", key, reason, traceback.format_exc())
                 _record_failure(store, key, cfg, reason, time.time() - t0)
-                msg = f"{label}: FAILED ({reason}); a rerun retries it"
+                msg = trial_summary(label, {"status": "failed", "error": reason})
                 _free_memory()
             finally:
                 store.release(key)
@@ -213,6 +213,17 @@ def run_study(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), prog
     if plot:
         plot_if_complete(spec, out)
     return _runs(out)
+
+
+def trial_label(c: dict) -> str:
+    """How logs and progress name a trial (from its config or its recorded row)."""
+    return f"{c['model']} n={c['n_train'] or 'all'} {c['optimizer']} lr={c['lr']:.2g} wd={c['wd']:.2g}"
+
+
+def trial_summary(label: str, row: dict) -> str:
+    if row.get("status", "ok") != "ok":
+        return f"{label}: FAILED ({row.get('error')}); a rerun retries it"
+    return f"{label}: top1_err {row['top1_err']:.2f}%" + (" DIVERGED" if row["diverged"] else "")
 
 
 def plot_if_complete(spec: dict, out: str | Path) -> None:
