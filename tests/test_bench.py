@@ -24,14 +24,27 @@ def test_train_flops_of_an_mlp_by_hand():
     assert train_flops_per_image(net, x, y) == 2 * (i * h + h * o) + 4 * h * o + 2 * i * h
 
 
-def test_vit_training_flops_are_about_three_forwards():
-    name = "vit_c_25mf"
+def vit_p_macs(image: int, patch: int, chans: int, width: int, depth: int, mlp: int, classes: int) -> tuple:
+    """(forward MACs, patchify-conv MACs) of a class-token ViT_P, by hand: per block the
+    qkv and output projections (4 N D^2), QK^T and PV (2 N^2 D) and the MLP (2 N D mlp)."""
+    grid = (image // patch) ** 2
+    n = grid + 1
+    embed = grid * width * chans * patch * patch
+    block = 4 * n * width**2 + 2 * n * n * width + 2 * n * width * mlp
+    return embed + depth * block + width * classes, embed
+
+
+@pytest.mark.parametrize("name", ["vit_p_25mf", "vit_p_7mf"])
+def test_flop_counts_equal_the_analytic_count_of_the_matmuls(name):
+    """Fails loudly on a torch whose FLOP counter misses (or double-counts) a kernel:
+    forward = the analytic MACs; training = 3x forward less the patchify conv's input
+    gradient, which nothing needs."""
+    k = vmodels.get_spec(name).kwargs
+    fwd, embed = vit_p_macs(32, k["patch"], 3, k["width"], k["depth"], k["mlp"], 10)
+    assert 1e9 * vmodels.complexity(name, num_classes=10)["gflops"] == pytest.approx(fwd, rel=1e-9)
     net = vmodels.build_model(name, num_classes=10)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-    fwd = 2e9 * vmodels.complexity(name, num_classes=10)["gflops"]
-    ratio = train_flops_per_image(net, x, y) / fwd
-    # ~3x: the first conv needs no input gradient, SDPA's backward counts 2.5x its forward
-    assert 2.7 < ratio < 3.3
+    assert train_flops_per_image(net, x, y) == pytest.approx(2 * (3 * fwd - embed), rel=1e-9)
 
 
 def test_peak_table():

@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from vitexp import data as vdata
 from vitexp import models as vmodels
@@ -40,7 +39,7 @@ def train_flops_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     """Forward + backward FLOPs of one training step per image (FlopCounterMode
     counts 2 per multiply-accumulate; norms and activations are not counted)."""
     model.train()
-    counter = FlopCounterMode(display=False)
+    counter = vmodels.flop_counter()
     with counter:
         nn.functional.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)

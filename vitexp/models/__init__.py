@@ -2,7 +2,7 @@
 32 px family, all built from torchvision classes; plus their cost in the papers'
 convention (`vitexp models`)."""
 
-from vitexp.models.complexity import complexity, complexity_table
+from vitexp.models.complexity import complexity, complexity_table, flop_counter
 from vitexp.models.registry import (
     FAMILIES,
     ModelSpec,
@@ -16,5 +16,5 @@ from vitexp.models.registry import (
 )
 from vitexp.models.vit import conv_stem_configs, resize_pos_embed
 
-__all__ = ["FAMILIES", "ModelSpec", "build_model", "complexity", "complexity_table", "conv_stem_configs", "features",
+__all__ = ["FAMILIES", "ModelSpec", "build_model", "complexity", "complexity_table", "flop_counter", "conv_stem_configs", "features",
            "get_spec", "is_vit", "list_models", "resize_pos_embed", "tuned_hparams", "unwrap"]

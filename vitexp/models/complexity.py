@@ -6,6 +6,14 @@ output elements of those same layers (and max-pools), as pycls counts them. The
 forward runs on the meta device, so even a 36GF model costs no compute or memory,
 and in training mode: in eval mode nn.MultiheadAttention takes a fused path whose
 attention matmuls the counter does not see.
+
+`flop_counter()` is the one FLOP counter of vitexp (model cost here, training FLOPs in
+`vitexp bench`). torch's own counter knows a different set of fused attention kernels
+in every release (2.14 counts neither `_scaled_dot_product_flash_attention_for_cpu`
+nor its backward, 2.13 counts both, the CUDA kernels' backward counts a recompute of
+the scores), so vitexp maps every attention kernel itself: forward = the two matmuls
+QK^T and PV, backward = their four gradient matmuls (model FLOPs, no recompute), the
+convention of MFU. A test checks the count against the analytic one of a ViT.
 """
 
 from __future__ import annotations
@@ -25,6 +33,42 @@ _aten = torch.ops.aten
 _LAYERS = {_aten.convolution, _aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.max_pool2d_with_indices}
 _FUSED_ATTENTION = {_aten._scaled_dot_product_flash_attention, _aten._scaled_dot_product_efficient_attention,
                     _aten._scaled_dot_product_flash_attention_for_cpu, _aten._scaled_dot_product_cudnn_attention}
+
+
+_ATTENTION_KERNELS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                      "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                      "_scaled_dot_product_fused_attention_overrideable")
+
+
+def _shape(t) -> tuple:
+    """torch.Size whether the counter passes tensors (newer torch) or shapes (older)."""
+    return tuple(getattr(t, "shape", t))
+
+
+def _attention_flops(query, key, value, *args, **kwargs) -> int:
+    b, h, lq, d = _shape(query)
+    lk, dv = _shape(key)[-2], _shape(value)[-1]
+    return 2 * b * h * lq * lk * (d + dv)  # QK^T and PV, 2 FLOPs per MAC
+
+
+def _attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    return 2 * _attention_flops(query, key, value)  # dQ, dK from dS; dV, dP from dO
+
+
+def _attention_mapping() -> dict:
+    """Every fused attention kernel this torch has, forward and backward."""
+    out = {}
+    for name in _ATTENTION_KERNELS:
+        for suffix, fn in (("", _attention_flops), ("_backward", _attention_backward_flops)):
+            op = getattr(_aten, name + suffix, None)
+            if op is not None:
+                out[op] = fn
+    return out
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode with vitexp's attention formulas (see the module docstring)."""
+    return FlopCounterMode(display=False, custom_mapping=_attention_mapping())
 
 
 class _ActsCounter(TorchDispatchMode):
@@ -74,7 +118,7 @@ def _named(name: str, resolution: int, in_chans: int, num_classes: int) -> tuple
 def _count(model: torch.nn.Module, in_chans: int, resolution: int) -> dict:
     model.train()
     x = torch.empty(1, in_chans, resolution, resolution, device="meta")
-    with FlopCounterMode(display=False) as flops, _ActsCounter() as acts:
+    with flop_counter() as flops, _ActsCounter() as acts:
         model(x)
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             "gflops": flops.get_total_flops() / 2 / 1e9,
