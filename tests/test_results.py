@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO
 from vitexp.analysis import finished
-from vitexp.store import HISTORY_COLUMNS, RUN_COLUMNS, read_runs
+from vitexp.rows import HISTORY_COLUMNS, RUN_COLUMNS
+from vitexp.store import read_runs
 
 STUDIES = sorted(p.parent for p in (REPO / "results").rglob("runs.csv"))
 

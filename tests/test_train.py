@@ -12,7 +12,8 @@ from vitexp import data as vdata
 from vitexp import models as vmodels
 from vitexp.config import TrainConfig
 from vitexp.optim import EMA, build_scheduler, lr_factor, param_groups, peak_lr, warmup_steps
-from vitexp.store import HISTORY_COLUMNS, RUN_COLUMNS, TrialStore
+from vitexp.rows import HISTORY_COLUMNS, RUN_COLUMNS
+from vitexp.store import TrialStore
 from vitexp.train import run_trial
 
 SMALLEST_VIT_C = min((n for n in vmodels.list_models() if n.startswith("vit_c_") and n.endswith("mf")),

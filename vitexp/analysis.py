@@ -25,12 +25,13 @@ import pandas as pd
 from vitexp.errors import UserError
 from vitexp.store import read_runs
 
-KINDS = ("scale", "stability", "optimizer", "train")
+KINDS = ("scale", "stability", "optimizer", "tune", "train")
 # the command that plots each study kind (for "use ..." hints)
-PLOT_COMMAND = {"scale": "plot-scale", "stability": "plot-cdf", "optimizer": "plot-optimizer"}
+PLOT_COMMAND = {"scale": "plot-scale", "stability": "plot-cdf", "optimizer": "plot-optimizer", "tune": "plot-cdf"}
 # the runs.csv columns each kind's figures need
 NEEDS = {
     "stability": ("model", "optimizer", "lr", "wd", "top1_err"),
+    "tune": ("model", "optimizer", "lr", "wd", "top1_err"),
     "scale": ("model", "n_train", "top1_err"),
     "optimizer": ("model", "optimizer", "epochs", "top1_err"),
     "train": ("model", "top1_err"),
@@ -250,6 +251,22 @@ def hparam_bands(runs: pd.DataFrame, n_boot: int = 2500, seed: int = 0) -> pd.Da
             band = bootstrap_best(ok[param], ok["top1_err"], n_boot=n_boot, seed=seed)
             rows.append({"optimizer": opt, "model": model, "param": param, **band})
     return pd.DataFrame(rows, columns=["optimizer", "model", "param", "lo", "best", "hi", "n", "n_sample"])
+
+
+def tune_best(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per optimizer and model: the best run of a tuning search (its lr, wd, error and
+    whether it converged) and whether its lr or wd is the lowest or highest of all samples
+    drawn: then the optimum may lie outside the range, which must be widened."""
+    rows = []
+    for (opt, model), g in finished(runs).groupby(["optimizer", "model"], sort=True):
+        best = g.loc[g["top1_err"].idxmin()]
+        edge = {p: "low" if best[p] <= g[p].min() else "high" if best[p] >= g[p].max() else ""
+                for p in ("lr", "wd")}
+        rows.append({"optimizer": opt, "model": model, "n": len(g), "lr": best["lr"], "wd": best["wd"],
+                     "top1_err": best["top1_err"], "converged": bool(best.get("converged", False)),
+                     "lr_edge": edge["lr"], "wd_edge": edge["wd"], "median_err": g["top1_err"].median()})
+    return pd.DataFrame(rows, columns=["optimizer", "model", "n", "lr", "wd", "top1_err", "converged",
+                                       "lr_edge", "wd_edge", "median_err"])
 
 
 # -- data-size scaling ------------------------------------------------------------------

@@ -246,6 +246,22 @@ def stability(config: dict, optimizer: str = typer.Option("adamw", help="adamw |
            optimizer=optimizer, samples=samples, sample_seed=sample_seed, epochs=epochs)
 
 
+@app.command()
+@with_config(overrides=True, exclude=FIXED_SIZE_FIELDS)
+def tune(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
+         shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
+         progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
+         seeds: Optional[str] = _SEEDS, trials_per_gpu: Optional[int] = _PACK,
+         optimizers: Optional[str] = typer.Option(None, help="comma-separated, default adamw,sgd"),
+         samples: Optional[int] = typer.Option(None, help="(lr, wd) pairs per model and optimizer [preset]"),
+         sample_seed: Optional[int] = typer.Option(None, help="seed of the (lr, wd) sampler"),
+         epochs: Optional[int] = typer.Option(None, help="epochs of every trial [preset]")):
+    """lr/wd search: N log-uniform (lr, wd) samples per model and optimizer over wide ranges; the best is the tuned value."""
+    _study("tune", preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu, config,
+           optimizers=[o.strip() for o in optimizers.split(",")] if optimizers else None,
+           samples=samples, sample_seed=sample_seed, epochs=epochs)
+
+
 @app.command("optimizer-study")
 @with_config(overrides=True, exclude=FIXED_SIZE_FIELDS)
 def optimizer_study(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,

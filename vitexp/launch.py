@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vitexp.errors import UserError
 
-STUDY_COMMANDS = ("scale-study", "stability", "optimizer-study")
+STUDY_COMMANDS = ("scale-study", "stability", "optimizer-study", "tune")
 
 
 def _run_shard(argv: list[str], shard: int, shards: int) -> None:

@@ -398,7 +398,7 @@ def plot_runs(kind: str, runs: pd.DataFrame, out: Path, n_boot: int = 2500, seed
     if kind not in analysis.PLOT_COMMAND:
         return []
     analysis.check_columns(runs, kind)
-    if kind == "stability":
+    if kind in ("stability", "tune"):
         return plot_cdf(runs, out, n_boot=n_boot, seed=seed)
     if kind == "scale":
         return plot_scale(runs, out)

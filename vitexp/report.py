@@ -25,7 +25,8 @@ from vitexp.errors import UserError
 from vitexp.store import atomic_write_text
 
 TITLES = {"scale": "Data-size scaling (ViT)", "stability": "lr/wd stability (EC)",
-          "optimizer": "Optimizer and training length (EC)", "train": "Single runs"}
+          "optimizer": "Optimizer and training length (EC)",
+          "tune": "lr/wd search (tuned values)", "train": "Single runs"}
 CAPTIONS = {
     "cdf": "Error distribution functions: F(e) = fraction of runs with top-1 error < e, per optimizer and "
            "model (top); the same for the difference to the model's best run (bottom). Diverged runs count at 100%.",
@@ -114,6 +115,10 @@ def _tables(kind: str, runs: pd.DataFrame, n_boot: int, seed: int) -> list[tuple
                 ("h3", f"Best lr and wd by bootstrap ({n_boot} draws of 25% of the runs, seed {seed}): "
                        "median and 2.5–97.5% range"),
                 ("table", _by_model(bands[["optimizer", "model", "param", "best", "lo", "hi", "n"]]))]
+    if kind == "tune" and has(analysis.NEEDS["tune"]):
+        return [("h3", "Best run per model and optimizer: the tuned (lr, wd); an edge says the best lr or wd "
+                       "is the lowest or highest sampled, so the range must be widened"),
+                ("table", _by_model(analysis.tune_best(runs)))]
     if kind == "optimizer" and has(analysis.NEEDS["optimizer"]):
         summary = analysis.optimizer_summary(runs)
         gaps = analysis.optimizer_gaps(summary)

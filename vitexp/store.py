@@ -27,13 +27,11 @@ from pathlib import Path
 import pandas as pd
 
 from vitexp.errors import UserError
+from vitexp.rows import HISTORY_COLUMNS, HISTORY_IDENTITY, RUN_COLUMNS
+from vitexp.rows import converged as rows_converged
 
 RUNS = "runs.csv"
 HISTORY = "history.csv"
-# the columns every runs.csv has (plots and collect rely on them)
-RUN_COLUMNS = ["key", "study", "status", "model", "dataset", "n_train", "seed", "optimizer",
-               "lr", "wd", "epochs", "top1_err", "last_err", "diverged", "wall_s"]
-HISTORY_COLUMNS = ["key", "epoch", "train_loss", "test_err", "ema_err", "lr", "seconds", "images_per_s"]
 
 
 TMP_SUFFIX = ".tmp"
@@ -218,22 +216,37 @@ class TrialStore:
         self.rebuild()
 
     def rebuild(self) -> None:
-        """Regenerate runs.csv and history.csv from trials/ (atomic, under the lock)."""
+        """Regenerate runs.csv and history.csv from trials/ (atomic, under the lock). Each
+        history row carries its trial's identifying columns, so a learning curve needs no join."""
         with self.lock():
-            rows = list(self.finished().values())
-            runs = pd.DataFrame(rows)
+            rows = self.finished()
+            hist = {k: self._history(k) for k in rows}
+            for key, row in rows.items():  # rows recorded before the convergence rule existed
+                if "converged" not in row and row.get("status") == "ok" and hist[key] is not None:
+                    row["converged"] = _converged(row, hist[key])
+            runs = pd.DataFrame(list(rows.values()))
             if not runs.empty:
                 first = [c for c in RUN_COLUMNS if c in runs.columns]
                 runs = runs[first + sorted(c for c in runs.columns if c not in first)]
                 runs = runs.sort_values(["study", "key"] if "study" in runs else ["key"], kind="stable")
             atomic_write_csv(self.root / RUNS, runs)
-            hist = []
-            for p in sorted((self.root / "trials").glob("*.history.csv")):
-                if self.trial_path(p.name.split(".")[0]).exists():
-                    with contextlib.suppress(pd.errors.EmptyDataError):
-                        # keys are hex strings: '054134010394' or '740734e33302' must not parse as numbers
-                        hist.append(pd.read_csv(p, dtype={"key": str}))
-            atomic_write_csv(self.root / HISTORY, pd.concat(hist, ignore_index=True) if hist else pd.DataFrame())
+            parts = [h.assign(**{c: rows[k].get(c) for c in HISTORY_IDENTITY})
+                     for k, h in hist.items() if h is not None]
+            atomic_write_csv(self.root / HISTORY, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
+
+    def _history(self, key: str) -> pd.DataFrame | None:
+        path = self.root / "trials" / f"{key}.history.csv"
+        try:  # keys are hex strings: '054134010394' or '740734e33302' must not parse as numbers
+            h = pd.read_csv(path, dtype={"key": str})
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            return None
+        return h[[c for c in HISTORY_COLUMNS if c in h.columns]]
+
+
+def _converged(row: dict, history: pd.DataFrame) -> bool:
+    col = "ema_err" if row.get("ema", True) in (True, "True", "true") else "test_err"
+    evals = [(int(e), float(v)) for e, v in zip(history["epoch"], history[col]) if v == v]
+    return not row.get("diverged") and rows_converged(evals, int(row["epochs"]))
 
 
 def _start_time(pid: int) -> int | None:

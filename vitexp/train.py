@@ -36,10 +36,11 @@ from vitexp import data as vdata
 from vitexp import models as vmodels
 from vitexp.config import TrainConfig
 from vitexp.errors import UserError
-from vitexp.optim import EMA, build_optimizer, build_scheduler, peak_lr
+from vitexp import rows
+from vitexp.optim import EMA, build_optimizer, build_scheduler
+from vitexp.rows import trial_row
 from vitexp.store import TrialStore, provenance, tmp_path
 
-DIVERGED_ERR = 100.0
 # host-side check for a non-finite loss every this many steps (each check is a sync)
 NAN_CHECK_EVERY = 50
 # EMA update period in steps (pycls uses 32; each update costs a host sync)
@@ -242,23 +243,8 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
 def _summarise(cfg: TrainConfig, key: str, state: dict, n_params: int, n_train: int,
                device: torch.device, started: str) -> dict:
     hist = state["history"]
-    col = "ema_err" if cfg.ema else "test_err"
-    if state["diverged"] or not hist:
-        top1, last, best_epoch, model_err = DIVERGED_ERR, DIVERGED_ERR, 0, DIVERGED_ERR
-    else:
-        evals = [h for h in hist if not math.isnan(h[col])]
-        errs = [h[col] for h in evals]
-        top1, last = min(errs), errs[-1]
-        best_epoch = evals[errs.index(top1)]["epoch"]
-        model_err = min(h["test_err"] for h in evals)
-    fields = cfg.to_dict()
-    extra = fields.pop("extra")
-    fields.pop("fewshot")
-    row = {"key": key, "study": extra.get("study", "train"), "status": "ok", **fields, **extra,
-           "n_train": n_train, "peak_lr": peak_lr(cfg),
-           "top1_err": top1, "last_err": last, "top1_err_model": model_err, "best_epoch": best_epoch,
-           "train_loss": hist[-1]["train_loss"] if hist else float("nan"),
-           "diverged": bool(state["diverged"]), "epochs_run": len(hist), "wall_s": round(state["wall"], 3),
-           "images_per_s": (sum(h["images_per_s"] for h in hist) / len(hist)) if hist else float("nan"),
-           "params_m": n_params / 1e6, "device": device_name(device), "started_at": started, **provenance()}
-    return row
+    return trial_row(cfg, key, n_train=n_train, **rows.summary(cfg, hist, state["diverged"]),
+                     train_loss=hist[-1]["train_loss"] if hist else float("nan"),
+                     diverged=bool(state["diverged"]), epochs_run=len(hist), wall_s=round(state["wall"], 3),
+                     images_per_s=(sum(h["images_per_s"] for h in hist) / len(hist)) if hist else float("nan"),
+                     params_m=n_params / 1e6, device=device_name(device), started_at=started, **provenance())

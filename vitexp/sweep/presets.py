@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from vitexp.errors import UserError, unknown
 
-KINDS = ("scale", "stability", "optimizer")
+KINDS = ("scale", "stability", "optimizer", "tune")
 
 
 def experiments_dir() -> Path:

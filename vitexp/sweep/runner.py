@@ -20,6 +20,7 @@ import pandas as pd
 
 from vitexp.config import TrainConfig
 from vitexp.errors import UserError
+from vitexp.rows import trial_row
 from vitexp.store import TrialStore, atomic_write_text, provenance, tmp_path
 from vitexp.sweep import studies
 from vitexp.sweep.presets import dumps_toml, load_preset
@@ -281,12 +282,7 @@ def _runs(out: Path) -> pd.DataFrame:
 
 
 def _record_failure(store: TrialStore, key: str, cfg: TrainConfig, reason: str, wall: float) -> None:
-    fields = cfg.to_dict()
-    extra = fields.pop("extra")
-    fields.pop("fewshot")
-    store.record(key, {"key": key, "study": extra.get("study", "train"), "status": "failed", "error": reason,
-                       **fields, **extra, "top1_err": float("nan"), "last_err": float("nan"),
-                       "diverged": False, "wall_s": round(wall, 3), **provenance()})
+    store.record(key, trial_row(cfg, key, status="failed", error=reason, wall_s=round(wall, 3), **provenance()))
     # a failed trial keeps no checkpoint: its retry starts clean
     Path(store.checkpoint_path(key)).unlink(missing_ok=True)
 

@@ -30,7 +30,10 @@ STUDY_KEYS = {
     "scale": {"sizes", "steps", "min_epochs", "epochs", "fewshot", "evals"},
     "stability": {"optimizer", "samples", "sample_seed", "epochs"},
     "optimizer": {"optimizers", "epochs"},
+    "tune": {"optimizers", "samples", "sample_seed", "epochs"},
 }
+# the tuning search's default range around the model's current tuned value (wide: a search)
+TUNE_BELOW, TUNE_ABOVE = 16.0, 16.0
 
 
 def apply_overrides(preset: dict, study: dict, train: dict) -> dict:
@@ -50,14 +53,16 @@ def tuned(spec: dict, model: str, optimizer: str) -> tuple[float, float]:
     return vmodels.tuned_hparams(model, optimizer)
 
 
-def sampling_range(spec: dict, model: str, optimizer: str) -> dict[str, tuple[float, float]]:
+def sampling_range(spec: dict, model: str, optimizer: str,
+                   around: tuple[float, float] = (RANGE_BELOW, RANGE_ABOVE)) -> dict[str, tuple[float, float]]:
     """{'lr': (lo, hi), 'wd': (lo, hi)}: [ranges.MODEL] or [ranges.FAMILY] of the
-    preset (the paper's per-family ranges), else tuned / 8 .. tuned x 4."""
+    preset (the paper's per-family ranges), else tuned / AROUND[0] .. tuned x AROUND[1]."""
     ranges = spec.get("ranges", {})
     r = ranges.get(model, ranges.get(vmodels.get_spec(model).family, {})).get(optimizer)
     if r is None:
         lr, wd = tuned(spec, model, optimizer)
-        r = {"lr": [lr / RANGE_BELOW, lr * RANGE_ABOVE], "wd": [wd / RANGE_BELOW, wd * RANGE_ABOVE]}
+        below, above = around
+        r = {"lr": [lr / below, lr * above], "wd": [wd / below, wd * above]}
     return _range_pair(r, f"[ranges.{model}.{optimizer}]")
 
 
@@ -165,6 +170,16 @@ def _check(spec: dict) -> tuple[dict, TrainConfig]:
     return s, base
 
 
+def _optimizer_list(s: dict) -> list[str]:
+    opts = s.get("optimizers", list(OPTIMIZERS))
+    if isinstance(opts, str) or not opts:
+        raise UserError(f"--optimizers takes a comma-separated list of {', '.join(OPTIMIZERS)}, got {opts!r}")
+    for o in opts:
+        if o not in OPTIMIZERS:
+            raise unknown("optimizer", o, OPTIMIZERS)
+    return list(opts)
+
+
 def trials(spec: dict) -> list[TrainConfig]:
     """Every trial of the study, in a fixed order (shards slice this order)."""
     s, base = _check(spec)
@@ -217,13 +232,23 @@ def trials(spec: dict) -> list[TrainConfig]:
                     out.append(trial(model=model, optimizer=opt, lr=lr, wd=wd, epochs=epochs, seed=seed,
                                      extra={"sample": i, "lr_lo": r["lr"][0], "lr_hi": r["lr"][1],
                                             "wd_lo": r["wd"][0], "wd_hi": r["wd"][1]}))
+    elif kind == "tune":
+        n = _int(s, "samples", 16)
+        if n <= 0:
+            raise UserError(f"--samples must be positive, got {n}")
+        u = log_uniform(n, _int(s, "sample_seed", 0))
+        epochs = _int(s, "epochs", base.epochs)
+        for model in s["models"]:
+            for opt in _optimizer_list(s):
+                r = sampling_range(spec, model, opt, (TUNE_BELOW, TUNE_ABOVE))
+                for i in range(n):
+                    lr, wd = _scale(u[i, 0], *r["lr"]), _scale(u[i, 1], *r["wd"])
+                    for seed in seeds:
+                        out.append(trial(model=model, optimizer=opt, lr=lr, wd=wd, epochs=epochs, seed=seed,
+                                         extra={"sample": i, "lr_lo": r["lr"][0], "lr_hi": r["lr"][1],
+                                                "wd_lo": r["wd"][0], "wd_hi": r["wd"][1]}))
     else:
-        opts = s.get("optimizers", list(OPTIMIZERS))
-        if isinstance(opts, str) or not opts:
-            raise UserError(f"--optimizers takes a comma-separated list of {', '.join(OPTIMIZERS)}, got {opts!r}")
-        for o in opts:
-            if o not in OPTIMIZERS:
-                raise unknown("optimizer", o, OPTIMIZERS)
+        opts = _optimizer_list(s)
         lengths = _ints(s.get("epochs", [base.epochs]), "epochs")
         if any(e <= 0 for e in lengths):
             raise UserError(f"--epochs must be positive, got {lengths}")
