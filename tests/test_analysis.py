@@ -5,6 +5,8 @@ import pandas as pd
 import pytest
 
 from vitexp import analysis
+from vitexp.studies.optimizer import best_optimizer, length_curves, optimizer_gaps, optimizer_summary
+from vitexp.studies.scale import scale_summary
 from vitexp.errors import UserError
 
 
@@ -120,7 +122,7 @@ def test_scale_summary_over_seeds(tmp_path):
             run("vit_p", 44.0, n_train=1000, seed=1, fewshot5_err=64.0),
             run("vit_p", 20.0, n_train=8000, seed=0, fewshot5_err=30.0),
             run("vit_p", float("nan"), n_train=8000, seed=1, diverged=True)]
-    s = analysis.scale_summary(load(tmp_path, rows, "scale")).set_index(["metric", "n_train"])
+    s = scale_summary(load(tmp_path, rows, "scale")).set_index(["metric", "n_train"])
     small = s.loc[("top1_err", 1000)]
     assert (small["mean"], small["min"], small["max"], small["n"]) == (42.0, 40.0, 44.0, 2)
     assert small["std"] == pytest.approx(np.std([40, 44], ddof=1))
@@ -135,11 +137,11 @@ def test_optimizer_gap_and_training_length(tmp_path):
     for ep, adamw, sgd in ((50, 30.0, 36.0), (100, 26.0, 30.0), (200, 24.0, 27.0)):
         rows += [run("vit_p", adamw, epochs=ep), run("vit_p", sgd, opt="sgd", epochs=ep)]
         rows += [run("regnety", adamw - 5, epochs=ep), run("regnety", adamw - 6, opt="sgd", epochs=ep)]
-    summary = analysis.optimizer_summary(load(tmp_path, rows, "optimizer"))
-    gaps = analysis.optimizer_gaps(summary).set_index(["model", "epochs"])["gap"]
+    summary = optimizer_summary(load(tmp_path, rows, "optimizer"))
+    gaps = optimizer_gaps(summary).set_index(["model", "epochs"])["gap"]
     assert gaps[("vit_p", 50)] == 6.0 and gaps[("vit_p", 200)] == 3.0 and gaps[("regnety", 100)] == -1.0
-    assert analysis.best_optimizer(summary) == {"regnety": "sgd", "vit_p": "adamw"}
-    curves = analysis.length_curves(summary).set_index(["model", "optimizer", "epochs"])
+    assert best_optimizer(summary) == {"regnety": "sgd", "vit_p": "adamw"}
+    curves = length_curves(summary).set_index(["model", "optimizer", "epochs"])
     assert curves.loc[("vit_p", "adamw", 50), "delta"] == 6.0  # 30 - 24 (the longest schedule)
     assert curves.loc[("vit_p", "sgd", 50), "delta"] == 9.0
     assert curves.loc[("vit_p", "adamw", 200), "delta"] == 0.0
@@ -169,6 +171,6 @@ def test_select_study_points_at_the_right_command(tmp_path):
     runs = load(tmp_path, [run("vit_p", 30.0)])
     assert len(analysis.select_study(runs, "stability", "plot-cdf")) == 1
     with pytest.raises(UserError, match=r"holds a stability study; plot-scale needs a scale study \(use plot-cdf\)"):
-        analysis.select_study(runs, "scale", "plot-scale")
+        analysis.select_study(runs, "scale", "plot-scale", {"stability": "plot-cdf"})
     single = runs.assign(study="train")  # single runs carry no kind: any plot may read them
     assert len(analysis.select_study(single, "scale", "plot-scale")) == 1

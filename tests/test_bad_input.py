@@ -19,9 +19,9 @@ FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 # enough to keep a study short should a check ever let it through
-QUICK = ["--samples", "1", "--epochs", "1", "--n-train", "64", "--n-test", "64", "--device", "cpu",
-         "--no-plot", "--no-progress", "--models", "vit_p_25mf"]
-TRAIN = ["train", "--epochs", "1", "--n-train", "64", "--n-test", "64", "--device", "cpu"]
+QUICK = ["--samples", "1", "--epochs", "1", "--n-train", "64", "--n-test", "64", "--batch-size", "32",
+         "--device", "cpu", "--no-plot", "--no-progress", "--models", "vit_p_25mf"]
+TRAIN = ["train", "--epochs", "1", "--n-train", "64", "--n-test", "64", "--batch-size", "32", "--device", "cpu"]
 
 PRESET = """[study]
 kind = "stability"
@@ -32,6 +32,7 @@ epochs = 1
 dataset = "shapes"
 n_train = 64
 n_test = 64
+batch_size = 32
 device = "cpu"
 [ranges.vit_p_25mf.adamw]
 lr = {lr}
@@ -112,11 +113,11 @@ CASES = [  # one subprocess each: the issue's list, in its order
     ("unknown-preset", None, ["stability", "--preset", "stability_shapez", "--out", "{out}"],
      ["unknown preset 'stability_shapez'", "stability_shapes"], "out"),
     ("lr-zero", None, [*TRAIN, "--lr", "0", "--out", "{out}"], ["--lr must be positive", "got 0"], "out"),
-    ("wd-negative", None, [*TRAIN, "--wd", "-0.05", "--out", "{out}"], ["--wd must be >= 0"], "out"),
+    ("wd-negative", None, [*TRAIN, "--wd", "-0.05", "--out", "{out}"], ["--wd must be in [0, 10]"], "out"),
     ("epochs-zero", None, ["stability", *QUICK, "--epochs", "0", "--out", "{out}"],
-     ["--epochs must be positive", "got 0"], "out"),
+     ["--epochs must be in [1,", "got 0"], "out"),
     ("batch-size-zero", None, [*TRAIN, "--batch-size", "0", "--out", "{out}"],
-     ["--batch-size must be positive"], "out"),
+     ["--batch-size must be in [1, 1048576]"], "out"),
     ("range-empty", lambda t: {"preset": _preset(t, lr="[3e-3, 3e-3]")},
      ["stability", "--preset", "{preset}", "--out", "{out}"],
      ["[ranges.vit_p_25mf.adamw] lr range [0.003, 0.003] is empty", "0 < LOW < HIGH"], "out"),
@@ -151,7 +152,7 @@ MORE_CASES = [  # variants, through the same main() in this process (no 5 s inte
     ("epochs-negative-in-list", None, ["optimizer-study", "--models", "vit_p_25mf", "--epochs", "2,-1",
                                        "--out", "{out}"], ["--epochs must be positive"], "out"),
     ("samples-zero", None, ["stability", *QUICK, "--samples", "0", "--out", "{out}"],
-     ["--samples must be positive"], "out"),
+     ["--samples must be in [1,"], "out"),
     ("lr-range-inverted", lambda t: {"preset": _preset(t, lr="[1e-2, 1e-3]")},
      ["stability", "--preset", "{preset}", "--out", "{out}"], ["lr range [0.01, 0.001] is inverted"], "out"),
     ("range-missing-ends", lambda t: {"preset": _preset(t, lr="[]")},
@@ -160,7 +161,7 @@ MORE_CASES = [  # variants, through the same main() in this process (no 5 s inte
      ["stability", "--preset", "{preset}", "--out", "{out}"], ["is not valid TOML"], "out"),
     ("preset-unknown-key", lambda t: {"preset": (t / "p.toml").write_text(
         '[study]\nkind = "stability"\nmodels = ["vit_p_25mf"]\nsamplez = 3\n') and t / "p.toml"},
-     ["stability", "--preset", "{preset}", "--out", "{out}"], ["unknown key 'samplez'"], "out"),
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["unknown [study] key of a stability study 'samplez'", "samples"], "out"),
     ("preset-wrong-type", lambda t: {"preset": (t / "p.toml").write_text(
         '[study]\nkind = "stability"\nmodels = ["vit_p_25mf"]\n[train]\nepochs = "3"\n') and t / "p.toml"},
      ["stability", "--preset", "{preset}", "--out", "{out}"], ["epochs must be int, got '3'"], "out"),
@@ -191,6 +192,150 @@ MORE_CASES = [  # variants, through the same main() in this process (no 5 s inte
 ]
 
 
+def _write(name: str, text: str | bytes):
+    """A setup that writes TEXT to tmp/NAME and names it {preset}."""
+    def setup(t: Path) -> dict:
+        p = t / name
+        p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
+        return {"preset": p}
+    return setup
+
+
+def _finished_study(t: Path) -> dict:
+    """A finished CPU study (one tiny trial) as {dir}."""
+    from vitexp.cli import main
+
+    f = t / "done"
+    argv, sys.argv = sys.argv, ["vitexp", "stability", *QUICK, "--out", str(f)]
+    try:
+        main()
+    finally:
+        sys.argv = argv
+    assert (f / "runs.csv").is_file()
+    return {"dir": f}
+
+
+GOOD = '[study]\nkind = "stability"\nmodels = ["vit_p_25mf"]\nsamples = 1\nepochs = 1\n'
+TRAIN_TABLE = '[train]\nn_train = 64\nn_test = 64\nbatch_size = 32\ndevice = "cpu"\n'
+NEW_CASES = [  # nonsense that once passed or crashed: each one line, exit 2, nothing written
+    ("grad-clip-negative", None, [*TRAIN, "--grad-clip", "-1", "--out", "{out}"], ["--grad-clip must be positive"], "out"),
+    ("lr-inf", None, [*TRAIN, "--lr", "inf", "--out", "{out}"], ["--lr must be positive", "got inf"], "out"),
+    ("lr-nan", None, [*TRAIN, "--lr", "nan", "--out", "{out}"], ["--lr must be positive", "got nan"], "out"),
+    ("wd-inf", None, [*TRAIN, "--wd", "inf", "--out", "{out}"], ["--wd must be in [0, 10]", "got inf"], "out"),
+    ("momentum-nan", None, [*TRAIN, "--momentum", "nan", "--out", "{out}"], ["--momentum must be in [0, 1)"], "out"),
+    ("momentum-one", None, [*TRAIN, "--momentum", "1", "--out", "{out}"], ["--momentum must be in [0, 1)"], "out"),
+    ("min-lr-frac-negative", None, [*TRAIN, "--min-lr-frac", "-1", "--out", "{out}"],
+     ["--min-lr-frac must be in [0, 1]"], "out"),
+    ("batch-size-huge", None, [*TRAIN, "--batch-size", "1000000000", "--out", "{out}"], ["--batch-size must be in"], "out"),
+    ("batch-larger-than-data", None, [*TRAIN, "--batch-size", "100", "--out", "{out}"],
+     ["--batch-size 100 is larger than the training set (64 images)"], "out"),
+    ("n-train-below-classes", None, [*TRAIN, "--n-train", "5", "--batch-size", "4", "--out", "{out}"],
+     ["--n-train 5 is fewer images than shapes's 10 classes"], "out"),
+    ("n-test-zero", None, [*TRAIN, "--n-test", "0", "--out", "{out}"], ["--n-test must be positive"], "out"),
+    ("warmup-nan", None, [*TRAIN, "--warmup-epochs", "nan", "--out", "{out}"], ["--warmup-epochs must be"], "out"),
+    ("dropout-two", None, [*TRAIN, "--dropout", "2", "--out", "{out}"], ["--dropout must be in [0, 1)"], "out"),
+    ("crop-pad-negative", None, [*TRAIN, "--crop-pad", "-1", "--out", "{out}"], ["--crop-pad must be in"], "out"),
+    ("crop-pad-beyond-image", None, [*TRAIN, "--crop-pad", "100", "--out", "{out}"],
+     ["--crop-pad 100 is larger than the image"], "out"),
+    ("seed-negative", None, [*TRAIN, "--seed", "-1", "--out", "{out}"], ["--seed must be in [0, 2**63)"], "out"),
+    ("seed-huge", None, [*TRAIN, "--seed", str(2**63), "--out", "{out}"], ["--seed must be in [0, 2**63)"], "out"),
+    ("subset-seed-negative", None, [*TRAIN, "--subset-seed", "-3", "--out", "{out}"], ["--subset-seed must be"], "out"),
+    ("image-size-huge", None, [*TRAIN, "--image-size", "100000", "--out", "{out}"], ["--image-size must be in"], "out"),
+    ("image-size-tiny-cnn", None, [*TRAIN, "--model", "resnet_7mf", "--image-size", "4", "--out", "{out}"],
+     ["--image-size 4 is too small"], "out"),
+    ("label-smoothing-one", None, [*TRAIN, "--label-smoothing", "1", "--out", "{out}"],
+     ["--label-smoothing must be in [0, 1)"], "out"),
+    ("ema-decay-one", None, [*TRAIN, "--ema-decay", "1", "--out", "{out}"], ["--ema-decay must be in (0, 1)"], "out"),
+    ("mixup-negative", None, [*TRAIN, "--mixup", "-1", "--out", "{out}"], ["--mixup must be in"], "out"),
+    ("cutmix-nan", None, [*TRAIN, "--cutmix", "nan", "--out", "{out}"], ["--cutmix must be in"], "out"),
+    ("eval-every-zero", None, [*TRAIN, "--eval-every", "0", "--out", "{out}"], ["--eval-every must be"], "out"),
+    ("lr-batch-size-zero", None, [*TRAIN, "--lr-batch-size", "0", "--out", "{out}"], ["--lr-batch-size must be"], "out"),
+    ("num-workers-negative", None, [*TRAIN, "--num-workers", "-1", "--out", "{out}"], ["--num-workers must be"], "out"),
+    ("fewshot-zero", None, [*TRAIN, "--fewshot", "0", "--out", "{out}"], ["--fewshot shots must be positive"], "out"),
+    ("fewshot-not-a-number", None, [*TRAIN, "--fewshot", "1,x", "--out", "{out}"],
+     ["--fewshot takes comma-separated int"], "out"),
+    ("fewshot-more-than-the-subset", None, [*TRAIN, "--fewshot", "10", "--out", "{out}"],
+     ["--fewshot 10 needs 10 training images per class", "give 6"], "out"),
+    ("out-empty", None, [*TRAIN, "--out", ""], ["--out must name a folder"], None),
+    ("data-dir-is-a-file", lambda t: {"file": (t / "file").write_text("x") and t / "file"},
+     [*TRAIN, "--data-dir", "{file}", "--out", "{out}"], ["--data-dir", "is a file, not a folder"], "out"),
+    ("seeds-negative", None, ["stability", *QUICK, "--seeds", "-1", "--out", "{out}"], ["--seed must be in"], "out"),
+    ("seeds-fractional", _write("p.toml", GOOD + "seeds = [1.5]\n" + TRAIN_TABLE),
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["--seeds takes whole numbers", "1.5"], "out"),
+    ("range-to-inf", _write("p.toml", GOOD + TRAIN_TABLE + "[ranges.vit_p.adamw]\nlr = [1e-3, inf]\nwd = [0.01, 0.1]\n"),
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["lr range [0.001, inf] is not finite"], "out"),
+    ("tuned-inf", _write("p.toml", GOOD + TRAIN_TABLE + "[tuned.vit_p_25mf]\nadamw = [inf, 0.1]\n"),
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["lr must be finite"], "out"),
+    ("preset-misspelled-table", _write("p.toml", GOOD + TRAIN_TABLE.replace("[train]", "[trian]")),
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["unknown table [trian]", "closest: train"], "out"),
+    ("preset-study-not-a-table", _write("p.toml", 'study = 3\n'),
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["[study] must be a table"], "out"),
+    ("preset-not-utf8", _write("p.toml", b'[study]\nkind = "stability"\ndescription = "\xff\xfe"\n'),
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["is not UTF-8"], "out"),
+    ("preset-is-a-folder", lambda t: {"preset": (t / "pdir").mkdir() or t / "pdir"},
+     ["stability", "--preset", "{preset}", "--out", "{out}"], ["is a folder"], "out"),
+    ("samples-huge-dry-run", None, ["stability", *QUICK, "--samples", "1000000000000", "--dry-run", "--out", "{out}"],
+     ["--samples must be in [1,"], "out"),
+    ("sizes-zero", None, ["scale-study", "--sizes", "0,100", "--out", "{out}"], ["--sizes must be positive"], "out"),
+    ("steps-negative", None, ["scale-study", "--steps", "-1", "--out", "{out}"], ["--steps must be in [0,"], "out"),
+    ("steps-exponent-large", None, ["scale-study", "--steps-exponent", "5", "--out", "{out}"],
+     ["--steps-exponent takes a number in [0, 2]"], "out"),
+    ("evals-zero", None, ["scale-study", "--evals", "0", "--out", "{out}"], ["--evals must be in [1,"], "out"),
+    ("optimizers-unknown", None, ["optimizer-study", "--optimizers", "adam", "--out", "{out}"],
+     ["unknown optimizer 'adam'"], "out"),
+    ("tune-samples-zero", None, ["tune", "--preset", "tune_fashion-mnist_cpu", "--samples", "0", "--out", "{out}"],
+     ["--samples must be in [1,"], "out"),
+    ("trials-per-gpu-zero", None, ["stability", *QUICK, "--trials-per-gpu", "0", "--out", "{out}"],
+     ["--trials-per-gpu must be >= 1"], "out"),
+    ("models-empty", None, ["stability", *QUICK, "--models", ",", "--out", "{out}"], ["no models"], "out"),
+    ("n-boot-zero", lambda t: _finished_study(t), ["plot-cdf", "{dir}", "--n-boot", "0", "--out", "{out}"],
+     ["--n-boot must be at least 1"], "same"),
+    ("device-cuda-on-a-cpu", None, ["stability", *QUICK, "--device", "cuda", "--out", "{out}"],
+     ["no CUDA GPU", "--device cpu"], "out"),
+]
+
+
+@pytest.mark.parametrize("setup,argv,needles,unchanged", [pytest.param(*c[1:], id=c[0]) for c in NEW_CASES])
+def test_nonsense_is_refused(tmp_path, monkeypatch, capsys, setup, argv, needles, unchanged):
+    if "cuda" in argv and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    test_more_bad_input(tmp_path, monkeypatch, capsys, setup, argv, needles, unchanged)
+
+
+def test_a_slurm_array_variable_that_is_no_number(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "abc")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert_user_error(run_cli("stability", *QUICK, "--out", tmp_path / "out"), "SLURM_ARRAY_TASK_ID", "integers")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_study_rerun_for_another_device_changes_nothing(tmp_path, monkeypatch, capsys):
+    """Nothing to run: no device check, and not a byte of the folder changes."""
+    from vitexp.cli import main
+
+    folder = _finished_study(tmp_path)["dir"]
+    before = _snapshot(folder)
+    monkeypatch.setattr(sys, "argv", ["vitexp", "stability", *QUICK, "--device", "cuda", "--out", str(folder)])
+    main()
+    assert _snapshot(folder) == before
+
+
+def test_an_error_inside_a_worker_is_one_line_and_the_folder_is_left_as_it_was(tmp_path):
+    """Bad input only a trial finds (an image folder whose train/ and val/ classes differ),
+    inside a worker process: the parent prints its one line, exit 2, and the folder this
+    run created is gone."""
+    from PIL import Image
+
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for cls in classes:
+            (tmp_path / "img" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "img" / split / cls / "0.png")
+    p = run_cli("stability", *QUICK, "--dataset", f"imagefolder:{tmp_path / 'img'}", "--n-train", "2",
+                "--batch-size", "2", "--trials-per-gpu", "2", "--samples", "2", "--out", tmp_path / "out")
+    assert_user_error(p, "train/ and val/ have different class folders")
+    assert not (tmp_path / "out").exists()
+
+
 def _snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -218,6 +363,7 @@ def test_more_bad_input(tmp_path, monkeypatch, capsys, setup, argv, needles, unc
     from vitexp.cli import main
 
     def run(*args):
+        capsys.readouterr()  # what the setup printed is not this command's output
         monkeypatch.setattr(sys, "argv", ["vitexp", *map(str, args)])
         with pytest.raises(SystemExit) as e:
             main()
@@ -230,7 +376,8 @@ def test_more_bad_input(tmp_path, monkeypatch, capsys, setup, argv, needles, unc
 # -- without a subprocess -------------------------------------------------------------
 
 def test_preset_tables_are_checked():
-    from vitexp.sweep import resolve_spec, trials
+    from vitexp.studies import trials
+    from vitexp.sweep import resolve_spec
 
     def spec(**tables):
         s = resolve_spec("stability", None, {"models": ["vit_p_25mf"], "samples": 2}, {})
@@ -245,7 +392,7 @@ def test_preset_tables_are_checked():
         trials(spec(ranges={"vit_p": {"adamw": {"lr": [0, 1e-2], "wd": [0.01, 0.1]}}}))
     with pytest.raises(UserError, match=r"must be \[LR, WD\]"):
         trials(spec(tuned={"vit_p_25mf": {"adamw": 1e-3}}))
-    with pytest.raises(UserError, match="lr must be > 0"):
+    with pytest.raises(UserError, match="lr must be finite and > 0"):
         trials(spec(tuned={"vit_p_25mf": {"adamw": [-1e-3, 0.1]}}))
     s = spec()
     s["study"]["samples"] = "many"

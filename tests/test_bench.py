@@ -1,6 +1,4 @@
-"""vitexp bench: FLOP accounting, a CPU run with sensible numbers; packed trials equal unpacked."""
-
-import os
+"""vitexp bench: FLOP accounting against the analytic count, a CPU run with sensible numbers."""
 
 import pandas as pd
 import pytest
@@ -10,10 +8,6 @@ from torch import nn
 from conftest import run_cli
 from vitexp import models as vmodels
 from vitexp.bench import bench, peak_tflops, train_flops_per_image
-from vitexp.sweep import resolve_spec
-from vitexp.sweep import packing
-from vitexp.sweep.packing import run_packed
-from vitexp.sweep.runner import run_study
 
 
 def test_train_flops_of_an_mlp_by_hand():
@@ -72,38 +66,3 @@ def test_bench_cli_appends_rows(tmp_path):
         assert "fast / baseline" in p.stdout
     rows = pd.read_csv(csv)
     assert len(rows) == 4 and set(rows["mode"]) == {"fast", "baseline"}
-
-
-def test_packed_trials_equal_one_by_one(tmp_path):
-    spec = resolve_spec("stability", None, {"samples": 2, "epochs": 1, "models": ["vit_p_25mf"]},
-                        {"n_train": 96, "n_test": 64, "batch_size": 32, "device": "cpu"})
-    one = run_study(spec, tmp_path / "one", progress=False, plot=False)
-    packed = run_packed(spec, tmp_path / "packed", (0, 1), 2, plot=False)
-    a, b = (d.set_index("key").sort_index() for d in (one, packed))
-    assert list(a.index) == list(b.index) and len(a) == 2
-    for c in ("top1_err", "last_err", "lr", "wd"):
-        assert a[c].equals(b[c]), c
-    assert (b.train_loss - a.train_loss).abs().max() < 1e-4  # workers use fewer threads: float sum order
-
-
-@pytest.mark.parametrize("cores,asked,workers", [(3, None, 2), (1, None, 0), (2, 1, 0)])
-def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch, cores, asked, workers):
-    """The default on the CPU: min(cores, trials to run) worker processes; one core or an
-    explicit --trials-per-gpu 1: in this process (workers 0)."""
-    monkeypatch.setattr(packing, "_cores", lambda: cores)
-    started, watch = [], packing._watch
-    monkeypatch.setattr(packing, "_watch", lambda procs, *a: started.extend(procs) or watch(procs, *a))
-    spec = resolve_spec("stability", None, {"samples": 2, "epochs": 1, "models": ["vit_p_7mf"]},
-                        {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})
-    runs = run_packed(spec, tmp_path, (0, 1), asked, plot=False, progress=False)
-    assert len(runs) == 2 and (runs.status == "ok").all()
-    assert len(started) == workers and all(p.exitcode == 0 for p in started)
-    pids = {int(ln.split()[2]) for ln in (tmp_path / "log.txt").read_text().splitlines() if " trial " in ln}
-    assert (pids == {os.getpid()}) if workers == 0 else (os.getpid() not in pids)
-
-
-def test_a_packed_study_draws_its_figure(tmp_path):
-    spec = resolve_spec("scale", None, {"sizes": [64, 128], "steps": 2, "min_epochs": 1, "models": ["vit_p_7mf"],
-                                        "seeds": [0], "fewshot": []}, {"n_test": 32, "batch_size": 32, "device": "cpu"})
-    runs = run_packed(spec, tmp_path, (0, 1), 2, plot=True, progress=False)
-    assert len(runs) == 2 and (tmp_path / "figures" / "scale.png").exists()

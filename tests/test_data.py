@@ -197,7 +197,7 @@ def test_in_memory_loader_augmentation_is_reproducible():
     x, y = make_shapes(64, 0)
     b = DataBundle(name="shapes", num_classes=10, in_chans=3, image_size=32, mean=(0.5,) * 3,
                    std=(0.25,) * 3, train_x=x, train_y=y, test_x=x, test_y=y)
-    cfg = TrainConfig(batch_size=16, seed=0)
+    cfg = TrainConfig(batch_size=16, seed=0, crop_pad=4)
     first = [x for x, _ in make_loaders(b, cfg, "cpu")[0]]
     train = make_loaders(b, cfg, "cpu")[0]
     train.set_epoch(0)
@@ -214,9 +214,9 @@ def test_shards_are_disjoint_and_cover():
     assert len(shards[0]) == len(shards[1]) == 50
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
     assert len(set(torch.cat(shards).tolist())) == 100  # all but the < world_size remainder
-    b, cfg = indexed_bundle(101, 10), TrainConfig(batch_size=10, crop_pad=0, hflip=False)
+    b, cfg = indexed_bundle(101, 10), TrainConfig(batch_size=20, crop_pad=0, hflip=False)
     seen = []
-    for rank in range(2):
+    for rank in range(2):  # the global batch of 20 is 10 per rank
         train, test = make_loaders(b, cfg, "cpu", rank=rank, world_size=2)
         train.set_epoch(4)
         assert len(train) == 5 and len(test) == 1  # the test set is not sharded

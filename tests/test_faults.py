@@ -21,11 +21,13 @@ import pytest
 import torch
 
 import vitexp.data
-import vitexp.train
+import vitexp.trainer
 from conftest import REPO, run_cli
+from vitexp.errors import StudyFailed
+from vitexp.fileio import tmp_path as writer_tmp_path
 from vitexp.store import RUNS, TrialStore, _start_time, read_runs
-from vitexp.store import tmp_path as writer_tmp_path
-from vitexp.sweep import resolve_spec, run_study, trials
+from vitexp.studies import trials
+from vitexp.sweep import resolve_spec, run_study
 
 MODEL = "vit_p_25mf"  # the smallest model: ~1 s an epoch on 256 images
 # one thread per process: the killed and the uninterrupted runs must reduce in the same order
@@ -34,7 +36,7 @@ STUDY = ["stability", "--samples", "3", "--epochs", "3", "--n-train", "256", "--
          "--batch-size", "64", "--device", "cpu", "--no-plot", "--no-progress", "--models", MODEL]
 COMPARED = ("top1_err", "last_err", "train_loss", "lr", "wd", "epochs_run", "diverged")
 HISTORY_COMPARED = ("train_loss", "test_err", "ema_err", "lr")
-REAL_RUN_TRIAL = vitexp.train.run_trial
+REAL_RUN_TRIAL = vitexp.trainer.run_trial
 
 
 def _start(out: Path, args=STUDY, log: Path | None = None) -> subprocess.Popen:
@@ -192,7 +194,9 @@ def _fake_trial(calls: list):
         calls.append(key)
         row = {"key": key, "study": "stability", "status": "ok", "model": cfg.model, "lr": cfg.lr, "wd": cfg.wd,
                "epochs": cfg.epochs, "top1_err": 50.0, "last_err": 60.0, "diverged": False, "wall_s": 0.0}
-        store.record(key, row, [{"key": key, "epoch": e + 1, "train_loss": 1.0 / (e + 1)} for e in range(cfg.epochs)])
+        store.record(key, row, [{"key": key, "epoch": e + 1, "train_loss": 1.0 / (e + 1), "test_err": 50.0,
+                                 "ema_err": 50.0, "lr": 0.1, "seconds": 1.0, "images_per_s": 100.0}
+                                for e in range(cfg.epochs)])
         return row
 
     return run_trial
@@ -206,8 +210,8 @@ def test_a_rerun_repairs_each_state_a_kill_can_leave_mid_record(tmp_path, monkey
     spec = _stability(samples=3)
     keys = [t.key() for t in trials(spec)]
     calls = []
-    monkeypatch.setattr(vitexp.train, "run_trial", _fake_trial(calls))
-    run_study(spec, tmp_path, progress=False, plot=False)
+    monkeypatch.setattr(vitexp.trainer, "run_trial", _fake_trial(calls))
+    run_study(spec, tmp_path)
     complete = {p.name: p.read_bytes() for p in (tmp_path / "trials").iterdir()}
     tables = {n: (tmp_path / n).read_bytes() for n in ("runs.csv", "history.csv")}
     store = TrialStore(tmp_path)
@@ -233,8 +237,8 @@ def test_a_rerun_repairs_each_state_a_kill_can_leave_mid_record(tmp_path, monkey
         assert store.checkpoint_path(cfg.key()).read_bytes() == b"epoch 2 of 3"
         return real_fake(cfg, store=store)
 
-    monkeypatch.setattr(vitexp.train, "run_trial", resume)
-    run_study(spec, tmp_path, progress=False, plot=False)
+    monkeypatch.setattr(vitexp.trainer, "run_trial", resume)
+    run_study(spec, tmp_path)
     assert calls == [keys[0]]  # only the uncommitted trial runs again
     assert {p.name: p.read_bytes() for p in (tmp_path / "trials").iterdir()} == complete
     assert {n: (tmp_path / n).read_bytes() for n in tables} == tables
@@ -262,7 +266,7 @@ def _counting(monkeypatch, fail: dict | None = None) -> list:
             raise fail[cfg.key()]
         return real(cfg, **kw)
 
-    monkeypatch.setattr(vitexp.train, "run_trial", run_trial)
+    monkeypatch.setattr(vitexp.trainer, "run_trial", run_trial)
     return calls
 
 
@@ -271,7 +275,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_retried(tmp_path, monke
     keys = [t.key() for t in trials(spec)]
     oom = getattr(torch, "OutOfMemoryError", RuntimeError)("CUDA out of memory. Tried to allocate 2.00 GiB")
     calls = _counting(monkeypatch, {keys[0]: oom, keys[2]: OSError("image file is truncated (3 bytes not processed)")})
-    runs = run_study(spec, tmp_path, progress=False, plot=False)
+    runs = run_study(spec, tmp_path)
     assert calls == keys  # the study went on after each failure
     runs = pd.read_csv(tmp_path / RUNS).set_index("key")
     assert list(runs.loc[keys, "status"]) == ["failed", "ok", "failed"]
@@ -282,27 +286,48 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_retried(tmp_path, monke
     assert "FAILED" in (tmp_path / "log.txt").read_text()
 
     calls = _counting(monkeypatch)  # the cause is gone: a rerun retries exactly the failed trials
-    run_study(spec, tmp_path, progress=False, plot=False)
+    run_study(spec, tmp_path)
     assert sorted(calls) == sorted([keys[0], keys[2]])
     runs = pd.read_csv(tmp_path / RUNS)
     assert len(runs) == 3 and runs.key.is_unique and (runs.status == "ok").all()
     calls = _counting(monkeypatch)
-    run_study(spec, tmp_path, progress=False, plot=False)
+    run_study(spec, tmp_path)
     assert calls == []
 
 
 def test_a_failed_trials_checkpoint_is_dropped_so_its_retry_starts_clean(tmp_path, monkeypatch):
+    spec = resolve_spec("stability", None, {"models": [MODEL], "samples": 1, "epochs": 2}, TINY)
+    (key,) = [t.key() for t in trials(spec)]
+    store, calls, real = TrialStore(tmp_path), [], REAL_RUN_TRIAL
+
+    def fails_after_epoch_1(cfg, store=None, progress=None, out=None):
+        def boom(event):
+            if event["event"] == "epoch":
+                assert store.checkpoint_path(key).exists()  # the epoch's checkpoint is written
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        calls.append(key)
+        return real(cfg, store=store, progress=boom if len(calls) == 1 else None)
+
+    monkeypatch.setattr(vitexp.trainer, "run_trial", fails_after_epoch_1)
+    with pytest.raises(StudyFailed, match="every trial failed"):
+        run_study(spec, tmp_path)
+    row = pd.read_csv(tmp_path / RUNS).iloc[0]
+    assert row.status == "failed" and row.error.startswith("RuntimeError: CUDA error")
+    assert not store.checkpoint_path(key).exists()
+    run_study(spec, tmp_path)
+    assert len(calls) == 2 and pd.read_csv(tmp_path / RUNS).status.tolist() == ["ok"]
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_the_trial_starts_afresh(tmp_path, monkeypatch):
     spec = _stability(samples=1)
     (key,) = [t.key() for t in trials(spec)]
     store = TrialStore(tmp_path)
-    store.checkpoint_path(key).write_bytes(b"not a checkpoint")  # e.g. from another code version
+    store.checkpoint_path(key).write_bytes(b"not a checkpoint")  # damaged, or from another code version
     calls = _counting(monkeypatch)
-    run_study(spec, tmp_path, progress=False, plot=False)
-    row = pd.read_csv(tmp_path / RUNS).iloc[0]
-    assert row.status == "failed" and isinstance(row.error, str) and row.error
-    assert not store.checkpoint_path(key).exists()
-    run_study(spec, tmp_path, progress=False, plot=False)
-    assert len(calls) == 2 and pd.read_csv(tmp_path / RUNS).status.tolist() == ["ok"]
+    run_study(spec, tmp_path)
+    assert len(calls) == 1 and pd.read_csv(tmp_path / RUNS).status.tolist() == ["ok"]
+    assert store.checkpoint_path(key).with_name(f"{key}.pt.corrupt").read_bytes() == b"not a checkpoint"
+    assert f"{key}.pt is unreadable" in (tmp_path / "log.txt").read_text()
 
 
 def test_divergence_is_a_result_not_a_failure(tmp_path, monkeypatch):
@@ -310,23 +335,23 @@ def test_divergence_is_a_result_not_a_failure(tmp_path, monkeypatch):
                         {**TINY, "n_train": 256})
     spec["tuned"] = {MODEL: {"sgd": [1e4, 0.0]}}
     calls = _counting(monkeypatch)
-    run_study(spec, tmp_path, progress=False, plot=False)
+    run_study(spec, tmp_path)
     runs = pd.read_csv(tmp_path / RUNS)
     assert len(calls) == 1 and len(runs) == 1
     assert runs.status[0] == "ok" and bool(runs.diverged[0]) and runs.top1_err[0] == 100.0
     calls = _counting(monkeypatch)
-    run_study(spec, tmp_path, progress=False, plot=False)
+    run_study(spec, tmp_path)
     assert calls == []  # not retried
 
 
 def test_bad_input_inside_a_trial_stops_the_study_without_a_failed_row(tmp_path, monkeypatch):
-    from vitexp.errors import UserError
+    from vitexp.errors import StudyFailed, UserError
 
     spec = _stability(samples=2)
     keys = [t.key() for t in trials(spec)]
     _counting(monkeypatch, {keys[0]: UserError("cifar10 not found in /nowhere; copy its files there")})
     with pytest.raises(UserError, match="cifar10"):
-        run_study(spec, tmp_path, progress=False, plot=False)
+        run_study(spec, tmp_path)
     assert not list((tmp_path / "trials").iterdir()) and not list((tmp_path / "claims").iterdir())
 
 
@@ -429,7 +454,6 @@ def test_doctor_parts():
     assert step["status"] == "ok" and step["finite"] == "True" and step["device"] == "cpu"
 
 
-@pytest.mark.skipif(not hasattr(vitexp.data, "locate"), reason="vitexp.data.locate is not written yet")
 def test_doctor_cli():
     p = run_cli("doctor", "--device", "cpu")
     assert p.returncode == 0, p.stderr

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from conftest import assert_user_error, run_cli
 
-from vitexp import plots
+from vitexp import analysis, plots
+from vitexp import report
 from vitexp.report import markdown_table, write_report
 
 PROVENANCE = {"commit": "c0ffee123456", "torch": "2.4.0", "device": "NVIDIA H100", "host": "node7",
@@ -35,7 +36,7 @@ def row(model, err, **kw):
             "diverged": False, "wall_s": 60.0, **kw}
 
 
-def stability_rows(opt, n=16, seed=0):
+def stability_rows(opt, n=32, seed=0):
     rng = np.random.default_rng(seed)
     best = {"adamw": 2e-3, "sgd": 1.9}[opt]
     rows = []
@@ -102,7 +103,7 @@ def assert_files(paths, *stems):
 @pytest.fixture(scope="module")
 def cdf(studies, tmp_path_factory):
     out = tmp_path_factory.mktemp("cdf")
-    return out, plots.plot_folders("stability", [studies["adamw"], studies["sgd"]], out, n_boot=300)
+    return out, report.draw("stability", [studies["adamw"], studies["sgd"]], out, n_boot=300)
 
 
 def test_cdf_csv_is_the_edf_of_runs_csv(studies, cdf):
@@ -121,7 +122,7 @@ def test_cdf_csv_is_the_edf_of_runs_csv(studies, cdf):
             assert got["n"].iloc[0] == len(err) and got["failed"].iloc[0] == (model == "vit_p_1gf")
     # the diverged run is the last step, at 100
     p = table[(table["optimizer"] == "sgd") & (table["model"] == "vit_p_1gf") & (table["metric"] == "top1_err")]
-    assert p["error"].iloc[-1] == 100.0 and p["edf"].iloc[-1] == pytest.approx(16 / 17)
+    assert p["error"].iloc[-1] == 100.0 and p["edf"].iloc[-1] == pytest.approx(32 / 33)
     assert p["diverged"].iloc[0] == 1
 
 
@@ -144,8 +145,19 @@ def test_lrwd_csv_holds_every_run_and_the_band(studies, cdf):
     assert b["lo"] <= 1.9 <= b["hi"]
 
 
+def test_too_few_runs_get_no_bootstrap_band(tmp_path):
+    """With under 8 runs per bootstrap draw (32 runs) the "best" lr would be noise: no band,
+    a note on the figure, blanks in the table."""
+    folder = write_study(tmp_path / "few", stability_rows("sgd", n=6), "stability")
+    report.draw("stability", [folder], tmp_path / "fig", n_boot=100)
+    table = pd.read_csv(tmp_path / "fig" / "lrwd_sgd.csv")
+    assert set(table["element"]) == {"run"}
+    bands = analysis.hparam_bands(analysis.load_runs([folder]), n_boot=100)
+    assert bands["best"].isna().all() and (bands["n_sample"] < analysis.MIN_PER_DRAW).all()
+
+
 def test_scale_csv_is_the_mean_over_seeds(studies, tmp_path):
-    paths = plots.plot_study(studies["scale"], out=tmp_path)
+    paths = report.plot_study(studies["scale"], out=tmp_path)
     assert_files(paths, "scale")
     table = pd.read_csv(tmp_path / "scale.csv")
     runs = finished_runs(studies["scale"])
@@ -156,7 +168,7 @@ def test_scale_csv_is_the_mean_over_seeds(studies, tmp_path):
 
 
 def test_optimizer_csv_is_the_gap_of_the_means(studies, tmp_path):
-    paths = plots.plot_study(studies["optimizer"], out=tmp_path)  # kind from the study column
+    paths = report.plot_study(studies["optimizer"], out=tmp_path)  # kind from the study column
     assert_files(paths, "optimizer")
     table = pd.read_csv(tmp_path / "optimizer.csv")
     means = finished_runs(studies["optimizer"]).groupby(["model", "optimizer", "epochs"])["top1_err"].mean()
@@ -172,7 +184,7 @@ def test_optimizer_csv_is_the_gap_of_the_means(studies, tmp_path):
 
 def test_plot_study_skips_single_runs(tmp_path):
     folder = write_study(tmp_path / "train", [row("vit_c_1gf", 30.0)], "train", toml=False)
-    assert plots.plot_study(folder) == []
+    assert report.plot_study(folder) == []
 
 
 def test_model_colours_follow_the_family():
@@ -201,6 +213,19 @@ def test_report_has_figures_tables_and_provenance(studies, tmp_path):
                  'kind = "stability"', "Optimizer gap", "fewshot5_err"):
         assert text in md and text in page, text
     assert page.count("data:image/png;base64,") == 5 and 'src="figures' not in page  # stands alone
+
+
+def test_captions_say_what_the_figure_shows(studies, tmp_path):
+    from vitexp.studies import get_study
+
+    both = report.draw("stability", [studies["adamw"], studies["sgd"]], tmp_path / "both", n_boot=100)
+    one = report.draw("stability", [studies["adamw"]], tmp_path / "one", n_boot=100)
+    cdf = {p.parent.name: get_study("stability").captions(p) for p in both + one if p.name == "cdf.png"}
+    assert "one row per optimizer (AdamW, SGD)" in cdf["both"] and "AdamW runs" in cdf["one"]
+    lrwd = get_study("stability").captions(tmp_path / "both" / "lrwd_sgd.png")
+    assert lrwd.startswith("SGD") and "vit_p_1gf, vit_c_1gf, regnety_1gf" in lrwd and "bootstrap" in lrwd
+    scale = get_study("scale").captions(report.plot_study(studies["scale"], out=tmp_path / "s")[0])
+    assert "mean over seeds" in scale and "1, 5-shot" in scale
 
 
 def test_markdown_table():

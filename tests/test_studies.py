@@ -13,9 +13,14 @@ from conftest import REPO, assert_user_error, run_cli
 from vitexp import models as vmodels
 from vitexp.config import TrainConfig
 from vitexp.errors import UserError
-from vitexp.sweep import log_uniform, resolve_spec, run_study, sampling_range, trials
-from vitexp.sweep.presets import list_presets, load_preset
-from vitexp.sweep.runner import parse_shard
+from vitexp.studies import STUDIES, log_uniform, sampling_range, trials
+from vitexp.sweep import parse_shard, resolve_spec, run_study
+from vitexp.sweep.presets import list_presets
+from vitexp.sweep.presets import load_preset as _load_preset
+
+
+def load_preset(name):
+    return _load_preset(name, STUDIES)
 
 TINY = dict(n_train=128, n_test=100, batch_size=64, device="cpu")
 
@@ -172,7 +177,7 @@ def test_shards_in_two_processes_then_collect_equal_one_run(tmp_path):
 def test_study_in_a_folder_of_another_kind_is_refused(tmp_path):
     out = tmp_path / "x"
     p = run_cli("stability", "--samples", "1", "--epochs", "1", "--n-train", "64", "--n-test", "64",
-                "--device", "cpu", "--out", out, "--no-plot", "--models",
+                "--batch-size", "32", "--device", "cpu", "--out", out, "--no-plot", "--models",
                 load_preset("stability_shapes")["study"]["models"][0])
     assert p.returncode == 0, p.stderr
     assert_user_error(run_cli("scale-study", "--out", out, "--device", "cpu"), "stability")
@@ -183,6 +188,6 @@ def test_scale_study_writes_fewshot_columns(tmp_path):
                         {"n_test": 100, "batch_size": 50, "device": "cpu"})
     spec["study"]["models"] = spec["study"]["models"][:1]
     spec["study"]["seeds"] = [0]
-    runs = run_study(spec, tmp_path, progress=False, plot=False)
+    runs = run_study(spec, tmp_path)
     assert len(runs) == 1
     assert 0 <= runs.fewshot1_err.iloc[0] <= 100 and 0 <= runs.fewshot5_err.iloc[0] <= 100

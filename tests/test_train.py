@@ -14,7 +14,7 @@ from vitexp.config import TrainConfig
 from vitexp.optim import EMA, build_scheduler, lr_factor, param_groups, peak_lr, warmup_steps
 from vitexp.rows import HISTORY_COLUMNS, RUN_COLUMNS
 from vitexp.store import TrialStore
-from vitexp.train import run_trial
+from vitexp.trainer import run_trial
 
 SMALLEST_VIT_C = min((n for n in vmodels.list_models() if n.startswith("vit_c_") and n.endswith("mf")),
                      key=lambda n: vmodels.complexity(n)["gflops"])
@@ -84,7 +84,7 @@ def test_ema_matches_hand_computed_average():
 
 
 def test_ema_updates_when_an_epoch_is_shorter_than_its_period(monkeypatch, tiny):
-    import vitexp.train as vtrain
+    import vitexp.trainer as vtrain
 
     calls = []
 

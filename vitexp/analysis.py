@@ -16,30 +16,22 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from vitexp import tomlfile
 from vitexp.errors import UserError
+from vitexp.rows import DIVERGED_ERR
 from vitexp.store import read_runs
 
-KINDS = ("scale", "stability", "optimizer", "tune", "train")
-# the command that plots each study kind (for "use ..." hints)
-PLOT_COMMAND = {"scale": "plot-scale", "stability": "plot-cdf", "optimizer": "plot-optimizer", "tune": "plot-cdf"}
-# the runs.csv columns each kind's figures need
-NEEDS = {
-    "stability": ("model", "optimizer", "lr", "wd", "top1_err"),
-    "tune": ("model", "optimizer", "lr", "wd", "top1_err"),
-    "scale": ("model", "n_train", "top1_err"),
-    "optimizer": ("model", "optimizer", "epochs", "top1_err"),
-    "train": ("model", "top1_err"),
-}
-DIVERGED_ERR = 100.0
-NUMERIC = ("n_train", "seed", "lr", "wd", "epochs", "batch_size", "top1_err", "last_err", "wall_s", "params_m")
+NUMERIC = ("n_train", "seed", "lr", "wd", "epochs", "batch_size", "top1_err", "last_err", "wall_s", "params_m", "n_test")
 FEWSHOT = re.compile(r"^fewshot(\d+)_err$")
 OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
+# pycls's bootstrap draws 25% of the runs; with fewer than this many per draw the "best"
+# is little more than the median sample, so no band is given
+MIN_PER_DRAW = 8
 
 
 # -- loading ----------------------------------------------------------------------
@@ -50,8 +42,8 @@ def study_kind(folder: str | Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        kind = tomllib.loads(path.read_text()).get("study", {}).get("kind")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        kind = tomlfile.loads(path.read_text()).get("study", {}).get("kind")
+    except (tomlfile.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid TOML ({e}); fix or delete it") from None
     return str(kind) if kind else None
 
@@ -84,6 +76,8 @@ def load_runs(folders, required=("model", "top1_err")) -> pd.DataFrame:
     for col in [c for c in NUMERIC if c in runs] + fewshot_columns(runs):
         runs[col] = _numeric(runs, col)
     runs["diverged"] = _boolean(runs, "diverged") if "diverged" in runs else False
+    if "converged" in runs:
+        runs["converged"] = _boolean(runs, "converged")
     runs.loc[runs["diverged"], "top1_err"] = DIVERGED_ERR
     lost = (runs["status"] == "ok") & runs["top1_err"].isna()
     if lost.any():
@@ -121,10 +115,10 @@ def _boolean(runs: pd.DataFrame, col: str) -> pd.Series:
     return text.isin(_TRUE)
 
 
-def select_study(runs: pd.DataFrame, kind: str, command: str) -> pd.DataFrame:
+def select_study(runs: pd.DataFrame, kind: str, command: str, hints: dict | None = None) -> pd.DataFrame:
     """The rows of study KIND; single `train` runs pass for any kind (they carry no
     kind). Folders that hold only another kind are a UserError pointing at the
-    right command."""
+    right command (HINTS: kind -> its plot command)."""
     kinds = set(runs["study"])
     if kind in kinds:
         return runs[runs["study"] == kind]
@@ -132,7 +126,7 @@ def select_study(runs: pd.DataFrame, kind: str, command: str) -> pd.DataFrame:
         return runs
     other = sorted(kinds - {"train"})[0]
     where = ", ".join(sorted(set(runs.loc[runs["study"] == other, "source"])))
-    hint = f" (use {PLOT_COMMAND[other]})" if other in PLOT_COMMAND else ""
+    hint = f" (use {hints[other]})" if hints and hints.get(other) else ""
     raise UserError(f"{where} holds {_a(other)} study; {command} needs {_a(kind)} study{hint}")
 
 
@@ -140,9 +134,9 @@ def _a(word: str) -> str:
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
-def check_columns(runs: pd.DataFrame, kind: str) -> None:
-    """Every column the figures of KIND need, as a UserError naming the missing ones."""
-    missing = [c for c in NEEDS[kind] if c not in runs]
+def check_columns(runs: pd.DataFrame, kind: str, needs) -> None:
+    """Every column in NEEDS (what the figures of KIND need), or a UserError naming the missing ones."""
+    missing = [c for c in needs if c not in runs]
     if missing:
         where = ", ".join(sorted(set(runs["source"])))
         raise UserError(f"runs.csv in {where} lacks column(s) {', '.join(missing)} needed for a {kind} figure")
@@ -239,7 +233,8 @@ def bootstrap_best(values, errors, n_boot: int = 2500, frac: float = 0.25, seed:
 
 def hparam_bands(runs: pd.DataFrame, n_boot: int = 2500, seed: int = 0) -> pd.DataFrame:
     """Best value and good range of lr and wd per optimizer and model (runs with a
-    result and a positive value; on a log scale)."""
+    result and a positive value; on a log scale); NaN where a draw would hold fewer
+    than MIN_PER_DRAW runs."""
     if n_boot < 1:
         raise UserError(f"--n-boot must be at least 1, got {n_boot}")
     rows = []
@@ -249,91 +244,10 @@ def hparam_bands(runs: pd.DataFrame, n_boot: int = 2500, seed: int = 0) -> pd.Da
             if ok.empty:
                 continue
             band = bootstrap_best(ok[param], ok["top1_err"], n_boot=n_boot, seed=seed)
+            if band["n_sample"] < MIN_PER_DRAW:  # too few runs: the "best" would be noise
+                band.update(lo=math.nan, best=math.nan, hi=math.nan)
             rows.append({"optimizer": opt, "model": model, "param": param, **band})
     return pd.DataFrame(rows, columns=["optimizer", "model", "param", "lo", "best", "hi", "n", "n_sample"])
-
-
-def tune_best(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per optimizer and model: the best run of a tuning search (its lr, wd, error and
-    whether it converged) and whether its lr or wd is the lowest or highest of all samples
-    drawn: then the optimum may lie outside the range, which must be widened."""
-    rows = []
-    for (opt, model), g in finished(runs).groupby(["optimizer", "model"], sort=True):
-        best = g.loc[g["top1_err"].idxmin()]
-        edge = {p: "low" if best[p] <= g[p].min() else "high" if best[p] >= g[p].max() else ""
-                for p in ("lr", "wd")}
-        rows.append({"optimizer": opt, "model": model, "n": len(g), "lr": best["lr"], "wd": best["wd"],
-                     "top1_err": best["top1_err"], "converged": bool(best.get("converged", False)),
-                     "lr_edge": edge["lr"], "wd_edge": edge["wd"], "median_err": g["top1_err"].median()})
-    return pd.DataFrame(rows, columns=["optimizer", "model", "n", "lr", "wd", "top1_err", "converged",
-                                       "lr_edge", "wd_edge", "median_err"])
-
-
-# -- data-size scaling ------------------------------------------------------------------
-
-def scale_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model, training-set size and metric (top1_err and each fewshot{k}_err):
-    mean, std (ddof 1; NaN for one seed), min, max and n over seeds; diverged runs
-    count at 100 for top1_err and are counted in `diverged`."""
-    ok = finished(runs)
-    rows = []
-    for metric in ["top1_err"] + fewshot_columns(ok):
-        for (model, size), g in ok.groupby(["model", "n_train"], sort=True):
-            v = g[metric].dropna()
-            if v.empty:
-                continue
-            rows.append({"model": model, "n_train": int(size), "metric": metric, "mean": v.mean(),
-                         "std": v.std(), "min": v.min(), "max": v.max(), "n": len(v),
-                         "diverged": int(g.loc[v.index, "diverged"].sum())})
-    return pd.DataFrame(rows, columns=["model", "n_train", "metric", "mean", "std", "min", "max", "n", "diverged"])
-
-
-# -- optimizer and training length ------------------------------------------------------
-
-def optimizer_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model, optimizer and epochs: mean/min/max top1_err over seeds, n, diverged."""
-    ok = finished(runs)
-    g = ok.groupby(["model", "optimizer", "epochs"], sort=True)
-    out = g["top1_err"].agg(["mean", "min", "max", "count"]).rename(columns={"count": "n"})
-    out["diverged"] = g["diverged"].sum().astype(int)
-    out = out.reset_index()
-    out["epochs"] = out["epochs"].astype(int)
-    return out
-
-
-def optimizer_gaps(summary: pd.DataFrame) -> pd.DataFrame:
-    """SGD minus AdamW mean error per model and epochs, where both were run."""
-    wide = summary.pivot_table(index=["model", "epochs"], columns="optimizer", values="mean")
-    if not {"adamw", "sgd"} <= set(wide.columns):
-        return pd.DataFrame(columns=["model", "epochs", "adamw", "sgd", "gap"])
-    wide = wide[["adamw", "sgd"]].dropna().reset_index()
-    wide["gap"] = wide["sgd"] - wide["adamw"]
-    wide.columns.name = None
-    return wide
-
-
-def best_optimizer(summary: pd.DataFrame) -> dict:
-    """model -> the optimizer with the lower mean error at the longest schedule both
-    ran (the only one when only one ran; AdamW on a tie), as the paper picks each
-    model's best optimizer."""
-    best = {}
-    for model, g in summary.groupby("model", sort=True):
-        opts = sorted(set(g["optimizer"]))
-        common = set.intersection(*(set(g.loc[g["optimizer"] == o, "epochs"]) for o in opts))
-        at = g[g["epochs"] == max(common)] if common else g[g["epochs"] == g["epochs"].max()]
-        best[model] = at.sort_values(["mean", "optimizer"]).iloc[0]["optimizer"]
-    return best
-
-
-def length_curves(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per model and optimizer: mean error minus that at its longest schedule, vs
-    epochs; `best` marks each model's best optimizer (the paper's curves)."""
-    best = best_optimizer(summary)
-    out = summary[["model", "optimizer", "epochs", "mean"]].copy()
-    longest = out.loc[out.groupby(["model", "optimizer"])["epochs"].idxmax()].set_index(["model", "optimizer"])["mean"]
-    out["delta"] = out["mean"] - [longest[(m, o)] for m, o in zip(out["model"], out["optimizer"])]
-    out["best"] = [best[m] == o for m, o in zip(out["model"], out["optimizer"])]
-    return out.reset_index(drop=True)
 
 
 # -- single runs --------------------------------------------------------------------------

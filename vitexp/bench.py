@@ -10,7 +10,6 @@ optimizer; the ratio of the two is what the fast path buys.
 
 from __future__ import annotations
 
-import dataclasses
 import resource
 import time
 from datetime import datetime, timezone
@@ -24,8 +23,9 @@ from vitexp import data as vdata
 from vitexp import models as vmodels
 from vitexp.config import TrainConfig
 from vitexp.optim import build_optimizer
-from vitexp.store import atomic_write_csv, provenance
-from vitexp.train import _autocast, device_name, resolve_device
+from vitexp.runtime import autocast, device_name, resolve_device, sync
+from vitexp.fileio import atomic_write_csv
+from vitexp.store import provenance
 
 # dense bf16 peak TFLOP/s (no sparsity) by device-name substring, first match wins
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
@@ -44,11 +44,6 @@ def train_flops_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
         nn.functional.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / len(x)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _baseline_loader(bundle, cfg: TrainConfig, device: torch.device):
@@ -94,11 +89,11 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
     if baseline:
         amp, compile = False, False
     n = max(batch_size * (steps + warmup), 2 * batch_size)
-    size = vdata.dataset_info(dataset)["n_train"]
+    size = vdata.dataset_info(dataset).n_train
     cfg = TrainConfig(model=model, dataset=dataset, batch_size=batch_size, device=str(dev), amp=amp,
                       compile=compile, image_size=image_size, num_workers=num_workers, data_dir=data_dir,
                       n_train=min(n, size) if size else n, n_test=batch_size).validate().resolved()
-    bundle = vdata.load_data(dataset, data_dir=data_dir, image_size=image_size, n_train=cfg.n_train,
+    bundle = vdata.load_data(dataset, data_dir=data_dir, image_size=cfg.image_size, n_train=cfg.n_train,
                              n_test=cfg.n_test)
     torch.manual_seed(0)
     net = vmodels.build_model(model, image_size=bundle.image_size, in_chans=bundle.in_chans,
@@ -111,7 +106,7 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         batches = _baseline_loader(bundle, cfg, dev)
     else:
-        opt = build_optimizer(net, dataclasses.replace(cfg, lr=1e-4 * cfg.lr_batch_size / batch_size), dev)
+        opt = build_optimizer(net, cfg, dev)
         batches = _cycle(vdata.make_loaders(bundle, cfg, dev)[0])
     step_net = torch.compile(net) if compile else net
     x0, y0 = next(batches)
@@ -120,7 +115,7 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
     def step(x, y):
         if fast_layout:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(dev, amp):
+        with autocast(dev, amp):
             loss = nn.functional.cross_entropy(step_net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,30 +124,31 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
     step_net.train()
     for _ in range(warmup):  # compile, cuDNN autotune, allocator warm-up
         step(*next(batches))
-    _sync(dev)
+    sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     for _ in range(steps):
         step(*next(batches))
-    _sync(dev)
+    sync(dev)
     step_s = (time.perf_counter() - t0) / steps
     # the data pipeline alone, the same number of batches (its share of a step)
     t0 = time.perf_counter()
     for _ in range(steps):
         x, _y = next(batches)
-    _sync(dev)
+    sync(dev)
     data_s = (time.perf_counter() - t0) / steps
     name = device_name(dev)
     img_s = batch_size / step_s
     tflops = flops * img_s / 1e12
-    peak = peak_tflops(name) if dev.type == "cuda" else None
+    peak = peak_tflops(name) if dev.type == "cuda" else None  # no MFU on a CPU: its peak is not known
     if dev.type == "cuda":
         mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
     else:
         mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process peak
     return {"model": model, "dataset": dataset, "image_size": bundle.image_size, "batch_size": batch_size,
             "mode": "baseline" if baseline else "fast", "compile": compile, "amp": amp and dev.type == "cuda",
+            "threads": torch.get_num_threads(),
             "device": name, "steps": steps, "images_per_s": img_s, "step_ms": 1e3 * step_s,
             "data_ms": 1e3 * data_s, "compute_ms": 1e3 * max(step_s - data_s, 0.0),
             "data_frac": min(data_s / step_s, 1.0), "peak_mem_gb": mem_gb,
@@ -168,3 +164,61 @@ def append_row(row: dict, csv: str | Path) -> None:
     old = pd.read_csv(csv) if csv.exists() and csv.stat().st_size > 0 else pd.DataFrame()
     atomic_write_csv(csv, pd.concat([old, pd.DataFrame([row])], ignore_index=True))
 
+
+
+COLUMNS = ["mode", "images_per_s", "step_ms", "data_ms", "data_frac", "peak_mem_gb", "train_gflop_per_image",
+           "tflops", "mfu"]
+
+
+def print_rows(rows: list[dict], console) -> None:
+    """The measured rows, one block each ("name: value" lines print whole at any width and
+    piped); with a baseline, the ratio; on a CPU, why there is no MFU."""
+    r0 = rows[0]
+    console.print(f"vitexp bench: {r0['model']} on {r0['dataset']} ({r0['image_size']} px), batch {r0['batch_size']}, "
+                  f"{r0['device']}, {r0['threads']} thread(s)")
+    for r in rows:
+        console.print(f"  {r['mode']}: " + ", ".join(f"{c} {r[c]:.4g}" for c in COLUMNS[1:] if c in r and r[c] == r[c]))
+    if len(rows) > 1:
+        console.print(f"fast / baseline throughput: {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}x")
+    if r0["mfu"] != r0["mfu"]:
+        console.print("mfu: not given on a CPU (no known peak FLOP/s); TFLOP/s are measured all the same")
+
+
+def calibrate(plan, workers: int | None, steps: int = 3) -> tuple[dict[str, float], int]:
+    """(model -> training images/s of one worker process here, worker processes): a few
+    timed steps of each model of PLAN on random data at its batch size (at most 32 on a
+    CPU), in the thread count each worker will have. For `--dry-run`'s time estimate."""
+    from vitexp.sweep.execute import _workers
+
+    todo = plan.pending() or plan.trials
+    k, threads = _workers(plan, todo, workers)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return {m: _images_per_s(c, steps) for m, c in {c.model: c for _, c in todo}.items()}, k
+    finally:
+        torch.set_num_threads(before)
+
+
+def _images_per_s(cfg: TrainConfig, steps: int) -> float:
+    dev = resolve_device(cfg.device)
+    info = vdata.dataset_info(cfg.dataset)
+    size = cfg.image_size or info.image_size
+    batch = cfg.batch_size if dev.type == "cuda" else min(cfg.batch_size, 32)
+    net = vmodels.build_model(cfg.model, image_size=size, in_chans=info.in_chans,
+                              num_classes=info.num_classes).to(dev)
+    opt = build_optimizer(net, cfg, dev)
+    x = torch.randn(batch, info.in_chans, size, size, device=dev)
+    y = torch.randint(0, info.num_classes, (batch,), device=dev)
+    for i in range(steps + 1):  # the first step warms up
+        if i == 1:
+            sync(dev)
+            t0 = time.perf_counter()
+        with autocast(dev, cfg.amp):
+            loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync(dev)
+    return batch * steps / (time.perf_counter() - t0)

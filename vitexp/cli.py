@@ -1,7 +1,9 @@
 """The command line: a thin Typer layer over functions a notebook can call.
 
-Every command turns bad input into one line on stderr and exit code 2
-(vitexp.errors.UserError); nothing here computes anything itself.
+Each command parses, calls one function, prints. The study commands (one per study
+kind) and their plot commands are made from the study registry. Bad input is one
+line on stderr and exit 2 (UserError); a run whose every trial failed exits 1; SIGINT
+and SIGTERM exit 130 and 143 after saying how to resume.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import inspect
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import List, Optional
@@ -18,7 +21,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from vitexp.errors import UserError
+from vitexp.errors import Interrupted, StudyFailed, UserError
 
 # more busy CPU threads than cores (several trials or users on one machine) make
 # OpenMP's spin-waiting slow torch down ~100x; set before torch is first imported
@@ -28,13 +31,18 @@ app = typer.Typer(
     name="vitexp",
     help="Reproduce the inductive-bias studies of ViT (data-size scaling) and "
     "Early Convolutions (conv-stem stability): train, sweep, plot.",
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: readable piped and at any width
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _option(default, decls: list[str], help: str, annotation, flag: bool = False) -> dict:
+    return {"default": typer.Option(default, *decls, help=help, metavar="" if flag else None,
+                                    show_default=default is not None), "annotation": annotation}
 
 
 def _config_params(overrides: bool, exclude=()) -> list[inspect.Parameter]:
@@ -49,231 +57,262 @@ def _config_params(overrides: bool, exclude=()) -> list[inspect.Parameter]:
         if f.name == "extra" or f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
-        base = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
-        default = None if overrides else (f.default if f.default is not dataclasses.MISSING else None)
-        decls = [flag]
+        hint = hints[f.name]
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+        default = None if overrides or f.default is dataclasses.MISSING else f.default
+        help_ = f.metadata.get("help", "")
         if base is bool:
-            decls = [f"{flag}/--no-{f.name.replace('_', '-')}"]
-            annotation = Optional[bool] if overrides else bool
-        elif typing.get_origin(base) is list:  # comma lists read better than repeated flags
-            annotation = Optional[str]
-            default = None
+            o = _option(default, [f"{flag}/--no-{flag[2:]}"], help_, Optional[bool], flag=True)
+        elif typing.get_origin(base) is list:  # comma lists, like every list option of vitexp
+            o = _option(",".join(map(str, default)) if default else None, [flag], help_ + " (comma-separated)",
+                        Optional[str])
         else:
-            annotation = Optional[base]
-        option = typer.Option(default, *decls, help=f.metadata.get("help", ""), rich_help_panel="Trial config")
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=annotation))
+            o = _option(default, [flag], help_, Optional[base])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, **o))
     return params
 
 
-def _parse_list(text: str, kind=int, name: str = "list") -> list:
+def parse_list(text: str | None, kind=int, name: str = "list") -> list | None:
+    """'1,5,10' -> [1, 5, 10]; None stays None."""
+    if text is None:
+        return None
     try:
-        return [kind(v) for v in str(text).split(",") if v.strip()]
+        return [kind(v.strip()) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--{name} takes comma-separated {kind.__name__} values, got '{text}'") from None
+        raise UserError(f"--{name.replace('_', '-')} takes comma-separated {kind.__name__} values, "
+                        f"got '{text}'") from None
 
 
-def with_config(overrides: bool = False, exclude=()):
-    """Give a command every TrainConfig field as an option; the command receives
-    them as one dict `config` (only the given ones when `overrides`)."""
+def with_params(fn, params: list[inspect.Parameter]):
+    """FN with the signature Typer reads replaced by PARAMS (built at run time)."""
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        return fn(**kwargs)
 
-    def deco(fn):
-        own = [p for name, p in inspect.signature(fn).parameters.items() if name != "config"]
-        cfg_params = _config_params(overrides, exclude)
-        names = {p.name for p in cfg_params}
-
-        @functools.wraps(fn)
-        def wrapper(**kwargs):
-            config = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-            if config.get("fewshot") is not None:
-                config["fewshot"] = _parse_list(config["fewshot"], int, "fewshot")
-            elif not overrides:
-                config["fewshot"] = []
-            if overrides:
-                config = {k: v for k, v in config.items() if v is not None}
-            return fn(config=config, **kwargs)
-
-        wrapper.__signature__ = inspect.Signature(own + cfg_params)
-        return wrapper
-
-    return deco
+    wrapper.__signature__ = inspect.Signature(params)
+    return wrapper
 
 
-# --- models (issue 2) ---------------------------------------------------------
+def _config(kwargs: dict, overrides: bool) -> dict:
+    """The TrainConfig fields among a command's arguments (only the given ones with OVERRIDES)."""
+    from vitexp.config import config_fields
+
+    config = {k: kwargs.pop(k) for k in list(kwargs) if k in config_fields()}
+    config["fewshot"] = parse_list(config.get("fewshot"), int, "fewshot")
+    if not overrides and config["fewshot"] is None:
+        config["fewshot"] = []
+    return {k: v for k, v in config.items() if v is not None} if overrides else config
+
+
+def _print_paths(paths) -> None:
+    for p in paths:
+        console.print(str(p))
+
+
+# --- models -------------------------------------------------------------------------------------
 @app.command()
-def models(
-    names: Optional[List[str]] = typer.Argument(None, help="only these models (default: all registered)"),
-    resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=1,
-                                             help="count every model at this input size (default: each model's own)"),
-    csv: bool = typer.Option(False, "--csv", help="print CSV to stdout instead of a table"),
-) -> None:
-    """List the models and their cost: params (M), GF (forward MACs x 1e-9, batch 1), activations (M)."""
-    from rich.table import Table
-
+def models(names: Optional[List[str]] = typer.Argument(None, help="only these models (default: all registered)"),
+           resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=1,
+                                                    help="count every model at this input size (default: its own)"),
+           classes: int = typer.Option(1000, "--classes", min=1, help="classes of the head the params count"),
+           csv: bool = typer.Option(False, "--csv", help="print CSV to stdout instead of a table", metavar="")) -> None:
+    """The models and their cost: params (M, with a CLASSES-way head), GF (forward MACs x 1e-9, batch 1), activations (M)."""
     from vitexp.models import complexity_table
 
-    df = complexity_table(resolution, names)
+    df = complexity_table(resolution, names, num_classes=classes)
     if csv:
         sys.stdout.write(df.to_csv(index=False))
         return
-    table = Table()
-    table.add_column("model", no_wrap=True)
-    table.add_column("family")
-    for col in ("res", "depth", "width", "params (M)", "GF", "acts (M)"):
-        table.add_column(col, justify="right")
-    for r in df.itertuples():
-        table.add_row(r.model, r.family, str(r.resolution), str(r.depth), str(r.width), f"{r.params_m:.2f}",
-                      f"{r.gflops:.3f}", f"{r.acts_m:.2f}")
-    console.print(table)
+    _print_table(df.assign(params_m=df.params_m.round(2), gflops=df.gflops.round(3), acts_m=df.acts_m.round(2))
+                 .rename(columns={"params_m": f"params (M, {classes} classes)", "gflops": "GF", "acts_m": "acts (M)"}))
 
 
-# --- train (issue 3) ----------------------------------------------------------
-@app.command()
-@with_config()
-def train(config: dict, out: Path = typer.Option(Path("runs/train"), help="results folder (runs.csv, history.csv)")):
+def _print_table(df, title: str | None = None) -> None:
+    """A table printed whole: rich on a terminal wide enough, else plain aligned text."""
+    from rich.table import Table
+
+    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    widths = [max([len(str(c))] + [len(r[i]) for r in cells]) for i, c in enumerate(df.columns)]
+    if console.is_terminal and sum(widths) + 3 * len(widths) + 1 <= console.width:
+        table = Table(title=title)
+        for c in df.columns:
+            table.add_column(str(c), no_wrap=True, overflow="fold")
+        for r in cells:
+            table.add_row(*r)
+        console.print(table)
+        return
+    if title:
+        console.print(title)
+    for r in [list(map(str, df.columns))] + cells:
+        console.print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+# --- train ----------------------------------------------------------------------------------------
+def train(out: Path, **kwargs):
     """Train one trial and append it to OUT/runs.csv; rerun the same command to resume a killed one."""
+    from vitexp import runtime
     from vitexp.config import TrainConfig
     from vitexp.store import TrialStore
-    from vitexp.sweep.runner import check_folder
-    from vitexp.train import run_trial
+    from vitexp.data import check_data
+    from vitexp.sweep.execute import refused_leaves_no_trace, stop_on_signals, trial_images, trial_label
+    from vitexp.sweep.plan import check_folder
+    from vitexp.trainer import run_trial
     from vitexp.ui import StudyProgress
 
-    cfg = TrainConfig(**config).validate().resolved()
+    cfg = TrainConfig(**_config(kwargs, overrides=False)).validate().resolved()
     check_folder(out, "train")  # single runs never mix into a study's folder
-    store = TrialStore(out)
-    done = store.result(cfg.key())
+    done = TrialStore(out, create=False).result(cfg.key()) if (out / "trials").is_dir() else None
     if done is not None and done.get("status") == "ok":
         console.print(f"trial {cfg.key()} already in {out}: top1_err {done['top1_err']:.2f}% (nothing to do)")
         return
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
-    with StudyProgress(enabled=None if main_rank else False) as progress:
-        progress.start_trial(f"{cfg.model} on {cfg.dataset}", cfg.epochs)
-        row = run_trial(cfg, store=store, progress=progress)
-    if not main_rank:
-        return
-    status = "DIVERGED" if row["diverged"] else "done"
-    console.print(f"{status}: {row['model']} {row['dataset']} n={row['n_train']} {row['optimizer']} "
-                  f"lr={row['lr']:.3g} wd={row['wd']:.3g} top1_err {row['top1_err']:.2f}% "
-                  f"(last {row['last_err']:.2f}%) in {row['wall_s']:.1f}s -> {out}/runs.csv", highlight=False)
+    runtime.resolve_device(cfg.device)
+    check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
+    main = runtime.dist_env().main  # under torchrun only rank 0 reports
+    with refused_leaves_no_trace(out), stop_on_signals(), \
+            StudyProgress(1, trial_images(cfg), enabled=None if main else False) as bar:
+        bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
+        row = run_trial(cfg, store=TrialStore(out), progress=bar)
+    if main:
+        status = "DIVERGED" if row["diverged"] else "done"
+        console.print(f"{status}: {row['model']} {row['dataset']} n={row['n_train']} {row['optimizer']} "
+                      f"lr={row['lr']:.3g} wd={row['wd']:.3g} top1_err {row['top1_err']:.2f}% "
+                      f"(last {row['last_err']:.2f}%, {'converged' if row['converged'] else 'NOT converged'}) "
+                      f"in {row['wall_s']:.1f}s -> {out}/runs.csv")
 
 
-# --- studies (issue 4) --------------------------------------------------------
-# fields a study sets per trial: the study's own options replace them
-STUDY_FIELDS = ("model", "seed", "n_train", "subset_seed", "optimizer", "lr", "wd", "epochs", "fewshot")
-# only the scale study sets the training-set size per trial; the others take --n-train as given
-FIXED_SIZE_FIELDS = tuple(f for f in STUDY_FIELDS if f != "n_train")
-_PRESET = typer.Option(None, "--preset", help="preset name in experiments/ or a .toml path "
-                       "[default: KIND_DATASET if it exists, else KIND_shapes]")
-_OUT = typer.Option(None, "--out", help="study folder [default: runs/PRESET]")
-_SHARD = typer.Option(None, "--shard", help="run slice I of N (I/N); default: SLURM array variables, else 0/1")
-_DRY = typer.Option(False, "--dry-run", help="print the trial table and the estimated cost; train nothing")
-_PLOT = typer.Option(True, "--plot/--no-plot", help="draw the study's figures when it finishes")
-_MODELS = typer.Option(None, "--models", help="comma-separated model names")
-_SEEDS = typer.Option(None, "--seeds", help="comma-separated seeds")
-_PROGRESS = typer.Option(None, "--progress/--no-progress", help="rich progress bars [default: on a terminal]")
-_PACK = typer.Option(None, "--trials-per-gpu", help="run this many trials at once on the device (worker processes) "
-                     "[default: 1 on a GPU; on the CPU one single-thread worker per core]")
+app.command("train")(with_params(train, [inspect.Parameter(
+    "out", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(Path("runs/train"), help="results folder"),
+    annotation=Path)] + _config_params(overrides=False)))
 
 
-def _study(kind: str, preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu: int | None,
-           config: dict, **knobs):
-    """Shared body of the study commands: resolve, then dry-run or run."""
+# --- studies ----------------------------------------------------------------------------------------
+def _common_params(study) -> list[inspect.Parameter]:
+    default_out = "runs/PRESET" + ("-OPTIMIZER" if "optimizer" in study.identity else "")
+    opts = {
+        "preset": _option(None, ["--preset"], "preset name in experiments/ or a .toml path "
+                          "[default: KIND_DATASET if it exists, else KIND_shapes]", Optional[str]),
+        "out": _option(None, ["--out"], f"study folder [default: {default_out}]", Optional[Path]),
+        "shard": _option(None, ["--shard"], "run slice I of N (I/N) [default: SLURM array variables, else 0/1]",
+                         Optional[str]),
+        "dry_run": _option(False, ["--dry-run"], "print the trial table, the cost and the estimated time; "
+                           "train nothing", bool, flag=True),
+        "plot": _option(True, ["--plot/--no-plot"], "draw the study's figures when it completes", bool, flag=True),
+        "progress": _option(None, ["--progress/--no-progress"], "live progress [default: on a terminal]",
+                            Optional[bool], flag=True),
+        "models": _option(None, ["--models"], "comma-separated model names", Optional[str]),
+        "seeds": _option(None, ["--seeds"], "comma-separated seeds", Optional[str]),
+        "trials_per_gpu": _option(None, ["--trials-per-gpu"], "trials at once on the device (worker processes) "
+                                  "[default: 1 on a GPU; on a CPU one single-thread worker per core]", Optional[int]),
+    }
+    return [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, **v) for k, v in opts.items()]
+
+
+def _knob_params(study) -> list[inspect.Parameter]:
+    return [inspect.Parameter(k.name, inspect.Parameter.KEYWORD_ONLY,
+                              **_option(None, [f"--{k.name.replace('_', '-')}"], k.help,
+                                        Optional[str] if k.many else Optional[k.type])) for k in study.knobs]
+
+
+def plan_from_params(study, kwargs: dict):
+    """The plan of a study command's parsed options."""
     from vitexp import sweep
 
-    study = {k: v for k, v in knobs.items() if v is not None}
-    if models is not None:
-        study["models"] = [m.strip() for m in models.split(",") if m.strip()]
-    if seeds is not None:
-        study["seeds"] = _parse_list(seeds, int, "seeds")
-    spec = sweep.resolve_spec(kind, preset, study, config)
-    name = spec["study"]["preset"] + (f"-{spec['study']['optimizer']}" if kind == "stability" else "")
-    out = Path(out) if out is not None else Path("runs") / name
-    part = sweep.parse_shard(shard)
-    if dry_run:
-        from rich.table import Table
+    knobs = {k.name: parse_list(kwargs[k.name], k.type, k.name) if k.many else kwargs[k.name] for k in study.knobs}
+    config = _config({k: v for k, v in kwargs.items() if k not in knobs}, overrides=True)
+    knobs["models"] = parse_list(kwargs["models"], str, "models")
+    knobs["seeds"] = parse_list(kwargs["seeds"], int, "seeds")
+    spec = sweep.resolve_spec(study.kind, kwargs["preset"], knobs, config)
+    out = kwargs["out"] if kwargs["out"] is not None else Path("runs") / study.out_name(spec)
+    return sweep.make_plan(spec, out, sweep.parse_shard(kwargs["shard"]))
 
-        table = sweep.describe(spec, out)
-        t = Table(title=f"{kind} study '{spec['study']['preset']}' -> {out} ({len(table)} trials)")
-        for c in table.columns:
-            t.add_column(c)
-        for r in table.itertuples(index=False):
-            t.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in r])
-        console.print(t)
-        cost = sweep.estimate_cost(table, spec)
-        console.print(f"to run: {cost['trials_todo']} trials ({cost['trials_done']} done), "
-                      f"{cost['train_images']:,} training images, {cost['train_pflop']:.3g} PFLOP "
-                      f"(forward+backward ~ 3x forward)", highlight=False)
-        return
-    from vitexp.sweep.packing import run_packed
 
-    runs = run_packed(spec, out, part, trials_per_gpu, plot=plot, progress=progress)
-    if int(os.environ.get("RANK", "0")) != 0:
+def run_study_command(study, kwargs: dict) -> None:
+    """The body of every study command: plan, then dry-run or run, then figures."""
+    from vitexp import runtime, sweep
+
+    plan = plan_from_params(study, kwargs)
+    if kwargs["dry_run"]:
+        return _dry_run(plan, kwargs["trials_per_gpu"])
+    runs = sweep.run(plan, kwargs["trials_per_gpu"], kwargs["progress"])
+    if not runtime.dist_env().main:
         return  # under torchrun rank 0 reports
+    drawn = ""
+    if kwargs["plot"] and plan.complete():
+        from vitexp.report import draw
+
+        drawn = ", figures/" if draw(study.kind, [plan.out]) else ""
     ok = runs[runs.status == "ok"] if "status" in runs else runs
-    console.print(f"{kind} study: {len(ok)} trials done in {out} (runs.csv, history.csv"
-                  f"{', figures/' if plot and (out / 'figures').exists() else ''})", highlight=False)
+    console.print(f"{study.kind} study: {len(ok)} trials done in {plan.out} (runs.csv, history.csv{drawn})")
 
 
-@app.command("scale-study")
-@with_config(overrides=True, exclude=STUDY_FIELDS)
-def scale_study(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
-                shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
-                progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-                seeds: Optional[str] = _SEEDS, trials_per_gpu: Optional[int] = _PACK,
-                sizes: Optional[str] = typer.Option(None, help="comma-separated training-set sizes"),
-                steps: Optional[int] = typer.Option(None, help="optimisation budget in steps, the same for every size"),
-                min_epochs: Optional[int] = typer.Option(None, help="epoch floor for the largest sizes"),
-                epochs: Optional[int] = typer.Option(None, help="train every size this many epochs instead of the step budget"),
-                fewshot: Optional[str] = typer.Option(None, help="comma-separated shots for the linear few-shot eval, e.g. 1,5,10")):
-    """ViT paper: error vs training-set size for a ViT_P, its ViT_C twin and a CNN (nested subsets, early stopping)."""
-    _study("scale", preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu, config,
-           sizes=_parse_list(sizes, int, "sizes") if sizes else None, steps=steps, min_epochs=min_epochs,
-           epochs=epochs, fewshot=_parse_list(fewshot, int, "fewshot") if fewshot else None)
+def _dry_run(plan, workers: int | None) -> None:
+    from vitexp.sweep import describe, estimate_cost
+    from vitexp.sweep.execute import preflight
+
+    table = describe(plan)
+    _print_table(table, f"{plan.study.kind} study '{plan.spec['study']['preset']}' -> {plan.out} "
+                        f"({len(table)} trials)")
+    todo = plan.pending()
+    if todo:
+        preflight(plan, todo)
+    from vitexp.bench import calibrate
+
+    speed, k = calibrate(plan, workers)
+    cost = estimate_cost(plan, speed)
+    console.print(f"to run: {cost['trials_todo']} trials ({cost['trials_done']} done), "
+                  f"{cost['train_images']:,} training images, {cost['train_pflop']:.3g} PFLOP "
+                  f"(forward+backward ~ 3x forward); estimated {cost['seconds'] / k / 60:.1f} min on this "
+                  f"machine with {k} worker process(es) (measured {', '.join(f'{m} {v:.0f}' for m, v in speed.items())}"
+                  f" training img/s per process; evaluation not included)")
 
 
-@app.command()
-@with_config(overrides=True, exclude=FIXED_SIZE_FIELDS)
-def stability(config: dict, optimizer: str = typer.Option("adamw", help="adamw | sgd"),
-              preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
-              shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
-              progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-              seeds: Optional[str] = _SEEDS, trials_per_gpu: Optional[int] = _PACK,
-              samples: Optional[int] = typer.Option(None, help="(lr, wd) pairs per model [preset; paper: 64]"),
-              sample_seed: Optional[int] = typer.Option(None, help="seed of the (lr, wd) sampler"),
-              epochs: Optional[int] = typer.Option(None, help="epochs of every trial [preset; paper: 50]")):
-    """EC paper: lr/wd stability, N log-uniform (lr, wd) samples per model for one optimizer."""
-    _study("stability", preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu, config,
-           optimizer=optimizer, samples=samples, sample_seed=sample_seed, epochs=epochs)
+def _study_command(study):
+    def command(**kwargs):
+        run_study_command(study, kwargs)
+
+    command.__doc__ = study.help
+    params = _common_params(study) + _knob_params(study) + _config_params(overrides=True, exclude=study.sets)
+    return with_params(command, params)
 
 
-@app.command()
-@with_config(overrides=True, exclude=FIXED_SIZE_FIELDS)
-def tune(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
-         shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
-         progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-         seeds: Optional[str] = _SEEDS, trials_per_gpu: Optional[int] = _PACK,
-         optimizers: Optional[str] = typer.Option(None, help="comma-separated, default adamw,sgd"),
-         samples: Optional[int] = typer.Option(None, help="(lr, wd) pairs per model and optimizer [preset]"),
-         sample_seed: Optional[int] = typer.Option(None, help="seed of the (lr, wd) sampler"),
-         epochs: Optional[int] = typer.Option(None, help="epochs of every trial [preset]")):
-    """lr/wd search: N log-uniform (lr, wd) samples per model and optimizer over wide ranges; the best is the tuned value."""
-    _study("tune", preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu, config,
-           optimizers=[o.strip() for o in optimizers.split(",")] if optimizers else None,
-           samples=samples, sample_seed=sample_seed, epochs=epochs)
+def _plot_command(study):
+    def command(dirs: List[Path] = typer.Argument(..., help="study folders; several are concatenated "
+                                                            "(e.g. an AdamW and an SGD sweep)"),
+                out: Optional[Path] = typer.Option(None, "--out", help="figure folder [default: DIR/figures; "
+                                                                       "needed for several DIRs]"),
+                n_boot: int = typer.Option(2500, help="bootstrap draws for the best lr/wd and its range"),
+                seed: int = typer.Option(0, help="bootstrap seed")):
+        from vitexp.report import draw
+
+        _print_paths(draw(study.kind, dirs, out, n_boot=n_boot, seed=seed))
+
+    command.__doc__ = f"Figures of a {study.kind} study folder: {study.title}."
+    return command
 
 
-@app.command("optimizer-study")
-@with_config(overrides=True, exclude=FIXED_SIZE_FIELDS)
-def optimizer_study(config: dict, preset: Optional[str] = _PRESET, out: Optional[Path] = _OUT,
-                    shard: Optional[str] = _SHARD, dry_run: bool = _DRY, plot: bool = _PLOT,
-                    progress: Optional[bool] = _PROGRESS, models: Optional[str] = _MODELS,
-                    seeds: Optional[str] = _SEEDS, trials_per_gpu: Optional[int] = _PACK,
-                    optimizers: Optional[str] = typer.Option(None, help="comma-separated, default adamw,sgd"),
-                    epochs: Optional[str] = typer.Option(None, help="comma-separated training lengths [paper: 50,100,200,400]")):
-    """EC paper: AdamW vs SGD at tuned settings over training lengths (optimizer gap and training-length figures)."""
-    _study("optimizer", preset, out, shard, dry_run, plot, progress, models, seeds, trials_per_gpu, config,
-           optimizers=[o.strip() for o in optimizers.split(",")] if optimizers else None,
-           epochs=_parse_list(epochs, int, "epochs") if epochs else None)
+def _register_studies() -> None:
+    from vitexp.studies import STUDIES
+
+    for study in STUDIES.values():
+        app.command(study.command, help=study.help)(_study_command(study))
+        if study.plot_command:
+            app.command(study.plot_command)(_plot_command(study))
+
+
+_register_studies()
+
+
+@app.command("plot-curves")
+def plot_curves_cmd(dirs: List[Path] = typer.Argument(..., help="study folders"),
+                    out: Optional[Path] = typer.Option(None, "--out", help="figure folder [default: DIR/figures; "
+                                                                           "needed for several DIRs]"),
+                    all_trials: bool = typer.Option(False, "--all", help="every trial, not the best per model",
+                                                    metavar="")):
+    """Learning curves: training loss and test error per epoch, of the best trial per model (and optimizer)."""
+    from vitexp.report import plot_curves
+
+    _print_paths(plot_curves(dirs, out, every=all_trials))
 
 
 @app.command("collect")
@@ -286,56 +325,28 @@ def collect_cmd(folders: List[Path] = typer.Argument(..., help="study folders to
     console.print(f"collected {len(runs)} trials into {out}/runs.csv")
 
 
-# --- plots and report (issue 5) ----------------------------------------------
+@app.command("status")
+def status_cmd(folder: Path = typer.Argument(..., help="a study folder")):
+    """Trials done, running (where, since when), failed and left, with an ETA."""
+    from vitexp.sweep.status import study_status
 
-_FIG_DIRS = typer.Argument(..., help="study folders; several are concatenated (e.g. an AdamW and an SGD sweep)")
-_FIG_OUT = typer.Option(None, "--out", help="figure folder (default: DIR/figures; needed for several DIRs)")
-
-
-def _print_written(paths) -> None:
-    for p in paths:
-        console.print(str(p), highlight=False, soft_wrap=True)
-
-
-@app.command("plot-cdf")
-def plot_cdf_cmd(dirs: List[Path] = _FIG_DIRS, out: Optional[Path] = _FIG_OUT,
-                 n_boot: int = typer.Option(2500, help="bootstrap draws for the best lr/wd and its range"),
-                 seed: int = typer.Option(0, help="bootstrap seed")):
-    """EC paper, lr/wd stability: error distribution functions and error vs lr / wd scatter plots."""
-    from vitexp import plots
-
-    _print_written(plots.plot_folders("stability", dirs, out, n_boot=n_boot, seed=seed))
-
-
-@app.command("plot-scale")
-def plot_scale_cmd(dirs: List[Path] = _FIG_DIRS, out: Optional[Path] = _FIG_OUT):
-    """ViT paper: error (and few-shot error) vs training-set size, per model."""
-    from vitexp import plots
-
-    _print_written(plots.plot_folders("scale", dirs, out))
-
-
-@app.command("plot-optimizer")
-def plot_optimizer_cmd(dirs: List[Path] = _FIG_DIRS, out: Optional[Path] = _FIG_OUT):
-    """EC paper: SGD - AdamW gap and training-length curves, per model."""
-    from vitexp import plots
-
-    _print_written(plots.plot_folders("optimizer", dirs, out))
+    for line in study_status(folder):
+        console.print(line)
 
 
 @app.command("report")
 def report_cmd(dirs: List[Path] = typer.Argument(..., help="study folders (of any kinds) in one report"),
-               out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: DIR; needed "
-                                                                     "for several DIRs)"),
+               out: Optional[Path] = typer.Option(None, "--out", help="report folder [default: DIR; needed "
+                                                                      "for several DIRs]"),
                n_boot: int = typer.Option(2500, help="bootstrap draws for the best lr/wd"),
                seed: int = typer.Option(0, help="bootstrap seed")):
-    """report.md and a standalone report.html: figures, result tables, failed runs, provenance."""
+    """report.md and a standalone report.html: figures, result tables, convergence, failed runs, provenance."""
     from vitexp.report import write_report
 
-    _print_written(write_report(dirs, out, n_boot=n_boot, seed=seed))
+    _print_paths(write_report(dirs, out, n_boot=n_boot, seed=seed))
 
 
-# --- bench (issue 6) ----------------------------------------------------------
+# --- bench -------------------------------------------------------------------------------------------
 @app.command("bench")
 def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model name"),
               dataset: str = typer.Option("shapes", help="data set (in-memory ones are benched on the device)"),
@@ -343,41 +354,31 @@ def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model nam
               steps: int = typer.Option(30, help="timed steps (after --warmup untimed ones)"),
               warmup: int = typer.Option(5, help="untimed steps first (compilation, autotuning)"),
               device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-              compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model"),
-              amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA"),
-              baseline: bool = typer.Option(False, "--baseline/--no-baseline",
+              compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model", metavar=""),
+              amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA", metavar=""),
+              baseline: bool = typer.Option(False, "--baseline/--no-baseline", metavar="",
                                             help="also measure a plain fp32 DataLoader loop and print the ratio"),
               image_size: Optional[int] = typer.Option(None, help="resize the data to this"),
               num_workers: int = typer.Option(8, help="DataLoader workers of the baseline"),
               data_dir: Optional[str] = typer.Option(None, help="where data sets live"),
               csv: Path = typer.Option(Path("runs/bench.csv"), help="append the rows here")):
     """Training throughput, data/compute split, peak memory, FLOPs per image, TFLOP/s and MFU."""
-    from rich.table import Table
-
-    from vitexp.bench import append_row, bench
+    from vitexp.bench import append_row, bench, print_rows
 
     if steps <= 0 or warmup < 0 or batch_size <= 0:
         raise UserError("--steps and --batch-size must be positive, --warmup >= 0")
-    rows = [bench(model, dataset, batch_size, steps, warmup, device, compile, amp, False, image_size,
-                  num_workers, data_dir)]
+    args = dict(model=model, dataset=dataset, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
+                image_size=image_size, num_workers=num_workers, data_dir=data_dir)
+    rows = [bench(**args, compile=compile, amp=amp)]
     if baseline:
-        rows.append(bench(model, dataset, batch_size, steps, warmup, device, False, False, True, image_size,
-                          num_workers, data_dir))
-    t = Table(title=f"vitexp bench: {model} on {dataset}, batch {batch_size}, {rows[0]['device']}")
-    cols = ["mode", "images_per_s", "step_ms", "data_ms", "data_frac", "peak_mem_gb", "train_gflop_per_image",
-            "tflops", "mfu"]
-    for c in cols:
-        t.add_column(c)
+        rows.append(bench(**args, compile=False, amp=False, baseline=True))
     for r in rows:
-        t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
         append_row(r, csv)
-    console.print(t)
-    if baseline:
-        console.print(f"fast / baseline throughput: {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}x")
+    print_rows(rows, console)
     console.print(f"rows appended to {csv}")
 
 
-# --- launch (issue 7) ---------------------------------------------------------
+# --- launch ------------------------------------------------------------------------------------------
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def launch(ctx: typer.Context,
            shards: int = typer.Option(..., help="number of array tasks (shards of the study)"),
@@ -388,17 +389,34 @@ def launch(ctx: typer.Context,
            mem_gb: Optional[int] = typer.Option(None, help="memory per task"),
            timeout_min: Optional[int] = typer.Option(None, help="time limit per task in minutes"),
            parallelism: Optional[int] = typer.Option(None, help="at most this many tasks at once"),
-           wait: bool = typer.Option(False, "--wait/--no-wait", help="wait for every task to finish")):
+           wait: bool = typer.Option(False, "--wait/--no-wait", help="wait for every task to finish", metavar="")):
     """Submit a study as a SLURM job array (submitit): `vitexp launch --shards 8 -- stability --out DIR ...`."""
     from vitexp.launch import submit
 
+    plan, params = study_plan_from_argv(list(ctx.args))
     slurm = {"slurm_partition": partition, "slurm_array_parallelism": parallelism} if cluster != "local" else {}
-    ids = submit(list(ctx.args), shards, cluster, wait, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
-                 mem_gb=mem_gb, timeout_min=timeout_min, **slurm)
+    ids = submit(plan, shards, cluster, wait, workers=params.get("trials_per_gpu"), gpus_per_node=gpus_per_node,
+                 cpus_per_task=cpus_per_task, mem_gb=mem_gb, timeout_min=timeout_min, **slurm)
     console.print(f"submitted {len(ids)} tasks: {', '.join(ids)}")
 
 
-# --- doctor (issue 8) ---------------------------------------------------------
+def study_plan_from_argv(argv: list[str]):
+    """The plan a study command line would run, parsed by that command itself (`vitexp launch`)."""
+    from vitexp.studies import STUDIES
+
+    commands = {s.command: s for s in STUDIES.values()}
+    if not argv or argv[0] not in commands:
+        raise UserError(f"vitexp launch runs a study: give one of {', '.join(commands)} and its options "
+                        f"after --, e.g. `vitexp launch --shards 8 -- stability --out /shared/st`")
+    params = typer.main.get_command(app).commands[argv[0]].make_context(argv[0], list(argv[1:])).params
+    if params.get("shard") is not None:
+        raise UserError("vitexp launch sets --shard itself; drop it from the study command")
+    if params.get("out") is None:
+        raise UserError("vitexp launch needs the study's --out: every task writes into that one shared folder")
+    return plan_from_params(commands[argv[0]], params), params
+
+
+# --- doctor ------------------------------------------------------------------------------------------
 @app.command()
 def doctor(device: str = typer.Option("auto", help="device for the test step"),
            data_dir: Optional[str] = typer.Option(None, help="where data sets live")):
@@ -408,28 +426,31 @@ def doctor(device: str = typer.Option("auto", help="device for the test step"),
     sections = [("versions", d.versions()), ("device", d.device_report()), ("data", d.data_report(data_dir)),
                 ("tiny training step", d.tiny_step(device))]
     for title, items in sections:
-        console.print(f"[bold]{title}[/]")
+        console.print(title)
         for k, v in items.items():
-            console.print(f"  {k:16s} {v}", highlight=False)
+            console.print(f"  {k:16s} {v}")
     if sections[-1][1]["status"] != "ok":
         raise UserError("the tiny training step failed (non-finite loss); see above")
 
 
-
 def main() -> None:
-    """Entry point: run the app, turning UserError into one line and exit 2."""
+    """Entry point: run the app; UserError is one line and exit 2, StudyFailed exit 1,
+    an interruption says how to resume (exit 130 / 143)."""
+    from rich.markup import escape
+
     try:
         app(standalone_mode=False)
     except UserError as e:
-        from rich.markup import escape
-
         # escape: messages name preset tables like [study], which rich would eat as markup
-        msg = " ".join(str(e).split())  # one line, whatever the message
-        err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+        err_console.print(f"error: {escape(' '.join(str(e).split()))}")
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; rerun the same command to resume")
-        sys.exit(130)
+    except StudyFailed as e:
+        err_console.print(f"failed: {escape(' '.join(str(e).split()))}")
+        sys.exit(1)
+    except (Interrupted, KeyboardInterrupt) as e:
+        code, name = (e.exit_code, e.name) if isinstance(e, Interrupted) else (130, "SIGINT")
+        err_console.print(f"interrupted ({name}); finished trials are kept: rerun the same command to resume")
+        sys.exit(code)
     except SystemExit:
         raise
     except Exception as e:  # click's usage errors arrive here in standalone_mode=False

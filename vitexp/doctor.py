@@ -41,7 +41,7 @@ def data_report(data_dir: str | None = None) -> dict[str, str]:
 def tiny_step(device: str = "auto") -> dict[str, str]:
     """One forward/backward/AdamW step of the smallest ViT_C on random images."""
     from vitexp import models as vmodels
-    from vitexp.train import _autocast, resolve_device
+    from vitexp.runtime import autocast, resolve_device
 
     dev = resolve_device(device)
     name = min((n for n in vmodels.list_models() if n.startswith("vit_c_") and n.endswith("mf")),
@@ -50,7 +50,7 @@ def tiny_step(device: str = "auto") -> dict[str, str]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = torch.randn(8, 3, 32, 32, device=dev), torch.randint(0, 10, (8,), device=dev)
     t0 = time.perf_counter()
-    with _autocast(dev, True):
+    with autocast(dev, True):
         loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.step()

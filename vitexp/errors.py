@@ -1,11 +1,39 @@
-"""The one exception type for bad input: the CLI prints its message as one line
-and exits 2, so users never see a traceback for a mistake they can fix."""
+"""The exceptions the CLI turns into one line and an exit code, so users never see a
+traceback for a mistake they can fix or an interruption they asked for:
+
+- UserError: bad input (exit 2); the message names the problem and the fix.
+- StudyFailed: every trial of a run failed (exit 1); the log has the tracebacks.
+- Interrupted: SIGINT (exit 130) or SIGTERM (exit 143); finished work is kept and a
+  rerun of the same command resumes.
+"""
 
 import difflib
+import signal
 
 
 class UserError(Exception):
     """Bad input. The message names the problem and the fix, on one line."""
+
+
+class StudyFailed(Exception):
+    """Every trial this run tried failed."""
+
+
+class Interrupted(BaseException):
+    """A signal asked this process to stop (BaseException, like KeyboardInterrupt: no
+    `except Exception` on the way up may swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 def unknown(kind: str, name: str, choices) -> UserError:

@@ -14,6 +14,7 @@ from torch import nn
 
 from vitexp import models as vmodels
 from vitexp.errors import UserError
+from vitexp.seeds import FEWSHOT, derive_seed
 
 RIDGE_LAMBDA = 2.0**10
 DRAWS = 3
@@ -58,7 +59,7 @@ def fewshot_eval(model: nn.Module, bundle, cfg, device) -> dict:
                             f"{int(counts.min())}; use fewer shots or a larger --n-train")
         errs = []
         for draw in range(DRAWS):
-            g = torch.Generator().manual_seed(cfg.seed * 7919 + draw)
+            g = torch.Generator().manual_seed(derive_seed(FEWSHOT, cfg.seed, draw))
             idx = torch.cat([torch.nonzero(bundle.train_y == c).flatten()[
                 torch.randperm(int(counts[c]), generator=g)[:k]] for c in range(bundle.num_classes)])
             f = extract(model, bundle.train_x[idx], bundle.mean, bundle.std, device)

@@ -1,56 +1,52 @@
 """`vitexp launch`: a study's shards as a SLURM job array through submitit.
 
-Every task runs the same study command with `--shard I/N` into one shared
-`--out` folder; the runner's per-trial claims keep the tasks from ever running a
-trial twice, and a task that dies leaves its trial to a rerun. submitit is an
-optional dependency (`pip install vitexp[slurm]`); `cluster="local"` runs the
-tasks as local processes, which is how the tests check the whole path.
+The study command after `--` is parsed once, here, into its plan; every array task then
+runs `sweep.run` on its shard of that plan in the one shared `--out` folder, where the
+per-trial claims keep the tasks from ever running a trial twice. Tasks are submitit
+checkpointables: on preemption or timeout submitit requeues them, and a requeued task
+resumes its shard (a trial whose process was killed is taken over once its claim's
+heartbeat is stale, its last epoch checkpoint kept). submitit is an optional dependency
+(`pip install 'vitexp[slurm]'`); `cluster="local"` runs the tasks as local processes,
+which is how the tests check the whole path.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 from vitexp.errors import UserError
-
-STUDY_COMMANDS = ("scale-study", "stability", "optimizer-study", "tune")
-
-
-def _run_shard(argv: list[str], shard: int, shards: int) -> None:
-    """Body of one array task: the study command with its shard."""
-    from vitexp.cli import app
-
-    app([*argv, "--shard", f"{shard}/{shards}", "--no-progress"], standalone_mode=False)
+from vitexp.sweep.plan import Plan
 
 
-def _out_folder(argv: list[str]) -> Path:
-    for i, a in enumerate(argv):
-        if a == "--out" and i + 1 < len(argv):
-            return Path(argv[i + 1])
-        if a.startswith("--out="):
-            return Path(a.split("=", 1)[1])
-    raise UserError("vitexp launch needs the study's --out: every task writes into that one shared folder")
+class ShardTask:
+    """One array task: run a shard of the plan. Its `checkpoint` (what submitit calls on
+    preemption or timeout) resubmits it as it is: the rerun resumes the shard."""
+
+    def __call__(self, plan: Plan, shard: int, shards: int, workers: int | None):
+        from vitexp.sweep import run
+
+        run(dataclasses.replace(plan, shard=(shard, shards)), workers, progress=False)
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
 
 
-def submit(argv: list[str], shards: int, cluster: str | None = None, wait: bool = False,
+def submit(plan: Plan, shards: int, cluster: str | None = None, wait: bool = False, workers: int | None = None,
            **params) -> list[str]:
-    """Submit `shards` tasks of the study command `argv`; returns the job ids."""
-    if not argv or argv[0] not in STUDY_COMMANDS:
-        raise UserError(f"vitexp launch runs a study: give one of {', '.join(STUDY_COMMANDS)} and its options "
-                        f"after --, e.g. `vitexp launch --shards 8 -- stability --out /shared/st`")
+    """Submit SHARDS tasks of PLAN; returns the job ids."""
     if shards < 1:
         raise UserError(f"--shards must be positive, got {shards}")
-    if any(a == "--shard" or a.startswith("--shard=") for a in argv):
-        raise UserError("vitexp launch sets --shard itself; drop it from the study command")
-    out = _out_folder(argv)
     try:
         import submitit
     except ModuleNotFoundError:
         raise UserError("vitexp launch needs submitit; `pip install 'vitexp[slurm]'` (or submitit)") from None
-    executor = submitit.AutoExecutor(folder=out / "slurm" / "%j", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=plan.out / "slurm" / "%j", cluster=cluster)
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    task = ShardTask()
     with executor.batch():
-        jobs = [executor.submit(_run_shard, argv, i, shards) for i in range(shards)]
+        jobs = [executor.submit(task, plan, i, shards, workers) for i in range(shards)]
     if wait:
         for job in jobs:
             job.result()  # re-raises a task's failure here

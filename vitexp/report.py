@@ -1,11 +1,16 @@
-"""One page per set of study folders: report.md (figures linked) and report.html
-(figures embedded as base64, so the file stands alone and can be mailed or
-archived). Both are rendered from one list of blocks, so they never disagree.
+"""Figures and one report page per set of study folders, drawn by each folder's study kind.
 
-The page: an overview (runs, failed, diverged, wall time per folder), a section
-per study kind with its figures (regenerated from runs.csv every time, so never
-stale) and tables, the failed runs, and the provenance of every run (commits,
-torch versions, devices, hosts, study.toml).
+`draw` and `plot_study` make a study's figures (the plot-* commands, and the CLI after
+a study completes); `plot_curves` its learning curves; `write_report` writes report.md
+(figures linked) and report.html (figures embedded as base64, so the file stands
+alone and can be mailed or archived). Both pages are rendered from one list of blocks,
+so they never disagree.
+
+The page: an overview (runs, failed, diverged, not converged, elapsed and compute time
+per folder), a warning for every study whose key trials did not converge, a section
+per study kind with its figures (regenerated from runs.csv every time, so never stale)
+and tables, the failed runs, and the provenance of every run (commits, torch versions,
+devices, hosts, study.toml).
 """
 
 from __future__ import annotations
@@ -14,32 +19,76 @@ import base64
 import html
 import math
 import os
-from datetime import datetime, timezone
+import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from vitexp import analysis, plots
+from vitexp import analysis, plots, studies
 from vitexp.errors import UserError
-from vitexp.store import atomic_write_text
+from vitexp.fileio import atomic_write
 
-TITLES = {"scale": "Data-size scaling (ViT)", "stability": "lr/wd stability (EC)",
-          "optimizer": "Optimizer and training length (EC)",
-          "tune": "lr/wd search (tuned values)", "train": "Single runs"}
-CAPTIONS = {
-    "cdf": "Error distribution functions: F(e) = fraction of runs with top-1 error < e, per optimizer and "
-           "model (top); the same for the difference to the model's best run (bottom). Diverged runs count at 100%.",
-    "lrwd": "Error vs lr and wd per model; line: bootstrap estimate of the best value, band: its 2.5–97.5% range "
-            "(2500 draws of 25% of the runs). Red x: diverged runs.",
-    "scale": "Top-1 error vs training-set size, mean over seeds with the min–max band; few-shot linear-probe "
-             "errors of the frozen features in the further panels.",
-    "optimizer": "(a) SGD minus AdamW error; (b) mean errors vs epochs; (c) error minus that of the longest "
-                 "schedule, each model with its best optimizer.",
-}
 PROVENANCE = ("commit", "vitexp", "torch", "device", "host")
 MAX_FAILED = 20
 
+
+# -- figures ----------------------------------------------------------------------------------------
+
+def figure_dir(folders, out: str | Path | None) -> Path:
+    """--out, else DIR/figures of the one folder (several need an explicit --out)."""
+    if out is not None:
+        return Path(out)
+    if len(folders) > 1:
+        raise UserError("several folders combine into one figure set: pass --out FOLDER for it")
+    return Path(folders[0]) / "figures"
+
+
+def _hints() -> dict:
+    return {k: s.plot_command for k, s in studies.STUDIES.items()}
+
+
+def draw(kind: str, folders, out=None, n_boot: int = 2500, seed: int = 0) -> list[Path]:
+    """Load FOLDERS, check they hold a KIND study, write its figures (the CLI's plot-*)."""
+    study = studies.get_study(kind)
+    folders = [Path(f) for f in folders]
+    runs = analysis.load_runs(folders, study.needs)
+    runs = analysis.select_study(runs, kind, study.plot_command or kind, _hints())
+    return study.figures(runs, figure_dir(folders, out), n_boot=n_boot, seed=seed)
+
+
+def folder_kind(folder: Path) -> str | None:
+    """The study kind of a folder: its study.toml, else the commonest `study` of its runs."""
+    kind = analysis.study_kind(folder)
+    return kind if kind is not None else str(analysis.load_runs([folder])["study"].mode().iloc[0])
+
+
+def plot_study(folder: str | Path, out: str | Path | None = None) -> list[Path]:
+    """The figures of the study in FOLDER, by its kind (none for single runs)."""
+    kind = folder_kind(Path(folder))
+    if kind not in studies.STUDIES:
+        return []
+    return draw(kind, [folder], out)
+
+
+def plot_curves(folders, out=None, every: bool = False) -> list[Path]:
+    """Learning curves (training loss, test error per epoch) of FOLDERS' best trial per model
+    (and optimizer), or of EVERY trial."""
+    folders = [Path(f) for f in folders]
+    runs = analysis.load_runs(folders)
+    history = pd.concat([_history(f) for f in folders], ignore_index=True)
+    return plots.plot_curves(runs, history, figure_dir(folders, out), best_only=not every)
+
+
+def _history(folder: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(folder / "history.csv", dtype={"key": str})
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        raise UserError(f"no history.csv in {folder}; run a study with --out {folder} first") from None
+
+
+# -- the report -------------------------------------------------------------------------------------
 
 def write_report(folders, out=None, n_boot: int = 2500, seed: int = 0) -> list[Path]:
     """Write OUT/report.md, OUT/report.html and the figures in OUT/figures; OUT
@@ -55,86 +104,78 @@ def write_report(folders, out=None, n_boot: int = 2500, seed: int = 0) -> list[P
         raise UserError(f"cannot write the report to {out} ({e.strerror}); pick a writable --out") from None
     blocks = [("h1", "vitexp report"),
               ("p", f"Made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {', '.join(map(str, folders))}."),
-              ("h2", "Overview"), ("table", _overview(runs))]
+              ("h2", "Overview"), ("table", _overview(runs))] + _convergence(runs)
     figures = []
-    kinds = [k for k in analysis.KINDS if k in set(runs["study"])]
+    kinds = [k for k in studies.STUDIES if k in set(runs["study"])]
     for kind in kinds + sorted(set(runs["study"]) - set(kinds)):
-        sub = runs[runs["study"] == kind]
-        blocks.append(("h2", TITLES.get(kind, f"{kind} study")))
-        try:
-            paths = plots.plot_runs(kind, sub, out / "figures", n_boot=n_boot, seed=seed)
-        except UserError as e:
-            paths = []
-            blocks.append(("p", f"No figure: {e}"))
+        more, paths = _section(kind, runs[runs["study"] == kind], out, n_boot, seed)
+        blocks += more
         figures += paths
-        blocks += [("img", p, CAPTIONS.get(p.stem.split("_")[0], p.stem)) for p in paths if p.suffix == ".png"]
-        blocks += _tables(kind, sub, n_boot, seed)
-    blocks += _failed(runs)
-    blocks += _provenance(runs, folders)
+    blocks += _failed(runs) + _provenance(runs, folders)
     md, page = out / "report.md", out / "report.html"
-    atomic_write_text(md, render_markdown(blocks, out))
-    atomic_write_text(page, render_html(blocks))
+    atomic_write(md, render_markdown(blocks, out))
+    atomic_write(page, render_html(blocks))
     return [md, page] + figures
 
 
-# -- content -------------------------------------------------------------------------------
+def _section(kind: str, runs: pd.DataFrame, out: Path, n_boot: int, seed: int) -> tuple[list, list[Path]]:
+    """The blocks and figures of one study kind (single runs and unknown kinds: a table)."""
+    study = studies.STUDIES.get(kind)
+    blocks = [("h2", study.title if study else "Single runs" if kind == "train" else f"{kind} study")]
+    if analysis.finished(runs).empty:
+        return blocks + [("p", "No run of this study has a result yet.")], []
+    if study is None or not set(study.needs) <= set(runs.columns):
+        table = analysis.model_table(runs, by=("model", "dataset", "optimizer", "epochs", "n_train"))
+        return blocks + [("h3", "Top-1 error (%) per model"), ("table", _by_model(table))], []
+    try:
+        paths = study.figures(runs, out / "figures", n_boot=n_boot, seed=seed)
+    except UserError as e:
+        paths = []
+        blocks.append(("p", f"No figure: {e}"))
+    blocks += [("img", p, study.captions(p)) for p in paths if p.suffix == ".png"]
+    blocks += [(b[0], _by_model(b[1])) if b[0] == "table" and "model" in b[1] else b
+               for b in study.tables(runs, n_boot, seed)]
+    return blocks, paths
+
 
 def _overview(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (source, kind), g in runs.groupby(["source", "study"], sort=False):
         c = analysis.counts(g)
-        wall = g["wall_s"].sum() / 3600 if "wall_s" in g else math.nan
-        rows.append({"folder": source, "study": kind, **c, "wall time (h)": wall})
+        ok = analysis.finished(g)
+        rows.append({"folder": source, "study": kind, **c,
+                     "not converged": int((~ok["converged"]).sum()) if "converged" in ok else math.nan,
+                     "elapsed (h)": _elapsed(g) / 3600,
+                     "compute (h)": g["wall_s"].sum() / 3600 if "wall_s" in g else math.nan})
     return pd.DataFrame(rows)
 
 
-def _tables(kind: str, runs: pd.DataFrame, n_boot: int, seed: int) -> list[tuple]:
-    """The result tables of one study kind (columns it lacks mean fewer tables)."""
-    ok = analysis.finished(runs)
-    has = set(runs.columns).issuperset
-    if ok.empty:
-        return [("p", "No run of this study has a result yet.")]
-    if kind == "scale" and has(analysis.NEEDS["scale"]):
-        summary = analysis.scale_summary(runs)
-        out = []
-        for metric in dict.fromkeys(summary["metric"]):
-            part = summary[summary["metric"] == metric]
-            cell = [f"{m:.2f}" if n == 1 or not np.isfinite(s) else f"{m:.2f} ± {s:.2f}"
-                    for m, s, n in zip(part["mean"], part["std"], part["n"])]
-            wide = part.assign(cell=cell).pivot(index="model", columns="n_train", values="cell")
-            wide = wide.reindex(plots.model_order(wide.index)).reset_index()
-            wide.columns = ["model"] + [f"n={c}" for c in wide.columns[1:]]
-            out += [("h3", f"{metric} (%) by training-set size: mean ± std over seeds"), ("table", wide)]
-        return out
-    if kind == "stability" and has(analysis.NEEDS["stability"]):
-        bands = analysis.hparam_bands(runs, n_boot=n_boot, seed=seed)
-        return [("h3", "Error distribution per optimizer and model (diverged at 100%; within 4: share of runs "
-                       "less than 4 points from the model's best)"),
-                ("table", _by_model(analysis.edf_summary(runs).assign(within_4=lambda d: 100 * d["within_4"])
-                                    .rename(columns={"within_4": "within 4 (%)"}))),
-                ("h3", f"Best lr and wd by bootstrap ({n_boot} draws of 25% of the runs, seed {seed}): "
-                       "median and 2.5–97.5% range"),
-                ("table", _by_model(bands[["optimizer", "model", "param", "best", "lo", "hi", "n"]]))]
-    if kind == "tune" and has(analysis.NEEDS["tune"]):
-        return [("h3", "Best run per model and optimizer: the tuned (lr, wd); an edge says the best lr or wd "
-                       "is the lowest or highest sampled, so the range must be widened"),
-                ("table", _by_model(analysis.tune_best(runs)))]
-    if kind == "optimizer" and has(analysis.NEEDS["optimizer"]):
-        summary = analysis.optimizer_summary(runs)
-        gaps = analysis.optimizer_gaps(summary)
-        best = analysis.best_optimizer(summary)
-        errors = summary.pivot_table(index=["model", "optimizer"], columns="epochs", values="mean").reset_index()
-        errors.insert(2, "best", [m_best == o for m_best, o in zip(errors["model"].map(best), errors["optimizer"])])
-        errors.columns = [c if isinstance(c, str) else f"{c} ep" for c in errors.columns]
-        out = [("h3", "Mean top-1 error (%) per model, optimizer and epochs (best: the model's best optimizer)"),
-               ("table", _by_model(errors))]
-        if not gaps.empty:
-            wide = gaps.pivot(index="model", columns="epochs", values="gap").reset_index()
-            wide.columns = ["model"] + [f"{c} ep" for c in wide.columns[1:]]
-            out += [("h3", "Optimizer gap: SGD − AdamW mean top-1 error (points)"), ("table", _by_model(wide))]
-        return out
-    table = analysis.model_table(runs, by=("model", "dataset", "optimizer", "epochs", "n_train"))
-    return [("h3", "Top-1 error (%) per model"), ("table", _by_model(table))]
+def _elapsed(runs: pd.DataFrame) -> float:
+    """Seconds from the first trial's start to the last trial's end (trials that ran side
+    by side count once): the study's wall time, where compute sums the trials'."""
+    if "started_at" not in runs or "wall_s" not in runs or runs["started_at"].isna().all():
+        return math.nan
+    start = pd.to_datetime(runs["started_at"], utc=True, errors="coerce")
+    end = start + pd.to_timedelta(runs["wall_s"].fillna(0), unit="s")
+    return (end.max() - start.min()) / timedelta(seconds=1)
+
+
+def _convergence(runs: pd.DataFrame) -> list[tuple]:
+    """A warning for each study whose key trials (its largest size, its best lr, its longest
+    schedule) did not converge by vitexp's rule (vitexp/rows.py)."""
+    if "converged" not in runs:
+        return []
+    out = []
+    for (source, kind), g in runs.groupby(["source", "study"], sort=False):
+        study = studies.STUDIES.get(kind)
+        key = study.must_converge(analysis.finished(g)) if study else analysis.finished(g)
+        bad = key[~key["converged"]]
+        if len(bad):
+            names = ", ".join(sorted({f"{r.model} ({r.top1_err:.1f}%)" for r in bad.itertuples()}))
+            out.append(("p", f"WARNING: {source}: {len(bad)} of the {len(key)} trials this {kind} study rests on "
+                             f"did not converge (best error in the last quarter of the budget and still moving "
+                             f"by 0.5 points or more): {names}. Train them longer before drawing conclusions."))
+    return out
 
 
 def _failed(runs: pd.DataFrame) -> list[tuple]:
@@ -163,7 +204,8 @@ def _provenance(runs: pd.DataFrame, folders) -> list[tuple]:
     rows.append({"field": "runs", "values (runs)": f"{c['runs']} ({c['ok']} ok, {c['failed']} failed, "
                                                    f"{c['diverged']} diverged)"})
     if "wall_s" in runs:
-        rows.append({"field": "total wall time", "values (runs)": f"{runs['wall_s'].sum() / 3600:.2f} h"})
+        rows.append({"field": "compute time (sum of the trials' wall times)",
+                     "values (runs)": f"{runs['wall_s'].sum() / 3600:.2f} h"})
     out = [("h2", "Provenance"), ("table", pd.DataFrame(rows))]
     for folder in folders:
         toml = Path(folder) / "study.toml"
@@ -208,10 +250,18 @@ def _by_model(df: pd.DataFrame) -> pd.DataFrame:
     return df.loc[keys.sort_values(["o", "m"], kind="stable").index].reset_index(drop=True)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|])")
+
+
+def md_escape(text: str) -> str:
+    """TEXT as literal Markdown: its special characters backslash-escaped, on one line."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (pandas' to_markdown needs tabulate)."""
     def cell(text):
-        return str(text).replace("|", "\\|").replace("\n", " ")
+        return md_escape(text)
 
     lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |",
              "|" + "|".join("---" for _ in df.columns) + "|"]
@@ -224,15 +274,15 @@ def render_markdown(blocks, base: Path) -> str:
     parts = []
     for kind, *args in blocks:
         if kind in ("h1", "h2", "h3"):
-            parts.append("#" * int(kind[1]) + " " + args[0])
+            parts.append("#" * int(kind[1]) + " " + md_escape(args[0]))
         elif kind == "p":
-            parts.append(args[0])
+            parts.append(md_escape(args[0]))
         elif kind == "table":
             parts.append(markdown_table(args[0]))
         elif kind == "img":
             path, caption = args
             parts.append(f"![{path.stem}]({Path(os.path.relpath(path, base)).as_posix()})\n\n"
-                         f"*{path.name}*: {caption}")
+                         f"*{md_escape(path.name)}*: {md_escape(caption)}")
         elif kind == "pre":
             parts.append("```toml\n" + args[0].rstrip() + "\n```")
     return "\n\n".join(parts) + "\n"

@@ -17,8 +17,10 @@ DIVERGED_ERR = 100.0
 RUN_COLUMNS = ["key", "study", "status", "model", "dataset", "n_train", "seed", "optimizer",
                "lr", "wd", "epochs", "top1_err", "last_err", "diverged", "converged", "wall_s"]
 HISTORY_COLUMNS = ["key", "epoch", "train_loss", "test_err", "ema_err", "lr", "seconds", "images_per_s"]
-# what history.csv repeats from runs.csv so a learning curve needs no join
-HISTORY_IDENTITY = ["model", "n_train", "seed", "optimizer", "lr", "wd", "epochs"]
+# what history.csv repeats from runs.csv so a learning curve needs no join (history column:
+# runs.csv column; history's own `lr` is the scheduled lr at the end of each epoch)
+HISTORY_IDENTITY = {"model": "model", "n_train": "n_train", "seed": "seed", "optimizer": "optimizer",
+                    "trial_lr": "lr", "wd": "wd", "epochs": "epochs"}
 # the convergence rule: the best error came before the last quarter of the budget, or the
 # last two evaluations are within half a point of each other
 CONVERGED_BEFORE = 0.75

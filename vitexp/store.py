@@ -3,20 +3,24 @@
     DIR/trials/<key>.json          one finished trial: its runs.csv row
     DIR/trials/<key>.history.csv   its per-epoch rows
     DIR/checkpoints/<key>.pt       the checkpoint of a trial in flight
-    DIR/claims/<key>               which process is running a trial
+    DIR/claims/<key>               which process is running a trial (and its heartbeat)
     DIR/runs.csv, DIR/history.csv  tidy tables, rebuilt from trials/
 
 A trial counts as finished once its json exists, and every file is written to a
-temporary name and renamed, so a kill at any moment leaves either the old or the
-new file, never half of one. The tables are derived data: rebuilding them from
-trials/ under a lock makes concurrent writers safe.
+temporary name and renamed (`atomic_write`), so a kill at any moment leaves either the
+old or the new file, never half of one. The tables are derived data: rebuilding them
+from trials/ under a lock makes concurrent writers safe. A file in the folder that
+cannot be read (a foreign or damaged one) is renamed `*.corrupt`, named in the log,
+and its trial runs again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import socket
@@ -27,50 +31,18 @@ from pathlib import Path
 import pandas as pd
 
 from vitexp.errors import UserError
+from vitexp.fileio import DiskFull, _tmp_owner, atomic_write, atomic_write_csv, tmp_path
 from vitexp.rows import HISTORY_COLUMNS, HISTORY_IDENTITY, RUN_COLUMNS
 from vitexp.rows import converged as rows_converged
 
 RUNS = "runs.csv"
 HISTORY = "history.csv"
-
-
-TMP_SUFFIX = ".tmp"
-
-
-def tmp_path(path: Path) -> Path:
-    """The temporary name a writer of `path` uses before its rename: hidden, and
-    naming the writer (host, pid) so leftovers of a killed writer can be swept."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}")
-
-
-def _tmp_owner(name: str) -> tuple[str, int] | None:
-    """(host, pid) of a tmp_path name, None for any other name."""
-    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
-        return None
-    head, _, pid = name[: -len(TMP_SUFFIX)].rpartition(".")
-    host = socket.gethostname()
-    if not pid.isdigit() or not head.endswith("." + host):
-        return None
-    return host, int(pid)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename; leave an identical file untouched
-    (a rerun that finds nothing to do changes no file)."""
-    path = Path(path)
-    if path.exists() and path.stat().st_size == len(text.encode()) and path.read_text() == text:
-        return
-    tmp = tmp_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
-    atomic_write_text(path, df.to_csv(index=False))
+CORRUPT_SUFFIX = ".corrupt"
+# a claim's heartbeat is renewed this often while its trial runs; one older than STALE_S
+# belongs to a process that is gone (killed, preempted, its node lost), on any host
+HEARTBEAT_S = 10.0
+STALE_S = 300.0
+log = logging.getLogger("vitexp.store")
 
 
 def _jsonable(v):
@@ -80,18 +52,30 @@ def _jsonable(v):
 
 
 def provenance() -> dict:
-    """Where and with what a result was made: commit, versions, host."""
+    """Where and with what a result was made: the commit (with -dirty when vitexp/ differs
+    from it), versions, host."""
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     from vitexp import __version__
 
-    return {"commit": commit or "unknown", "vitexp": __version__, "torch": torch.__version__,
-            "host": socket.gethostname()}
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                cwd=here, timeout=5).stdout.strip()
+        dirty = commit and subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here,
+                                          capture_output=True, timeout=5).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {"commit": (commit + ("-dirty" if dirty else "")) or "unknown", "vitexp": __version__,
+            "torch": torch.__version__, "host": socket.gethostname()}
+
+
+def set_aside(path: Path, why: str) -> None:
+    """Rename a file vitexp cannot read to PATH.corrupt (kept for a look, never read again)."""
+    with contextlib.suppress(OSError):
+        os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
+        log.warning("%s is unreadable (%s); set aside as %s%s, its trial runs again", path, why, path.name,
+                    CORRUPT_SUFFIX)
 
 
 class TrialStore:
@@ -107,6 +91,8 @@ class TrialStore:
                 probe.write_text("")
                 probe.unlink()
             except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(f"no space left on the device of {self.root}; free some space and rerun") from None
                 raise UserError(f"cannot write to output folder {self.root} ({e.strerror}); "
                                 f"pick a writable --out") from None
             self.sweep()  # leftovers of killed runs
@@ -115,7 +101,10 @@ class TrialStore:
     @contextlib.contextmanager
     def lock(self):
         """An exclusive lock on the folder (POSIX advisory, shared file systems included)."""
-        with open(self.root / ".lock", "a") as f:
+        path = self.root / ".lock"
+        if path.exists() and not path.is_file():
+            set_aside(path, "not a file")
+        with open(path, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -130,19 +119,29 @@ class TrialStore:
         return self.root / "checkpoints" / f"{key}.pt"
 
     def result(self, key: str) -> dict | None:
-        p = self.trial_path(key)
-        if not p.exists():
+        return self._row(self.trial_path(key))
+
+    def _row(self, path: Path) -> dict | None:
+        """A trial's recorded row; an unreadable one is set aside (None: run it again)."""
+        try:
+            row = json.loads(path.read_text())
+        except FileNotFoundError:
             return None
-        return json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            set_aside(path, type(e).__name__)
+            return None
+        if not isinstance(row, dict) or not isinstance(row.get("status"), str):
+            set_aside(path, "not a trial record")
+            return None
+        return row
 
     def finished(self) -> dict[str, dict]:
         """key -> row of every recorded trial (failed ones included)."""
         out = {}
         for p in sorted((self.root / "trials").glob("*.json")):
-            try:
-                out[p.stem] = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue  # only a foreign file can be partial: ours are renamed into place
+            row = self._row(p)
+            if row is not None:
+                out[p.stem] = row
         return out
 
     def done_keys(self) -> set[str]:
@@ -157,47 +156,59 @@ class TrialStore:
         checks and the claim happen under the folder lock, so no two processes
         ever run one trial."""
         path = self.root / "claims" / key
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-              "time": time.time()}
         with self.lock():
-            now = self._read(self.trial_path(key))
+            now = self.result(key)
             if now is not None and (now.get("status") == "ok" or now != seen):
                 return False
-            if path.exists():
-                other = self._read(path) or {}
-                if other.get("pid") == os.getpid() and other.get("host") == me["host"]:
-                    return True
-                if _alive(other):
-                    return False
-            atomic_write_text(path, json.dumps(me))
+            other = self._read(path) if path.exists() else None
+            if other is not None and not _mine(other) and _alive(other):
+                return False
+            atomic_write(path, json.dumps(_me()))
             return True
+
+    def beat(self, key: str, images: float = 0.0) -> None:
+        """Renew this process's claim of KEY (its heartbeat), with the training images done."""
+        path = self.root / "claims" / key
+        claim = self._read(path)
+        if claim is not None and _mine(claim):
+            atomic_write(path, json.dumps({**claim, "beat": time.time(), "images": images}))
+
+    def claims(self) -> dict[str, dict]:
+        """key -> claim of every trial some live process is running."""
+        out = {}
+        for p in sorted((self.root / "claims").glob("*")):
+            c = self._read(p) if _tmp_owner(p.name) is None and not p.name.startswith(".") else None
+            if c is not None and _alive(c):
+                out[p.name] = c
+        return out
 
     @staticmethod
     def _read(path: Path) -> dict | None:
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):
             return None
+        return d if isinstance(d, dict) else None
 
     def release(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / "claims" / key).unlink()
 
     def sweep(self) -> list[Path]:
-        """Remove what killed processes of this host left behind: half-written
-        temporary files, their claims, and checkpoints of trials that finished (a
-        kill between the record and the checkpoint's removal). Returns the removed paths."""
+        """Remove what dead processes left behind: half-written temporary files of this
+        host, claims of dead processes (any host, by heartbeat), and checkpoints of
+        trials that finished (a kill between the record and the checkpoint's removal)."""
         removed = []
         with self.lock():
-            done = {k for k, r in self.finished().items() if r.get("status") == "ok"}
+            done = self.done_keys()
             ckpts, claims = self.root / "checkpoints", self.root / "claims"
-            for sub in (self.root, self.root / "trials", ckpts, claims):
-                for p in sub.iterdir():
+            for sub in (self.root, self.root / "trials", ckpts, claims, self.root / "figures"):
+                for p in sub.iterdir() if sub.is_dir() else ():
                     owner = _tmp_owner(p.name)
-                    dead_tmp = owner is not None and not _alive({"host": owner[0], "pid": owner[1]})
+                    dead_tmp = owner is not None and not _pid_alive(owner[1])
                     done_ckpt = sub == ckpts and p.suffix == ".pt" and p.stem in done
                     claim = self._read(p) if sub == claims and owner is None else None
-                    dead_claim = claim is not None and not _alive(claim)
+                    dead_claim = sub == claims and owner is None and (claim is None or not _alive(claim))
                     if (dead_tmp or done_ckpt or dead_claim) and p.is_file():
                         with contextlib.suppress(FileNotFoundError):
                             p.unlink()
@@ -209,8 +220,7 @@ class TrialStore:
         """Write one finished trial (history first: the json is the commit point)."""
         if history is not None:
             atomic_write_csv(self.root / "trials" / f"{key}.history.csv", pd.DataFrame(history))
-        atomic_write_text(self.trial_path(key), json.dumps({k: _jsonable(v) for k, v in row.items()},
-                                                            sort_keys=True))
+        atomic_write(self.trial_path(key), json.dumps({k: _jsonable(v) for k, v in row.items()}, sort_keys=True))
         with contextlib.suppress(FileNotFoundError):
             self.checkpoint_path(key).unlink()
         self.rebuild()
@@ -220,9 +230,10 @@ class TrialStore:
         history row carries its trial's identifying columns, so a learning curve needs no join."""
         with self.lock():
             rows = self.finished()
-            hist = {k: self._history(k) for k in rows}
+            hist = {k: self._history(k, r) for k, r in rows.items()}
+            rows = {k: r for k, r in rows.items() if hist[k] is not False}  # garbled history: rerun
             for key, row in rows.items():  # rows recorded before the convergence rule existed
-                if "converged" not in row and row.get("status") == "ok" and hist[key] is not None:
+                if "converged" not in row and row.get("status") == "ok" and hist[key] is not None and "epochs" in row:
                     row["converged"] = _converged(row, hist[key])
             runs = pd.DataFrame(list(rows.values()))
             if not runs.empty:
@@ -230,23 +241,43 @@ class TrialStore:
                 runs = runs[first + sorted(c for c in runs.columns if c not in first)]
                 runs = runs.sort_values(["study", "key"] if "study" in runs else ["key"], kind="stable")
             atomic_write_csv(self.root / RUNS, runs)
-            parts = [h.assign(**{c: rows[k].get(c) for c in HISTORY_IDENTITY})
-                     for k, h in hist.items() if h is not None]
+            parts = [h.assign(**{c: rows[k].get(r) for c, r in HISTORY_IDENTITY.items()})
+                     for k, h in hist.items() if k in rows and h is not None]
             atomic_write_csv(self.root / HISTORY, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
 
-    def _history(self, key: str) -> pd.DataFrame | None:
+    def _history(self, key: str, row: dict):
+        """A trial's history (None: it has none, e.g. a failed trial; False: garbled, and
+        set aside with its record so the trial runs again)."""
         path = self.root / "trials" / f"{key}.history.csv"
         try:  # keys are hex strings: '054134010394' or '740734e33302' must not parse as numbers
             h = pd.read_csv(path, dtype={"key": str})
         except (FileNotFoundError, pd.errors.EmptyDataError):
             return None
-        return h[[c for c in HISTORY_COLUMNS if c in h.columns]]
+        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+            h, why = None, type(e).__name__
+        else:
+            why = None if {"key", "epoch"} <= set(h.columns) else "no key and epoch columns"
+        if why is None:
+            return h.reindex(columns=HISTORY_COLUMNS)
+        set_aside(path, why)
+        set_aside(self.trial_path(key), f"its history is {why}")
+        return False
 
 
 def _converged(row: dict, history: pd.DataFrame) -> bool:
-    col = "ema_err" if row.get("ema", True) in (True, "True", "true") else "test_err"
+    col = "ema_err" if str(row.get("ema", True)).lower() == "true" else "test_err"
     evals = [(int(e), float(v)) for e, v in zip(history["epoch"], history[col]) if v == v]
-    return not row.get("diverged") and rows_converged(evals, int(row["epochs"]))
+    return str(row.get("diverged")).lower() != "true" and rows_converged(evals, int(row["epochs"]))
+
+
+def _me() -> dict:
+    now = time.time()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()), "time": now,
+            "beat": now, "images": 0.0}
+
+
+def _mine(claim: dict) -> bool:
+    return claim.get("host") == socket.gethostname() and claim.get("pid") == os.getpid()
 
 
 def _start_time(pid: int) -> int | None:
@@ -259,26 +290,34 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
-def _alive(claim: dict) -> bool:
-    """Is the claiming process still running? Same host: ask the OS (and check that
-    the pid was not reused since); other hosts: trust the claim for 24 h (a crashed
-    remote process frees its trials after that)."""
-    if claim.get("host") == socket.gethostname():
-        try:
-            pid = int(claim.get("pid", -1))
-            if pid <= 0:
-                return False
-            os.kill(pid, 0)
-        except (ProcessLookupError, ValueError, TypeError):
-            return False
-        except PermissionError:
-            pass
-        start = claim.get("start")
-        return start is None or _start_time(pid) in (None, start)
+def _pid_alive(pid) -> bool:
+    """Does a process with this pid exist on this host?"""
     try:
-        return time.time() - float(claim.get("time", 0)) < 24 * 3600
+        pid = int(pid)
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)
+    except (ProcessLookupError, ValueError, TypeError, OverflowError):
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _alive(claim: dict) -> bool:
+    """Is the claiming process still running? On this host, when the claim names the
+    process's start time: ask the OS (the pid exists and was not reused). Otherwise (another
+    host, or no start time): its heartbeat is younger than STALE_S."""
+    try:
+        age = time.time() - float(claim.get("beat", claim.get("time", 0)))
     except (TypeError, ValueError):
         return False
+    if claim.get("host") != socket.gethostname():
+        return age < STALE_S
+    if not _pid_alive(claim.get("pid")):
+        return False
+    start, now = claim.get("start"), _start_time(int(claim["pid"]))
+    return age < STALE_S if start is None or now is None else now == start
 
 
 def read_runs(folder: str | Path, required=("model", "top1_err")) -> pd.DataFrame:

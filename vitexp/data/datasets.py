@@ -22,10 +22,10 @@ from vitexp.data.shapes import make_shapes
 from vitexp.data.subsets import balanced_subset
 from vitexp.errors import UserError, unknown
 
-DATASETS = ("shapes", "fashion-mnist", "cifar10", "cifar100", "svhn")
-NUM_CLASSES = {"shapes": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 IMAGEFOLDER = "imagefolder:"  # prefix of "imagefolder:PATH"
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 # shapes: training subsets are nested, class-balanced draws from one generated pool (more on
 # request: a bigger --n-train grows the pool, prefix-stable); the defaults are sized so that a
 # 3-epoch `vitexp train` of the smallest model takes well under a minute on a 2-core CPU
@@ -33,15 +33,33 @@ SHAPES_POOL = 20_000  # generated training images that every subset of up to 20k
 SHAPES_TRAIN, SHAPES_TEST = 5_000, 1_000  # default training set (a subset of the pool) and test set
 SHAPES_TRAIN_SEED, SHAPES_TEST_SEED = 0, 1  # disjoint generator streams
 SHAPES_MAX = 1_000_000  # generated images per split (3 GB at 32 px): beyond this, a typo
-TORCHVISION_FILES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz",
-                     "svhn": "train_32x32.mat and test_32x32.mat"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGEFOLDER_SIZE = 224
-STATS = {  # per-channel mean/std of the training sets, [0, 1] units (the usual published values)
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything vitexp knows about a named data set without loading it."""
+
+    num_classes: int
+    in_chans: int
+    image_size: int
+    n_train: int
+    # per-channel mean/std of the training set in [0, 1] units (the usual published values;
+    # None: measured on the data, as for the generated shapes)
+    stats: tuple | None
+    files: str  # what the loader needs on disk, for "not found" messages
+
+
+DATASETS = {
+    "shapes": DatasetInfo(10, 3, 32, SHAPES_TRAIN, None, "nothing: generated"),
+    "fashion-mnist": DatasetInfo(10, 1, 28, 60_000, ((0.2860,), (0.3530,)), "the 4 idx .gz files"),
+    "cifar10": DatasetInfo(10, 3, 32, 50_000, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                           "cifar-10-python.tar.gz"),
+    "cifar100": DatasetInfo(100, 3, 32, 50_000, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                            "cifar-100-python.tar.gz"),
+    "svhn": DatasetInfo(10, 3, 32, 73_257, ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+                        "train_32x32.mat and test_32x32.mat"),
 }
 
 
@@ -64,6 +82,7 @@ class DataBundle:
     test_y: torch.Tensor | None = None
     train_set: torch.utils.data.Dataset | None = None  # yields (PIL image, int)
     test_set: torch.utils.data.Dataset | None = None
+    source: str = ""  # where the images came from (a folder, or "generated")
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -87,6 +106,14 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("VITEXP_DATA") or Path.home() / ".cache" / "vitexp")
 
 
+def data_root(data_dir: str | None) -> Path:
+    """--data-dir, else the default; a path that exists but is no folder is a mistake."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-dir {root} is a file, not a folder; give the folder that holds your data sets")
+    return root
+
+
 def load_data(name: str, data_dir: str | None = None, image_size: int | None = None,
               n_train: int | None = None, n_test: int | None = None, subset_seed: int = 0) -> DataBundle:
     """Load a data set by name, with an optional nested subset, test slice and resize.
@@ -94,14 +121,10 @@ def load_data(name: str, data_dir: str | None = None, image_size: int | None = N
     n_train: class-balanced nested subset (balanced_subset with subset_seed).
     n_test: the first n_test of the fixed test set (never depends on subset_seed).
     """
-    root = Path(data_dir) if data_dir else default_data_dir()
+    root = data_root(data_dir)
     if name.startswith(IMAGEFOLDER):
-        path = Path(name[len(IMAGEFOLDER):]).expanduser()
-        if not path.is_absolute() and not path.exists():  # a relative PATH may live under the data dir
-            name = IMAGEFOLDER + str(root / path)
-        return _imagefolder(name, image_size, n_train, n_test, subset_seed)
-    if name not in DATASETS:
-        raise unknown("dataset", name, DATASETS + (IMAGEFOLDER + "PATH",))
+        return _imagefolder(imagefolder_path(name, root), image_size, n_train, n_test, subset_seed)
+    info = dataset_info(name)
     if name == "shapes":  # generated natively at the asked size, as many as asked
         for what, n in (("train", n_train), ("test", n_test)):
             if (n or 0) > SHAPES_MAX:
@@ -110,9 +133,10 @@ def load_data(name: str, data_dir: str | None = None, image_size: int | None = N
         n_train = n_train or SHAPES_TRAIN
         xtr, ytr, xte, yte, stats = _shapes(max(SHAPES_POOL, n_train), max(SHAPES_TEST, n_test or 0),
                                             image_size or 32)
+        source = "generated"
     else:
-        xtr, ytr, xte, yte = _LOADERS[name](root)
-        stats = STATS[name]
+        xtr, ytr, xte, yte, source = _LOADERS[name](root)
+        stats = info.stats
     for what, n, have in (("train", n_train, len(ytr)), ("test", n_test, len(yte))):
         if n is not None and n > have:
             raise UserError(f"--n-{what} {n} is larger than {name}'s {what} set ({have} images)")
@@ -123,9 +147,9 @@ def load_data(name: str, data_dir: str | None = None, image_size: int | None = N
         xte, yte = xte[:n_test], yte[:n_test]
     if image_size is not None and image_size != xtr.shape[-1]:
         xtr, xte = _resize(xtr, image_size), _resize(xte, image_size)
-    return DataBundle(name=name, num_classes=NUM_CLASSES[name],
+    return DataBundle(name=name, num_classes=info.num_classes,
                       in_chans=xtr.shape[1], image_size=xtr.shape[-1], mean=stats[0], std=stats[1],
-                      train_x=xtr, train_y=ytr, test_x=xte, test_y=yte)
+                      train_x=xtr, train_y=ytr, test_x=xte, test_y=yte, source=source)
 
 
 # --- in-memory data sets: each returns uint8 (N,C,H,W) / int64 (N,) train and test
@@ -165,19 +189,28 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=head).reshape(dims)
 
 
+def fashion_mnist_places(root: Path) -> list[Path]:
+    """Where Fashion-MNIST is looked for, in order: the data dir, then Debian's folder."""
+    return [root / "fashion-mnist", FASHION_MNIST_SYSTEM_DIR]
+
+
+def fashion_mnist_dir(root: Path) -> Path | None:
+    """The first folder of fashion_mnist_places that holds all four files."""
+    return next((p for p in fashion_mnist_places(root) if all((p / f).is_file() for f in FASHION_MNIST_FILES)),
+                None)
+
+
 @functools.lru_cache(maxsize=1)
 def _fashion_mnist(root: Path):
-    files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-    places = [root / "fashion-mnist", FASHION_MNIST_SYSTEM_DIR]
-    found = next((p for p in places if all((p / f).is_file() for f in files)), None)
+    found = fashion_mnist_dir(root)
     if found is None:
+        places = fashion_mnist_places(root)
         raise UserError(f"fashion-mnist not found in {places[0]} or {places[1]}; "
                         f"`apt-get install dataset-fashion-mnist` or put the 4 idx .gz files in {places[0]}")
-    xtr, ytr, xte, yte = (torch.from_numpy(_read_idx(found / f).copy()) for f in files)
+    xtr, ytr, xte, yte = (torch.from_numpy(_read_idx(found / f).copy()) for f in FASHION_MNIST_FILES)
     if xtr.shape[1:] != (28, 28) or len(xtr) != len(ytr) or len(xte) != len(yte):
         raise UserError(f"fashion-mnist files in {found} do not match each other; fetch them again")
-    return xtr[:, None], ytr.long(), xte[:, None], yte.long()
+    return xtr[:, None], ytr.long(), xte[:, None], yte.long(), str(found)
 
 
 def _torchvision(name: str, root: Path):
@@ -199,14 +232,14 @@ def _torchvision(name: str, root: Path):
         except Exception as e:  # no network, bad checksum, ...: say where and how in one line
             reason = " ".join(str(e).split())[:160]
             raise UserError(f"{name} not found (or corrupt) in {where} and the download failed ({reason}); "
-                            f"run once with network access or put {TORCHVISION_FILES[name]} there") from None
+                            f"run once with network access or put {DATASETS[name].files} there") from None
     out = []
     for ds in sets:
         x = torch.from_numpy(ds.data)
         x = x if name == "svhn" else x.permute(0, 3, 1, 2)  # CIFAR stores NHWC
         y = torch.as_tensor(ds.labels if name == "svhn" else ds.targets, dtype=torch.long)
         out += [x.contiguous(), y]
-    return tuple(out)
+    return (*out, str(where))
 
 
 _LOADERS = {
@@ -229,15 +262,35 @@ def _resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
 # --- ImageFolder trees
 
 
-def _imagefolder(name: str, image_size: int | None, n_train: int | None, n_test: int | None,
-                 subset_seed: int) -> DataBundle:
-    from torchvision.datasets import ImageFolder
-
+def imagefolder_path(name: str, root: Path) -> Path:
+    """The folder of "imagefolder:PATH" (a relative PATH may live under the data dir),
+    checked to hold train/ and val/."""
     path = Path(name[len(IMAGEFOLDER):]).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = root / path
     missing = [d for d in ("train", "val") if not (path / d).is_dir()]
     if missing:
         raise UserError(f"{name}: no {' or '.join(missing)}/ folder in {path}; "
                         "expected PATH/train/<class>/*.jpg and PATH/val/<class>/*.jpg")
+    return path
+
+
+def check_data(name: str, data_dir: str | None = None, n_train: int | None = None, n_test: int | None = None) -> None:
+    """Fail now, in one line, where loading would fail in every trial: missing or corrupt
+    files, a subset larger than the data (in-memory sets are loaded, and cached; image
+    folders are only looked at)."""
+    root = data_root(data_dir)
+    if name.startswith(IMAGEFOLDER):
+        imagefolder_path(name, root)
+    else:
+        load_data(name, data_dir, n_train=n_train, n_test=n_test)
+
+
+def _imagefolder(path: Path, image_size: int | None, n_train: int | None, n_test: int | None,
+                 subset_seed: int) -> DataBundle:
+    from torchvision.datasets import ImageFolder
+
+    name = f"{IMAGEFOLDER}{path}"
     try:
         train, test = ImageFolder(str(path / "train")), ImageFolder(str(path / "val"))
     except (FileNotFoundError, OSError) as e:
@@ -255,38 +308,31 @@ def _imagefolder(name: str, image_size: int | None, n_train: int | None, n_test:
         sets.append(ds)
     return DataBundle(name=name, num_classes=len(train.classes), in_chans=3,
                       image_size=image_size or IMAGEFOLDER_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                      train_set=sets[0], test_set=sets[1])
+                      train_set=sets[0], test_set=sets[1], source=str(path))
 
 
 # --- facts without loading: for cost estimates and `vitexp doctor`
 
-_INFO = {  # name -> (image_size, in_chans, train images)
-    "shapes": (32, 3, SHAPES_TRAIN), "fashion-mnist": (28, 1, 60_000), "cifar10": (32, 3, 50_000),
-    "cifar100": (32, 3, 50_000), "svhn": (32, 3, 73_257),
-}
 
-
-def dataset_info(name: str) -> dict:
-    """image_size, in_chans, num_classes, n_train of a data set by name, without loading it
-    (imagefolder: ImageNet-like defaults, 224 px and 1000 classes, n_train unknown = 0)."""
+def dataset_info(name: str) -> DatasetInfo:
+    """What vitexp knows of a data set by name, without loading it (imagefolder:
+    ImageNet-like defaults, 224 px and 1000 classes, n_train unknown = 0)."""
     if name.startswith(IMAGEFOLDER):
-        return {"image_size": IMAGEFOLDER_SIZE, "in_chans": 3, "num_classes": 1000, "n_train": 0}
+        return DatasetInfo(1000, 3, IMAGEFOLDER_SIZE, 0, (IMAGENET_MEAN, IMAGENET_STD), "train/ and val/ folders")
     if name not in DATASETS:
-        raise unknown("dataset", name, DATASETS + (IMAGEFOLDER + "PATH",))
-    size, chans, n = _INFO[name]
-    return {"image_size": size, "in_chans": chans, "num_classes": NUM_CLASSES[name], "n_train": n}
+        raise unknown("dataset", name, tuple(DATASETS) + (IMAGEFOLDER + "PATH",))
+    return DATASETS[name]
 
 
 def locate(name: str, data_dir: str | None = None) -> str:
     """Where a data set is found, or one line on how to get it (loads nothing big)."""
-    root = Path(data_dir) if data_dir else default_data_dir()
+    root = data_root(data_dir)
     if name == "shapes":
         return "built in (generated)"
     if name == "fashion-mnist":
-        for p in (root / "fashion-mnist", FASHION_MNIST_SYSTEM_DIR):
-            if (p / "train-images-idx3-ubyte.gz").is_file():
-                return str(p)
-        return f"not found: `apt-get install dataset-fashion-mnist` or put the idx .gz files in {root / name}"
+        found = fashion_mnist_dir(root)
+        return str(found) if found else (f"not found: `apt-get install dataset-fashion-mnist` or put the "
+                                         f"idx .gz files in {root / name}")
     where = root / name
     if where.is_dir() and any(where.iterdir()):
         return str(where)

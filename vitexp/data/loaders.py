@@ -30,11 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitexp.data.augment import channel_tensors, normalize, random_crop_flip
 from vitexp.data.datasets import DataBundle
-from vitexp.data.seeds import derive_seed
+from vitexp.seeds import AUGMENT, ORDER, derive_seed
 from vitexp.errors import UserError
-
-ORDER, AUGMENT = 0, 1  # tags of the two random streams of an epoch
-
 
 def epoch_shard(n: int, seed: int, epoch: int, rank: int, world_size: int,
                 device: torch.device | str = "cpu") -> torch.Tensor:
@@ -163,18 +160,20 @@ def folder_transforms(bundle: DataBundle, cfg) -> tuple:
 
 def make_loaders(bundle: DataBundle, cfg, device: torch.device | str, rank: int = 0,
                  world_size: int = 1) -> tuple:
-    """(train_loader, test_loader); cfg.batch_size is the per-rank batch size."""
+    """(train_loader, test_loader) of a resolved config; cfg.batch_size is the global
+    batch, each of the world_size ranks takes its share."""
     device = torch.device(device)
+    batch = cfg.batch_size // world_size
     if bundle.in_memory:
         xtr, ytr, xte, yte = bundle.on_device(device)
-        train = InMemoryLoader(xtr, ytr, bundle, cfg.batch_size, train=True, seed=cfg.seed,
-                               crop_pad=cfg.resolved().crop_pad, hflip=cfg.hflip, rank=rank, world_size=world_size)
-        return train, InMemoryLoader(xte, yte, bundle, cfg.batch_size, train=False)
+        train = InMemoryLoader(xtr, ytr, bundle, batch, train=True, seed=cfg.seed,
+                               crop_pad=cfg.crop_pad, hflip=cfg.hflip, rank=rank, world_size=world_size)
+        return train, InMemoryLoader(xte, yte, bundle, batch, train=False)
     t_train, t_test = folder_transforms(bundle, cfg)
     train = FolderLoader(_Transformed(bundle.train_set, t_train, cfg.seed),
                          _EpochSampler(len(bundle.train_set), cfg.seed, rank, world_size),
-                         cfg.batch_size, train=True, num_workers=cfg.num_workers, device=device)
+                         batch, train=True, num_workers=cfg.num_workers, device=device)
     test = FolderLoader(_Transformed(bundle.test_set, t_test, cfg.seed),
                         _EpochSampler(len(bundle.test_set), cfg.seed, shuffle=False),
-                        cfg.batch_size, train=False, num_workers=cfg.num_workers, device=device)
+                        batch, train=False, num_workers=cfg.num_workers, device=device)
     return train, test

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitexp.data.seeds import derive_seed
+from vitexp.seeds import derive_seed
 from vitexp.errors import UserError
 
 GLYPHS = (  # 5x5, one per class; '#' is ink

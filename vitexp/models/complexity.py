@@ -18,8 +18,12 @@ convention of MFU. A test checks the count against the analytic one of a ViT.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import json
+import os
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -27,9 +31,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitexp.errors import UserError
+from vitexp.fileio import atomic_write
 from vitexp.models.registry import build_model, get_spec, list_models, unwrap
 
 _aten = torch.ops.aten
+# counted costs of registered models ($VITEXP_CACHE, else ~/.cache/vitexp)
+CACHE = Path(os.environ.get("VITEXP_CACHE") or Path.home() / ".cache" / "vitexp") / "complexity.json"
 _LAYERS = {_aten.convolution, _aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.max_pool2d_with_indices}
 _FUSED_ATTENTION = {_aten._scaled_dot_product_flash_attention, _aten._scaled_dot_product_efficient_attention,
                     _aten._scaled_dot_product_flash_attention_for_cpu, _aten._scaled_dot_product_cudnn_attention}
@@ -109,10 +116,28 @@ def complexity(name_or_model, resolution: int | None = None, in_chans: int = 3, 
 
 @functools.lru_cache(maxsize=None)
 def _named(name: str, resolution: int, in_chans: int, num_classes: int) -> tuple:
-    """A registered model's cost never changes, and tables ask for it again and again."""
-    with torch.device("meta"):
-        model = build_model(name, resolution, in_chans=in_chans, num_classes=num_classes)
-    return tuple(_count(model, in_chans, resolution).items())
+    """A registered model's cost never changes: counted once per torch version and
+    architecture, then read from a small cache file (`vitexp models` takes a second, not 16)."""
+    spec = get_spec(name)
+    key = json.dumps([name, resolution, in_chans, num_classes, torch.__version__, spec.family,
+                      sorted((k, str(v)) for k, v in spec.kwargs.items())])
+    cache = _read_cache()
+    if key not in cache:
+        with torch.device("meta"):
+            model = build_model(name, resolution, in_chans=in_chans, num_classes=num_classes)
+        cache[key] = _count(model, in_chans, resolution)
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+            CACHE.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(CACHE, json.dumps(cache, sort_keys=True))
+    return tuple(cache[key].items())
+
+
+def _read_cache() -> dict:
+    try:
+        d = json.loads(CACHE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def _count(model: torch.nn.Module, in_chans: int, resolution: int) -> dict:
@@ -125,8 +150,9 @@ def _count(model: torch.nn.Module, in_chans: int, resolution: int) -> dict:
             "acts_m": acts.acts / 1e6}
 
 
-def complexity_table(resolution: int | None = None, names=None) -> pd.DataFrame:
-    """One row per model (default: all registered), each at its native resolution unless given."""
+def complexity_table(resolution: int | None = None, names=None, num_classes: int = 1000) -> pd.DataFrame:
+    """One row per model (default: all registered), each at its native resolution unless
+    given; params count a NUM_CLASSES-way head."""
     rows = []
     for name in names or list_models():
         spec = get_spec(name)
@@ -134,6 +160,6 @@ def complexity_table(resolution: int | None = None, names=None) -> pd.DataFrame:
         k = spec.kwargs
         depth = k["depth"] if spec.is_vit else sum(k.get("depths") or k["layers"])
         width = k["width"] if spec.is_vit else k["widths"][-1] if "widths" in k else 2048  # ResNet: 512 x 4
-        rows.append({"model": name, "family": spec.family, "resolution": res, **complexity(name, res),
+        rows.append({"model": name, "family": spec.family, "resolution": res, **complexity(name, res, num_classes=num_classes),
                      "depth": depth, "width": width})
     return pd.DataFrame(rows)

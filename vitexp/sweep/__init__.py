@@ -1,7 +1,22 @@
-"""Studies as data (presets -> trial configs) and the one runner that runs them."""
+"""The sweep layer: plan a study (preset + overrides -> spec -> trials -> this shard's
+pending ones), run it (in process, in worker processes, under torchrun), collect shards.
 
-from vitexp.sweep.runner import collect, describe, estimate_cost, parse_shard, resolve_spec, run_study
-from vitexp.sweep.studies import log_uniform, sampling_range, trials
+- presets.py   experiments/*.toml by name
+- plan.py      spec, trial list, shard, pending; folder checks; dry-run table and cost
+- execute.py   the one `run(plan)`: claims, heartbeats, recording, workers, signals
+- collect.py   merge study folders
+"""
 
-__all__ = ["collect", "describe", "estimate_cost", "log_uniform", "parse_shard", "resolve_spec", "run_study",
-           "sampling_range", "trials"]
+from vitexp.sweep.collect import collect
+from vitexp.sweep.execute import run
+from vitexp.sweep.plan import Plan, describe, estimate_cost, make_plan, parse_shard, resolve_spec
+
+__all__ = ["Plan", "collect", "describe", "estimate_cost", "make_plan", "parse_shard", "resolve_spec", "run",
+           "run_study"]
+
+
+def run_study(spec: dict, out, shard: tuple[int, int] = (0, 1), workers: int | None = 1,
+              progress: bool | None = False):
+    """Plan and run a study in one call (a notebook's entry point); returns its runs table.
+    WORKERS: 1 (default here) trains in this process, None lets vitexp choose (the CLI's default)."""
+    return run(make_plan(spec, out, shard), workers, progress)

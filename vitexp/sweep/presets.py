@@ -1,25 +1,21 @@
 """Study presets: TOML files in experiments/, one per figure and scale.
 
-A preset has three tables: [study] (kind, models, seeds and the kind's own
-knobs), [train] (TrainConfig defaults for every trial) and optional [tuned.MODEL]
-(lr/wd per optimizer, overriding the model zoo's tuned values) and
-[ranges.MODEL_OR_FAMILY] (lr/wd sampling ranges of the stability study).
+A preset has the tables [study] (kind, models, seeds and the kind's own knobs),
+[train] (TrainConfig defaults for every trial) and optional [tuned.MODEL] (lr/wd per
+optimizer, overriding the model zoo's tuned values) and [ranges.MODEL_OR_FAMILY]
+(lr/wd sampling ranges of the stability study and the tuning search). Any other table
+is a typo and refused with the closest name.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
+from vitexp import tomlfile
 from vitexp.errors import UserError, unknown
 
-KINDS = ("scale", "stability", "optimizer", "tune")
+TABLES = ("study", "train", "tuned", "ranges")
 
 
 def experiments_dir() -> Path:
@@ -35,6 +31,8 @@ def list_presets(kind: str | None = None) -> list[str]:
 def find_preset(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix == ".toml" or p.exists():
+        if p.is_dir():
+            raise UserError(f"preset {p} is a folder; give a .toml file or a preset name from experiments/")
         if not p.exists():
             raise UserError(f"preset file {p} does not exist; give a path to a .toml or a name from experiments/")
         return p
@@ -44,14 +42,29 @@ def find_preset(name_or_path: str) -> Path:
     return p
 
 
-def load_preset(name_or_path: str) -> dict:
-    path = find_preset(name_or_path)
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file as a dict, or one line saying why it cannot be read."""
     try:
-        d = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"preset {path} is not valid TOML ({e}); fix the file") from None
-    if d.get("study", {}).get("kind") not in KINDS:
-        raise UserError(f"preset {path} needs [study] kind = one of {', '.join(KINDS)}")
+        return tomlfile.loads(path.read_text(encoding="utf-8"))
+    except tomlfile.TOMLDecodeError as e:
+        raise UserError(f"{what} {path} is not valid TOML ({' '.join(str(e).split())}); fix the file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({e.strerror}); check the path") from None
+
+
+def load_preset(name_or_path: str, kinds) -> dict:
+    """The preset's tables, checked for shape: known tables, a [study] table naming one of KINDS."""
+    path = find_preset(name_or_path)
+    d = read_toml(path, "preset")
+    for name, table in d.items():
+        if name not in TABLES:
+            raise unknown(f"table [{name}] in preset {path}", name, TABLES)
+        if not isinstance(table, dict):
+            raise UserError(f"preset {path}: [{name}] must be a table, got {table!r}")
+    if d.get("study", {}).get("kind") not in kinds:
+        raise UserError(f"preset {path} needs [study] kind = one of {', '.join(kinds)}")
     d.setdefault("train", {})
     d["study"].setdefault("preset", path.stem)
     return d
@@ -64,39 +77,3 @@ def default_preset(kind: str, dataset: str | None) -> str:
         if name in list_presets():
             return name
     return f"{kind}_shapes"
-
-
-# -- a minimal TOML writer for the resolved study.toml (stdlib reads TOML, not writes) --
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        if isinstance(v, float) and not math.isfinite(v):
-            return {math.inf: "inf", -math.inf: "-inf"}.get(v, "nan")
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else _value(k)
-
-
-def dumps_toml(d: dict) -> str:
-    """Tables of scalars, lists and inline tables, nested tables one level deep."""
-    lines = [f"{_key(k)} = {_value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
-    for name, table in d.items():
-        if not isinstance(table, dict):
-            continue
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
-        subs = {k: v for k, v in table.items() if isinstance(v, dict)}
-        if scalars or not subs:
-            lines += ["", f"[{_key(name)}]"] + [f"{_key(k)} = {_value(v)}" for k, v in scalars.items()]
-        for sub, inner in subs.items():
-            lines += ["", f"[{_key(name)}.{_key(sub)}]"] + [f"{_key(k)} = {_value(v)}" for k, v in inner.items()]
-    return "\n".join(lines).lstrip() + "\n"

@@ -1,0 +1,85 @@
+"""Where and how a trial runs: the device, bf16 autocast and the torchrun environment.
+
+The one place that reads RANK / WORLD_SIZE / LOCAL_RANK and decides autocast, so the
+trainer, the sweep, `bench` and `doctor` agree on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+from vitexp.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto (CUDA when there), cpu, cuda or cuda:N; a missing GPU is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def amp_enabled(device: torch.device, amp: bool) -> bool:
+    """bf16 autocast runs on CUDA only: on the CPU it is slow and changes results."""
+    return amp and device.type == "cuda"
+
+
+def autocast(device: torch.device, amp: bool):
+    # bf16 needs no loss scaling
+    if amp_enabled(device, amp):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """This process's place under torchrun (rank 0 of 1 without it)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> Dist:
+    """What torchrun says about this process (from its environment variables)."""
+    env = os.environ
+    return Dist(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) and pick this rank's
+    GPU; without torchrun a no-op."""
+    d = dist_env()
+    if d.world <= 1:
+        return d, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    return d, device

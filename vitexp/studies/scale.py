@@ -1,0 +1,175 @@
+"""[ViT] data-size scaling: models x nested class-balanced training-set sizes x seeds,
+one set of hyper-parameters for every size, error = the best held-out error reached
+(early stopping), optionally the few-shot linear probe of the frozen features.
+
+The budget in optimisation steps of a size n is `steps x (n / smallest size)^steps_exponent`
+(exponent 0, the default: the same budget for every size), at least `min_epochs` epochs;
+`epochs` instead trains every size that many epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib as mpl
+import pandas as pd
+from matplotlib.ticker import FixedLocator, NullLocator
+
+from vitexp import analysis, plots
+from vitexp.errors import UserError
+from vitexp.studies.base import Knob, Study, int_knob, ints, seeds_phrase, tuned
+from vitexp.studies.registry import register
+
+
+class Scale(Study):
+    kind = "scale"
+    command = "scale-study"
+    title = "Data-size scaling (ViT)"
+    help = ("ViT paper: error vs training-set size for a ViT_P, its ViT_C twin and a CNN "
+            "(nested subsets, early stopping).")
+    knobs = (Knob("sizes", int, "comma-separated training-set sizes", many=True),
+             Knob("steps", int, "optimisation budget in steps at the smallest size"),
+             Knob("steps_exponent", float, "the budget grows as (size / smallest)^this (0: the same for every size)"),
+             Knob("min_epochs", int, "epoch floor for the largest sizes"),
+             Knob("epochs", int, "train every size this many epochs instead of the step budget"),
+             Knob("evals", int, "evaluations per trial (every max(1, epochs // evals) epochs)"),
+             Knob("fewshot", int, "comma-separated shots of the linear few-shot eval, e.g. 1,5,10", many=True))
+    sets = Study.sets + ("n_train", "eval_every")
+    needs = ("model", "n_train", "top1_err")
+    plot_command = "plot-scale"
+
+    def trials(self, spec, base, trial):
+        s = spec["study"]
+        if not s.get("sizes"):
+            raise UserError("the scale study has no sizes; give --sizes 500,2000,... or set [study] sizes")
+        sizes = ints(s["sizes"], "sizes")
+        if min(sizes) <= 0:
+            raise UserError(f"--sizes must be positive, got {sizes}")
+        fewshot = ints(s["fewshot"], "fewshot") if s.get("fewshot") else list(base.fewshot)
+        out = []
+        for model in s["models"]:
+            lr, wd = tuned(spec, model, base.optimizer)
+            for seed in ints(s.get("seeds", [0]), "seeds"):
+                for n in sizes:
+                    epochs = self.epochs(s, n, min(sizes), base.batch_size)
+                    out.append(trial(model=model, n_train=n, seed=seed, subset_seed=seed, epochs=epochs,
+                                     eval_every=max(1, epochs // int_knob(s, "evals", 10)),
+                                     lr=base.lr or lr, wd=base.wd if base.wd is not None else wd,
+                                     fewshot=fewshot, extra={"size": n, "budget_steps": int_knob(s, "steps", 0, 0)}))
+        return out
+
+    @staticmethod
+    def epochs(s: dict, n: int, smallest: int, batch: int) -> int:
+        """Epochs of a size-N trial: [study] epochs, else its step budget, at least min_epochs."""
+        if s.get("epochs") is not None:
+            return int_knob(s, "epochs", 1)
+        exponent = s.get("steps_exponent", 0)
+        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 <= exponent <= 2:
+            raise UserError(f"--steps-exponent takes a number in [0, 2], got {exponent!r}")
+        steps = int_knob(s, "steps", 0, 0) * (n / smallest) ** exponent
+        return max(int_knob(s, "min_epochs", 1), math.ceil(round(steps) * batch / n))
+
+    def figures(self, runs, out, n_boot=2500, seed=0):
+        return plot_scale(runs, Path(out))
+
+    def tables(self, runs, n_boot=2500, seed=0):
+        summary = scale_summary(runs)
+        out = []
+        for metric in dict.fromkeys(summary["metric"]):
+            part = summary[summary["metric"] == metric]
+            cell = [f"{m:.2f}" if n == 1 or not math.isfinite(s) else f"{m:.2f} ± {s:.2f}"
+                    for m, s, n in zip(part["mean"], part["std"], part["n"])]
+            wide = part.assign(cell=cell).pivot(index="model", columns="n_train", values="cell")
+            wide = wide.reindex(plots.model_order(wide.index)).reset_index()
+            wide.columns = ["model"] + [f"n={c}" for c in wide.columns[1:]]
+            out += [("h3", f"{metric} (%) by training-set size: {seeds_phrase(part['n'])}"), ("table", wide)]
+        gaps = cnn_gaps(summary)
+        if not gaps.empty:
+            out += [("h3", "Gap to the CNN: mean top-1 error minus the CNN's (points)"), ("table", gaps)]
+        return out
+
+    def captions(self, figure: Path) -> str:
+        """Said from the figure's own numbers (its CSV): its panels and what a point is."""
+        table = pd.read_csv(figure.with_suffix(".csv"))
+        shots = [analysis.FEWSHOT.match(m)[1] for m in dict.fromkeys(table["metric"]) if analysis.FEWSHOT.match(m)]
+        top = table[table["metric"] == "top1_err"]
+        point = "one run per point" if top["n"].max() == 1 else "the mean over seeds with a min–max band"
+        return (f"Top-1 error vs training-set size (log x) per model, {point}"
+                + (f"; further panels: {', '.join(shots)}-shot linear-probe errors of the frozen features." if shots
+                   else "."))
+
+    def must_converge(self, runs):
+        ok = analysis.finished(runs)
+        return ok[ok["n_train"] == ok.groupby("model")["n_train"].transform("max")]
+
+
+def scale_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per model, training-set size and metric (top1_err and each fewshot{k}_err):
+    mean, std (ddof 1; NaN for one seed), min, max and n over seeds; diverged runs
+    count at 100 for top1_err and are counted in `diverged`."""
+    ok = analysis.finished(runs)
+    rows = []
+    for metric in ["top1_err"] + analysis.fewshot_columns(ok):
+        for (model, size), g in ok.groupby(["model", "n_train"], sort=True):
+            v = g[metric].dropna()
+            if v.empty:
+                continue
+            rows.append({"model": model, "n_train": int(size), "metric": metric, "mean": v.mean(),
+                         "std": v.std(), "min": v.min(), "max": v.max(), "n": len(v),
+                         "diverged": int(g.loc[v.index, "diverged"].sum())})
+    return pd.DataFrame(rows, columns=["model", "n_train", "metric", "mean", "std", "min", "max", "n", "diverged"])
+
+
+def cnn_gaps(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each ViT's mean top1_err minus the CNN's, per size (one CNN in the study)."""
+    top = summary[summary["metric"] == "top1_err"]
+    cnns = [m for m in plots.model_order(top["model"]) if plots.family(m) == "cnn"]
+    if len(cnns) != 1:
+        return pd.DataFrame()
+    wide = top.pivot(index="model", columns="n_train", values="mean")
+    gaps = (wide.drop(index=cnns[0]) - wide.loc[cnns[0]]).reindex(
+        [m for m in plots.model_order(wide.index) if m != cnns[0]])
+    gaps.columns = [f"n={c}" for c in gaps.columns]
+    return gaps.reset_index()
+
+
+def plot_scale(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """scale.*: error vs training-set size (log x), one line per model: mean over
+    seeds, band min-max; one more panel per few-shot k when runs.csv has them."""
+    plots.require_results(runs)
+    summary = scale_summary(runs)
+    metrics = list(dict.fromkeys(summary["metric"]))
+    styles, labels = plots.model_styles(runs["model"]), plots.model_labels(runs)
+    with plots.style():
+        ncols = min(2, len(metrics))
+        fig, axes = plots.figure(-(-len(metrics) // ncols), ncols, width=4.6, height=3.4)
+        axes = axes.ravel()
+        for ax in axes[len(metrics):]:
+            ax.set_visible(False)
+        for ax, metric in zip(axes, metrics):
+            _scale_panel(ax, summary[summary["metric"] == metric], metric, styles, labels)
+        fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside right center")
+        n = summary.loc[summary["metric"] == "top1_err", "n"]
+        phrase = "one run per point" if n.max() == 1 else seeds_phrase(n, std=False) + ", band: min–max"
+        fig.suptitle(f"Error vs training-set size ({phrase})")
+        return plots.save(fig, summary, out, "scale")
+
+
+def _scale_panel(ax, part, metric, styles, labels) -> None:
+    for model in plots.model_order(part["model"]):
+        g = part[part["model"] == model].sort_values("n_train")
+        st = styles[model]
+        ax.plot(g["n_train"], g["mean"], color=st["color"], marker=st["marker"], label=labels[model])
+        ax.fill_between(g["n_train"], g["min"], g["max"], color=st["color"], alpha=0.15, lw=0)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(part["n_train"]))))
+    ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: plots.count_label(v)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("training images")
+    k = analysis.FEWSHOT.match(metric)
+    ax.set_title(f"{k[1]}-shot linear probe (frozen features)" if k else "test error")
+    ax.set_ylabel("top-1 error (%)")
+
+
+STUDY = register(Scale())

@@ -1,0 +1,184 @@
+"""Plan a study, computed once: preset + overrides -> spec -> trial list -> this shard's
+trials -> the ones still to run. Nothing here writes anything: a refused plan leaves
+every folder as it was."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from vitexp import studies
+from vitexp.config import TrainConfig
+from vitexp.errors import UserError
+from vitexp.store import TrialStore
+from vitexp.sweep.presets import default_preset, load_preset, read_toml
+
+
+def resolve_spec(kind: str, preset: str | None, study_overrides: dict, train_overrides: dict) -> dict:
+    """Preset (by name, path, or the kind's default for the data set) + command-line
+    overrides: study-level knobs into [study], TrainConfig fields into [train]."""
+    name = preset or default_preset(kind, train_overrides.get("dataset"))
+    spec = load_preset(name, list(studies.STUDIES))
+    if spec["study"]["kind"] != kind:
+        raise UserError(f"preset {name} is a {spec['study']['kind']} study, not a {kind} study; "
+                        f"pick one of vitexp's {kind}_* presets")
+    spec = copy.deepcopy(spec)
+    spec["study"].update({k: v for k, v in study_overrides.items() if v is not None})
+    spec["train"].update({k: v for k, v in train_overrides.items() if v is not None})
+    return spec
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' -> (I, N); None -> SLURM array variables when set, else (0, 1)."""
+    if text is None:
+        env = os.environ
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            try:
+                i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+                return parse_shard(f"{i}/{int(env['SLURM_ARRAY_TASK_COUNT'])}")
+            except ValueError:
+                raise UserError(f"SLURM_ARRAY_TASK_ID/COUNT/MIN must be integers, got "
+                                f"{env['SLURM_ARRAY_TASK_ID']!r}/{env['SLURM_ARRAY_TASK_COUNT']!r}/"
+                                f"{env.get('SLURM_ARRAY_TASK_MIN', '0')!r}; fix the job script") from None
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard takes I/N, e.g. 0/4, got '{text}'") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard {text}: need 0 <= I < N, e.g. 0/{max(n, 1)} .. {max(n, 1) - 1}/{max(n, 1)}")
+    return i, n
+
+
+def identity(spec: dict) -> dict:
+    """What makes two specs one study (one folder): the kind, the data set and the kind's
+    own identity keys; rows of studies that differ here would mix in one figure (models,
+    seeds, samples or sizes may grow a study in place)."""
+    kind = spec.get("study", {}).get("kind")
+    out = {"kind": kind, "dataset": spec.get("train", {}).get("dataset") or "shapes"}
+    if kind in studies.STUDIES:
+        study = studies.get_study(kind)
+        out.update({k: spec["study"].get(k) for k in study.identity})
+    return out
+
+
+def check_folder(out: Path, spec: dict | str) -> None:
+    """Refuse a folder that holds another study (another kind, data set or identity key),
+    a file in its place, or an unreadable study.toml."""
+    mine = identity(spec) if isinstance(spec, dict) else {"kind": spec}
+    kind = mine["kind"]
+    if str(out) in ("", "."):
+        raise UserError("--out must name a folder for the results, e.g. --out runs/mystudy")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the results")
+    f = out / "study.toml"
+    if f.exists():
+        theirs = identity(read_toml(f, "study file"))
+        if theirs["kind"] and theirs["kind"] != kind:
+            raise UserError(f"{out} holds a {theirs['kind']} study; give this {kind} study another --out")
+        for name in mine:
+            if theirs.get(name) is not None and mine[name] is not None and theirs[name] != mine[name]:
+                raise UserError(f"{out} holds a {kind} study with {name} {theirs[name]}, not {mine[name]}; "
+                                f"give this study another --out")
+    elif (out / "runs.csv").exists():
+        try:
+            kinds = set(pd.read_csv(out / "runs.csv", usecols=["study"])["study"])
+        except (ValueError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+            kinds = set()
+        if kinds - {kind}:
+            raise UserError(f"{out} holds results of another kind ({', '.join(sorted(map(str, kinds)))}); "
+                            f"give this {kind} study another --out")
+
+
+def unique(trials: list[TrainConfig]) -> list[tuple[str, TrainConfig]]:
+    """(key, config) of each distinct trial, in order."""
+    seen, out = set(), []
+    for t in trials:
+        k = t.key()
+        if k not in seen:
+            seen.add(k)
+            out.append((k, t))
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    """A study about to run: its spec, its kind, its folder, its shard and its trials."""
+
+    spec: dict
+    study: studies.Study
+    out: Path
+    shard: tuple[int, int]
+    trials: list[tuple[str, TrainConfig]]  # the whole study, in its fixed order
+
+    @cached_property
+    def mine(self) -> list[tuple[str, TrainConfig]]:
+        """This shard's trials: a round-robin slice of the fixed order (disjoint, balanced)."""
+        i, n = self.shard
+        return self.trials[i::n]
+
+    def done(self) -> dict[str, dict]:
+        """key -> recorded row of every trial the folder has a result for."""
+        if not (self.out / "trials").is_dir():
+            return {}
+        return {k: r for k, r in TrialStore(self.out, create=False).finished().items() if r.get("status") == "ok"}
+
+    def pending(self) -> list[tuple[str, TrainConfig]]:
+        """This shard's trials without a result yet: what a run would train."""
+        done = self.done()
+        return [(k, t) for k, t in self.mine if k not in done]
+
+    def complete(self) -> bool:
+        """Has every trial of the whole study (all shards) a result?"""
+        done = self.done()
+        return all(k in done for k, _ in self.trials)
+
+
+def make_plan(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1)) -> Plan:
+    """Validate the whole study (every trial) and the folder; writes nothing."""
+    study = studies.get_study(spec["study"].get("kind"))
+    keyed = unique(studies.trials(spec))
+    out = Path(out)
+    check_folder(out, spec)
+    return Plan(spec=spec, study=study, out=out, shard=shard, trials=keyed)
+
+
+def describe(plan: Plan) -> pd.DataFrame:
+    """The trial table of a study: one row per trial with its key and status."""
+    done = TrialStore(plan.out, create=False).finished() if (plan.out / "trials").is_dir() else {}
+    rows = []
+    for key, t in plan.trials:
+        rows.append({"key": key, "model": t.model, "dataset": t.dataset, "n_train": t.n_train,
+                     "optimizer": t.optimizer, "lr": t.lr, "wd": t.wd, "epochs": t.epochs,
+                     "seed": t.seed, "status": done.get(key, {}).get("status", "todo")})
+    return pd.DataFrame(rows)
+
+
+def estimate_cost(plan: Plan, images_per_s: dict[str, float] | None = None) -> dict:
+    """Training images and FLOPs of the trials still to run (3x the forward FLOPs per
+    image for forward + backward), and with IMAGES_PER_S (model -> measured training
+    images/s on this device) the estimated wall time of running them one after another."""
+    from vitexp import models as vmodels
+    from vitexp.data import dataset_info
+
+    table = describe(plan)
+    todo = table[table.status != "ok"]
+    info = dataset_info(plan.spec["train"].get("dataset", "shapes"))
+    flops, images, seconds = 0.0, 0, 0.0
+    for model, grp in todo.groupby("model"):
+        size = next(t.image_size for k, t in plan.trials if t.model == model) or info.image_size
+        fwd = 2e9 * vmodels.complexity(model, resolution=size, in_chans=info.in_chans,
+                                       num_classes=info.num_classes)["gflops"]
+        n = float((grp.n_train.fillna(info.n_train).astype(float) * grp.epochs).sum())
+        images += int(n)
+        flops += 3 * fwd * n
+        if images_per_s is not None:
+            seconds += n / images_per_s[model]
+    return {"trials_todo": len(todo), "trials_done": int((table.status == "ok").sum()),
+            "train_images": images, "train_pflop": flops / 1e15,
+            "seconds": seconds if images_per_s is not None else None}

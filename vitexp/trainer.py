@@ -1,0 +1,261 @@
+"""One trial, done right, in short steps: `setup_trial` -> `train_epoch` / `test_epoch`
+-> `train_model` -> `run_trial` (the entry: resolves the config, records the row).
+
+Protocol (PAPERS.md sections 3-4): the reported `top1_err` is the minimum over
+epochs of the evaluated test error, the evaluated model being the EMA of the
+weights when `cfg.ema` (else the model itself); `last_err` is the final one. A
+non-finite training loss ends the trial as diverged with top1_err = last_err = 100,
+it never raises.
+
+Reproducibility: the model is initialised from `cfg.seed`, and every epoch reseeds
+torch and the data order from (seed, epoch); so resuming from the checkpoint
+written at an epoch boundary continues exactly as an uninterrupted run would
+(bit for bit on the CPU).
+
+Distributed: under torchrun the model is wrapped in DistributedDataParallel,
+cfg.batch_size stays the global batch, each rank trains on its shard of every epoch,
+the training loss is averaged across ranks and only rank 0 writes files (every rank
+reads the checkpoint to resume: a shared file system).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vitexp import data as vdata
+from vitexp import models as vmodels
+from vitexp import rows, runtime
+from vitexp.config import TrainConfig
+from vitexp.errors import UserError
+from vitexp.optim import EMA, build_optimizer, build_scheduler
+from vitexp.seeds import EPOCH, derive_seed
+from vitexp.fileio import atomic_write
+from vitexp.store import TrialStore, provenance, set_aside
+
+# host-side check for a non-finite loss every this many steps (each check is a sync)
+NAN_CHECK_EVERY = 50
+# EMA update period in steps (pycls uses 32; each update costs a host sync)
+EMA_EVERY = 4
+
+Progress = Callable[[dict], None]
+
+
+@dataclasses.dataclass
+class Trial:
+    """Everything a trial trains with; `state` is what a checkpoint carries besides weights."""
+
+    cfg: TrainConfig
+    key: str
+    device: torch.device
+    dist: runtime.Dist
+    bundle: vdata.DataBundle
+    model: nn.Module  # the bare model (weights, checkpoints, EMA source)
+    net: nn.Module  # what the step calls: the model, DDP-wrapped and/or compiled
+    ema: EMA | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    train_loader: object
+    test_loader: object
+    mixer: Callable | None
+    criterion: nn.Module
+    channels_last: bool
+    state: dict = dataclasses.field(default_factory=lambda: {"epoch": 0, "history": [], "wall": 0.0,
+                                                             "diverged": False})
+
+
+def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device, d: runtime.Dist):
+    """(model, net, channels_last): the model on the device, seeded by cfg.seed; net wraps it
+    for the step (DDP under torchrun, torch.compile on request)."""
+    torch.manual_seed(cfg.seed)
+    model = vmodels.build_model(cfg.model, image_size=bundle.image_size, in_chans=bundle.in_chans,
+                                num_classes=bundle.num_classes, dropout=cfg.dropout)
+    if cfg.sync_bn and d.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    channels_last = device.type == "cuda" and not vmodels.is_vit(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # cuDNN's fast conv layout
+    net = model
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    return model, net, channels_last
+
+
+def setup_trial(cfg: TrainConfig) -> Trial:
+    """Device, data, model, EMA, optimizer and schedule of a resolved config."""
+    d, device = runtime.init_distributed(runtime.resolve_device(cfg.device))
+    if cfg.batch_size % d.world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the world size {d.world}; "
+                        f"use a multiple of {d.world}")
+    bundle = vdata.load_data(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                             n_train=cfg.n_train, n_test=cfg.n_test, subset_seed=cfg.subset_seed)
+    model, net, channels_last = setup_model(cfg, bundle, device, d)
+    train_loader, test_loader = vdata.make_loaders(bundle, cfg, device, d.rank, d.world)
+    opt = build_optimizer(model, cfg, device)
+    return Trial(cfg=cfg, key=cfg.key(), device=device, dist=d, bundle=bundle, model=model, net=net,
+                 ema=EMA(model, cfg.ema_decay, EMA_EVERY) if cfg.ema else None, opt=opt,
+                 sched=build_scheduler(opt, cfg, len(train_loader)), train_loader=train_loader,
+                 test_loader=test_loader, mixer=vdata.batch_mixer(cfg, bundle.num_classes),
+                 criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), channels_last=channels_last)
+
+
+def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float:
+    """One epoch of training; the mean training loss (NaN or inf once it diverged)."""
+    torch.manual_seed(derive_seed(EPOCH, t.cfg.seed, epoch))  # dropout, mixup: exact on resume
+    t.train_loader.set_epoch(epoch)
+    t.net.train()
+    steps = len(t.train_loader)
+    loss_sum = torch.zeros((), device=t.device)
+    for step, (x, y) in enumerate(t.train_loader):
+        if t.mixer is not None:
+            x, y = t.mixer(x, y)
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast(t.device, t.cfg.amp):
+            loss = t.criterion(t.net(x), y)
+        t.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+        t.opt.step()
+        t.sched.step()
+        loss_sum += loss.detach()
+        # counted over the whole run: an epoch of fewer than EMA_EVERY steps still updates
+        if t.ema is not None and (epoch * steps + step + 1) % EMA_EVERY == 0:
+            t.ema.update_parameters(t.model)
+        if (step + 1) % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+            break
+        if progress is not None and t.device.type == "cpu":  # on a GPU this would sync every step
+            progress({"event": "step", "step": step + 1, "steps": steps, "epoch": epoch})
+    if t.dist.world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    return loss_sum.item() / steps
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool) -> float:
+    """Top-1 error in percent over the whole loader (one host sync at the end)."""
+    model.eval()
+    wrong = torch.zeros((), device=device, dtype=torch.long)
+    total = 0
+    for x, y in loader:
+        with runtime.autocast(device, amp):
+            out = model(x)
+        wrong += (out.argmax(1) != y).sum()
+        total += y.numel()
+    return 100.0 * wrong.item() / max(total, 1)
+
+
+def test_epoch(t: Trial, epoch: int) -> tuple[float, float]:
+    """(test_err, ema_err) after EPOCH (0-based), NaN where this epoch is not evaluated."""
+    cfg = t.cfg
+    if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
+        return math.nan, math.nan
+    test_err = evaluate(t.net if t.dist.world == 1 else t.model, t.test_loader, t.device, cfg.amp)
+    ema_err = evaluate(t.ema.module, t.test_loader, t.device, cfg.amp) if t.ema is not None else math.nan
+    return test_err, ema_err
+
+
+def save_checkpoint(t: Trial, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(
+        {"model": t.model.state_dict(), "opt": t.opt.state_dict(), "sched": t.sched.state_dict(),
+         "ema": t.ema.state_dict() if t.ema is not None else None, "state": t.state}, f))
+
+
+def load_checkpoint(t: Trial, path: Path) -> None:
+    saved = torch.load(path, map_location=t.device, weights_only=False)
+    t.model.load_state_dict(saved["model"])
+    t.opt.load_state_dict(saved["opt"])
+    t.sched.load_state_dict(saved["sched"])
+    if t.ema is not None:
+        t.ema.load_state_dict(saved["ema"])
+    t.state = saved["state"]
+
+
+def resume(t: Trial, ckpt: Path | None) -> Trial:
+    """T at the checkpoint a killed run left, if any; an unreadable checkpoint (damaged, or
+    from another version of the code) is set aside and the trial starts afresh."""
+    if ckpt is None or not ckpt.exists():
+        return t
+    try:
+        load_checkpoint(t, ckpt)
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, training from scratch is right
+        set_aside(ckpt, f"{type(e).__name__}: {str(e)[:80]}")
+        return setup_trial(t.cfg)
+    return t
+
+
+def train_model(t: Trial, ckpt: Path | None = None, progress: Progress | None = None) -> None:
+    """Epochs from T's state to the end, or to divergence; a checkpoint after every epoch
+    but the last (written by rank 0)."""
+    images = len(t.train_loader) * t.cfg.batch_size
+    for epoch in range(t.state["epoch"], t.cfg.epochs):
+        t0 = time.perf_counter()
+        train_loss = train_epoch(t, epoch, progress)
+        train_s = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            t.state["diverged"] = True
+            t.state["wall"] += train_s
+            return
+        test_err, ema_err = test_epoch(t, epoch)
+        seconds = time.perf_counter() - t0
+        row = {"key": t.key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err,
+               "ema_err": ema_err, "lr": t.sched.get_last_lr()[0], "seconds": seconds,
+               "images_per_s": images / train_s}
+        t.state["history"].append(row)
+        t.state["epoch"] = epoch + 1
+        t.state["wall"] += seconds
+        if ckpt is not None and t.dist.main and epoch + 1 < t.cfg.epochs:
+            save_checkpoint(t, ckpt)
+        if progress is not None:
+            progress({"event": "epoch", **row, "epochs": t.cfg.epochs})
+
+
+def summarise(t: Trial, started: str) -> dict:
+    """The trial's runs.csv row (few-shot errors added when asked)."""
+    hist, cfg = t.state["history"], t.cfg
+    row = rows.trial_row(
+        cfg, t.key, **rows.summary(cfg, hist, t.state["diverged"]), n_train=len(t.bundle),
+        train_loss=hist[-1]["train_loss"] if hist else math.nan, diverged=bool(t.state["diverged"]),
+        epochs_run=len(hist), wall_s=round(t.state["wall"], 3),
+        images_per_s=(sum(h["images_per_s"] for h in hist) / len(hist)) if hist else math.nan,
+        params_m=sum(p.numel() for p in t.model.parameters()) / 1e6, device=runtime.device_name(t.device),
+        amp=runtime.amp_enabled(t.device, cfg.amp), data_dir=t.bundle.source, started_at=started,
+        **provenance())
+    if cfg.fewshot and not t.state["diverged"]:
+        from vitexp.fewshot import fewshot_eval
+
+        row.update(fewshot_eval(t.ema.module if t.ema is not None else t.model, t.bundle, cfg, t.device))
+    return row
+
+
+def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progress | None = None,
+              store: TrialStore | None = None) -> dict:
+    """Train one trial and return its row. With `out` (or `store`): a trial already
+    finished there is not trained again (its row comes back); otherwise checkpoint every
+    epoch, resume from a checkpoint a killed run left, and record the row."""
+    cfg = cfg.validate().resolved()
+    if store is None and out is not None:
+        store = TrialStore(out)
+    done = store.result(cfg.key()) if store is not None else None
+    if done is not None and done.get("status") == "ok":
+        return done
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
+    t = resume(setup_trial(cfg), ckpt)
+    train_model(t, ckpt, progress)
+    row = summarise(t, started)
+    if store is not None and t.dist.main:
+        store.record(t.key, row, t.state["history"])
+    return row
