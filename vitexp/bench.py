@@ -10,6 +10,7 @@ optimizer; the ratio of the two is what the fast path buys.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from datetime import datetime, timezone
@@ -23,8 +24,8 @@ from vitexp import data as vdata
 from vitexp import models as vmodels
 from vitexp.config import TrainConfig
 from vitexp.optim import build_optimizer
-from vitexp.runtime import autocast, device_name, resolve_device, sync
 from vitexp.fileio import atomic_write_csv
+from vitexp.runtime import autocast, device_name, resolve_device, sync
 from vitexp.store import provenance
 
 # dense bf16 peak TFLOP/s (no sparsity) by device-name substring, first match wins
@@ -88,18 +89,13 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
     dev = resolve_device(device)
     if baseline:
         amp, compile = False, False
-    n = max(batch_size * (steps + warmup), 2 * batch_size)
-    size = vdata.dataset_info(dataset).n_train
-    cfg = TrainConfig(model=model, dataset=dataset, batch_size=batch_size, device=str(dev), amp=amp,
-                      compile=compile, image_size=image_size, num_workers=num_workers, data_dir=data_dir,
-                      n_train=min(n, size) if size else n, n_test=batch_size).validate().resolved()
+    cfg = _config(model, dataset, batch_size, steps + warmup, dev, amp, compile, image_size, num_workers, data_dir)
     bundle = vdata.load_data(dataset, data_dir=data_dir, image_size=cfg.image_size, n_train=cfg.n_train,
                              n_test=cfg.n_test)
     torch.manual_seed(0)
     net = vmodels.build_model(model, image_size=bundle.image_size, in_chans=bundle.in_chans,
                               num_classes=bundle.num_classes).to(dev)
-    is_vit = vmodels.is_vit(net)
-    fast_layout = dev.type == "cuda" and not is_vit and not baseline
+    fast_layout = dev.type == "cuda" and not vmodels.is_vit(net) and not baseline
     if fast_layout:
         net.to(memory_format=torch.channels_last)
     if baseline:
@@ -109,10 +105,10 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
         opt = build_optimizer(net, cfg, dev)
         batches = _cycle(vdata.make_loaders(bundle, cfg, dev)[0])
     step_net = torch.compile(net) if compile else net
-    x0, y0 = next(batches)
-    flops = train_flops_per_image(net, x0, y0)
+    flops = train_flops_per_image(net, *next(batches))
 
-    def step(x, y):
+    def step():
+        x, y = next(batches)
         if fast_layout:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(dev, amp):
@@ -122,39 +118,94 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
         opt.step()
 
     step_net.train()
-    for _ in range(warmup):  # compile, cuDNN autotune, allocator warm-up
-        step(*next(batches))
+    step_s, mem_gb = _timed(step, warmup, steps, dev)
+    data_s = _timed(lambda: next(batches), 0, steps, dev)[0]  # the data pipeline alone: its share of a step
+    return _row(cfg, bundle.image_size, "baseline" if baseline else "fast", dev, steps, batch_size / step_s,
+                step_s, data_s, mem_gb, flops)
+
+
+def _config(model, dataset, batch_size, steps, dev, amp, compile, image_size, num_workers, data_dir) -> TrainConfig:
+    """A resolved config whose training subset holds STEPS batches (at least two)."""
+    n = max(batch_size * steps, 2 * batch_size)
+    size = vdata.dataset_info(dataset).n_train
+    return TrainConfig(model=model, dataset=dataset, batch_size=batch_size, device=str(dev), amp=amp,
+                       compile=compile, image_size=image_size, num_workers=num_workers, data_dir=data_dir,
+                       n_train=min(n, size) if size else n, n_test=batch_size).validate().resolved()
+
+
+def _timed(step, warmup: int, steps: int, dev: torch.device) -> tuple[float, float]:
+    """(seconds per step, peak memory in GiB): WARMUP untimed steps (compilation, cuDNN
+    autotuning, the allocator), then STEPS timed ones."""
+    for _ in range(warmup):
+        step()
     sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     for _ in range(steps):
-        step(*next(batches))
+        step()
     sync(dev)
-    step_s = (time.perf_counter() - t0) / steps
-    # the data pipeline alone, the same number of batches (its share of a step)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x, _y = next(batches)
-    sync(dev)
-    data_s = (time.perf_counter() - t0) / steps
+    seconds = (time.perf_counter() - t0) / steps
+    if dev.type == "cuda":
+        return seconds, torch.cuda.max_memory_allocated(dev) / 2**30
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process peak
+
+
+def _row(cfg: TrainConfig, image_size: int, mode: str, dev, steps: int, img_s: float, step_s: float,
+         data_s: float, mem_gb: float, flops: float, **more) -> dict:
     name = device_name(dev)
-    img_s = batch_size / step_s
     tflops = flops * img_s / 1e12
     peak = peak_tflops(name) if dev.type == "cuda" else None  # no MFU on a CPU: its peak is not known
-    if dev.type == "cuda":
-        mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
-    else:
-        mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process peak
-    return {"model": model, "dataset": dataset, "image_size": bundle.image_size, "batch_size": batch_size,
-            "mode": "baseline" if baseline else "fast", "compile": compile, "amp": amp and dev.type == "cuda",
-            "threads": torch.get_num_threads(),
-            "device": name, "steps": steps, "images_per_s": img_s, "step_ms": 1e3 * step_s,
-            "data_ms": 1e3 * data_s, "compute_ms": 1e3 * max(step_s - data_s, 0.0),
+    return {"model": cfg.model, "dataset": cfg.dataset, "image_size": image_size, "batch_size": cfg.batch_size,
+            "mode": mode, "compile": cfg.compile, "amp": cfg.amp and dev.type == "cuda",
+            "threads": torch.get_num_threads(), "device": name, "steps": steps, "images_per_s": img_s,
+            "step_ms": 1e3 * step_s, "data_ms": 1e3 * data_s, "compute_ms": 1e3 * max(step_s - data_s, 0.0),
             "data_frac": min(data_s / step_s, 1.0), "peak_mem_gb": mem_gb,
-            "train_gflop_per_image": flops / 1e9, "tflops": tflops,
-            "mfu": tflops / peak if peak else float("nan"),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance()}
+            "train_gflop_per_image": flops / 1e9, "tflops": tflops, "mfu": tflops / peak if peak else float("nan"),
+            **more, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance()}
+
+
+def bench_fused(model: str, k: int, dataset: str = "shapes", batch_size: int = 128, steps: int = 20,
+                warmup: int = 3, device: str = "auto", amp: bool = True, image_size: int | None = None,
+                data_dir: str | None = None) -> list[dict]:
+    """K trials of MODEL (seeds 0..K-1) one after another vs fused into one batched model,
+    in the same run: rows "one-by-one" and "fused", images/s in total (per member: / K)."""
+    from vitexp import fused
+
+    dev = resolve_device(device)
+    base = _config(model, dataset, batch_size, steps + warmup, dev, amp, False, image_size, 0, data_dir)
+    cfgs = [dataclasses.replace(base, seed=i, subset_seed=i) for i in range(k)]
+    g = fused.setup_group(cfgs, None)
+    flops = train_flops_per_image(g.members[0].model, *next(_cycle(g.members[0].train_loader)))
+    streams = [_cycle(t.train_loader) for t in g.members]
+
+    def one_by_one():
+        for t, batches in zip(g.members, streams):
+            x, y = next(batches)
+            with autocast(dev, amp):
+                loss = t.criterion(t.net(x), y)
+            t.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t.opt.step()
+
+    def fused_step():
+        batches = [next(b) for b in streams]
+        losses = fused._fused_losses(g, torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches]))
+        for t in g.members:
+            t.opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        for t in g.members:
+            t.opt.step()
+
+    for t in g.members:
+        t.net.train()
+    rows = []
+    for mode, step in (("one-by-one", one_by_one), ("fused", fused_step)):
+        step_s, mem = _timed(step, warmup, steps, dev)
+        rows.append(_row(base, base.image_size or vdata.dataset_info(dataset).image_size, mode, dev, steps,
+                         k * batch_size / step_s, step_s, 0.0, mem, flops, fuse=k,
+                         images_per_s_member=batch_size / step_s))
+    return rows
 
 
 def append_row(row: dict, csv: str | Path) -> None:
@@ -178,8 +229,12 @@ def print_rows(rows: list[dict], console) -> None:
                   f"{r0['device']}, {r0['threads']} thread(s)")
     for r in rows:
         console.print(f"  {r['mode']}: " + ", ".join(f"{c} {r[c]:.4g}" for c in COLUMNS[1:] if c in r and r[c] == r[c]))
-    if len(rows) > 1:
+    if len(rows) > 1 and rows[1]["mode"] == "baseline":
         console.print(f"fast / baseline throughput: {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}x")
+    if len(rows) > 1 and rows[1]["mode"] == "fused":
+        console.print(f"fused / one-by-one throughput (K = {rows[1]['fuse']}): "
+                      f"{rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x "
+                      f"({rows[1]['images_per_s_member']:.4g} images/s per member)")
     if r0["mfu"] != r0["mfu"]:
         console.print("mfu: not given on a CPU (no known peak FLOP/s); TFLOP/s are measured all the same")
 

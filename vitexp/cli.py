@@ -204,6 +204,8 @@ def _common_params(study) -> list[inspect.Parameter]:
         "seeds": _option(None, ["--seeds"], "comma-separated seeds", Optional[str]),
         "trials_per_gpu": _option(None, ["--trials-per-gpu"], "trials at once on the device (worker processes) "
                                   "[default: 1 on a GPU; on a CPU one single-thread worker per core]", Optional[int]),
+        "fuse": _option(None, ["--fuse"], "train up to K trials of one architecture as one batched model "
+                        "(1: off) [default: 8 on a GPU, off on a CPU]", Optional[int]),
     }
     return [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, **v) for k, v in opts.items()]
 
@@ -234,7 +236,7 @@ def run_study_command(study, kwargs: dict) -> None:
     plan = plan_from_params(study, kwargs)
     if kwargs["dry_run"]:
         return _dry_run(plan, kwargs["trials_per_gpu"])
-    runs = sweep.run(plan, kwargs["trials_per_gpu"], kwargs["progress"])
+    runs = sweep.run(plan, kwargs["trials_per_gpu"], kwargs["progress"], kwargs["fuse"])
     if not runtime.dist_env().main:
         return  # under torchrun rank 0 reports
     drawn = ""
@@ -361,17 +363,21 @@ def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model nam
               image_size: Optional[int] = typer.Option(None, help="resize the data to this"),
               num_workers: int = typer.Option(8, help="DataLoader workers of the baseline"),
               data_dir: Optional[str] = typer.Option(None, help="where data sets live"),
+              fuse: int = typer.Option(1, help="K > 1: K trials one by one vs fused into one batched model"),
               csv: Path = typer.Option(Path("runs/bench.csv"), help="append the rows here")):
     """Training throughput, data/compute split, peak memory, FLOPs per image, TFLOP/s and MFU."""
-    from vitexp.bench import append_row, bench, print_rows
+    from vitexp.bench import append_row, bench, bench_fused, print_rows
 
-    if steps <= 0 or warmup < 0 or batch_size <= 0:
-        raise UserError("--steps and --batch-size must be positive, --warmup >= 0")
+    if steps <= 0 or warmup < 0 or batch_size <= 0 or fuse < 1:
+        raise UserError("--steps, --batch-size and --fuse must be positive, --warmup >= 0")
     args = dict(model=model, dataset=dataset, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
-                image_size=image_size, num_workers=num_workers, data_dir=data_dir)
-    rows = [bench(**args, compile=compile, amp=amp)]
-    if baseline:
-        rows.append(bench(**args, compile=False, amp=False, baseline=True))
+                image_size=image_size, data_dir=data_dir)
+    if fuse > 1:
+        rows = bench_fused(k=fuse, amp=amp, **args)
+    else:
+        rows = [bench(**args, compile=compile, amp=amp, num_workers=num_workers)]
+        if baseline:
+            rows.append(bench(**args, compile=False, amp=False, baseline=True, num_workers=num_workers))
     for r in rows:
         append_row(r, csv)
     print_rows(rows, console)
@@ -395,7 +401,8 @@ def launch(ctx: typer.Context,
 
     plan, params = study_plan_from_argv(list(ctx.args))
     slurm = {"slurm_partition": partition, "slurm_array_parallelism": parallelism} if cluster != "local" else {}
-    ids = submit(plan, shards, cluster, wait, workers=params.get("trials_per_gpu"), gpus_per_node=gpus_per_node,
+    ids = submit(plan, shards, cluster, wait, workers=params.get("trials_per_gpu"), fuse=params.get("fuse"),
+                 gpus_per_node=gpus_per_node,
                  cpus_per_task=cpus_per_task, mem_gb=mem_gb, timeout_min=timeout_min, **slurm)
     console.print(f"submitted {len(ids)} tasks: {', '.join(ids)}")
 

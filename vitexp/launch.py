@@ -22,10 +22,10 @@ class ShardTask:
     """One array task: run a shard of the plan. Its `checkpoint` (what submitit calls on
     preemption or timeout) resubmits it as it is: the rerun resumes the shard."""
 
-    def __call__(self, plan: Plan, shard: int, shards: int, workers: int | None):
+    def __call__(self, plan: Plan, shard: int, shards: int, workers: int | None, fuse: int | None = None):
         from vitexp.sweep import run
 
-        run(dataclasses.replace(plan, shard=(shard, shards)), workers, progress=False)
+        run(dataclasses.replace(plan, shard=(shard, shards)), workers, progress=False, fuse=fuse)
 
     def checkpoint(self, *args, **kwargs):
         from submitit.helpers import DelayedSubmission
@@ -34,7 +34,7 @@ class ShardTask:
 
 
 def submit(plan: Plan, shards: int, cluster: str | None = None, wait: bool = False, workers: int | None = None,
-           **params) -> list[str]:
+           fuse: int | None = None, **params) -> list[str]:
     """Submit SHARDS tasks of PLAN; returns the job ids."""
     if shards < 1:
         raise UserError(f"--shards must be positive, got {shards}")
@@ -46,7 +46,7 @@ def submit(plan: Plan, shards: int, cluster: str | None = None, wait: bool = Fal
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     task = ShardTask()
     with executor.batch():
-        jobs = [executor.submit(task, plan, i, shards, workers) for i in range(shards)]
+        jobs = [executor.submit(task, plan, i, shards, workers, fuse) for i in range(shards)]
     if wait:
         for job in jobs:
             job.result()  # re-raises a task's failure here

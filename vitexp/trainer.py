@@ -231,7 +231,7 @@ def summarise(t: Trial, started: str) -> dict:
         epochs_run=len(hist), wall_s=round(t.state["wall"], 3),
         images_per_s=(sum(h["images_per_s"] for h in hist) / len(hist)) if hist else math.nan,
         params_m=sum(p.numel() for p in t.model.parameters()) / 1e6, device=runtime.device_name(t.device),
-        amp=runtime.amp_enabled(t.device, cfg.amp), data_dir=t.bundle.source, started_at=started,
+        amp=runtime.amp_enabled(t.device, cfg.amp), data_dir=t.bundle.source, started_at=started, fused_k=1,
         **provenance())
     if cfg.fewshot and not t.state["diverged"]:
         from vitexp.fewshot import fewshot_eval

@@ -19,11 +19,9 @@ AROUND = (16.0, 16.0)  # the default range: the current tuned value / 16 .. x 16
 
 
 class Tune(Study):
-    kind = "tune"
-    command = "tune"
+    kind = command = "tune"
     title = "lr/wd search (the tuned values)"
-    help = ("lr/wd search: N log-uniform (lr, wd) samples per model and optimizer over wide ranges; "
-            "the best run is the tuned value.")
+    help = "lr/wd search: N log-uniform (lr, wd) samples per model and optimizer over wide ranges; the best is tuned."
     knobs = (Knob("optimizers", str, "comma-separated, default adamw,sgd", many=True),
              Knob("samples", int, "(lr, wd) pairs per model and optimizer [preset, else 16]"),
              Knob("sample_seed", int, "seed of the (lr, wd) sampler"),

@@ -16,7 +16,8 @@ __all__ = ["Plan", "collect", "describe", "estimate_cost", "make_plan", "parse_s
 
 
 def run_study(spec: dict, out, shard: tuple[int, int] = (0, 1), workers: int | None = 1,
-              progress: bool | None = False):
+              progress: bool | None = False, fuse: int | None = None):
     """Plan and run a study in one call (a notebook's entry point); returns its runs table.
-    WORKERS: 1 (default here) trains in this process, None lets vitexp choose (the CLI's default)."""
-    return run(make_plan(spec, out, shard), workers, progress)
+    WORKERS: 1 (default here) trains in this process, None lets vitexp choose (the CLI's
+    default); FUSE: members per fused group (None: vitexp's default for the device)."""
+    return run(make_plan(spec, out, shard), workers, progress, fuse)

@@ -93,14 +93,15 @@ def stop_on_signals():
 
 
 @contextlib.contextmanager
-def heartbeat(store: TrialStore, key: str, bar: StudyProgress):
-    """Renew the trial's claim every HEARTBEAT_S while it runs, with its progress."""
+def heartbeat(store: TrialStore, keys: list[str], bar: StudyProgress):
+    """Renew the claims of the trials in flight every HEARTBEAT_S, with their progress."""
     stop = threading.Event()
 
     def beat():
         while not stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(OSError):
-                store.beat(key, bar.running_images)
+            for key in keys:
+                with contextlib.suppress(OSError):
+                    store.beat(key, bar.running_images / len(keys))
 
     t = threading.Thread(target=beat, daemon=True)
     t.start()
@@ -123,19 +124,14 @@ def run_one(store: TrialStore, key: str, cfg: TrainConfig, seen: dict | None, ba
     bar.start_trial(label, trial_images(cfg), cfg.epochs)
     t0 = time.time()
     try:
-        with heartbeat(store, key, bar):
+        with heartbeat(store, [key], bar):
             row = run_trial(cfg, store=store, progress=bar)
     except (UserError, Interrupted):
         raise  # bad input stops the study; a signal stops the run (the checkpoint stays)
     except Exception as e:  # noqa: BLE001 - one failed trial must not end the study
         if runtime.dist_env().world > 1:
             raise  # the other ranks are inside the same collective: they cannot go on
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        log.info("trial %s FAILED: %s\n%s", key, reason, traceback.format_exc())
-        row = trial_row(cfg, key, status="failed", error=reason, wall_s=round(time.time() - t0, 3), **provenance())
-        store.record(key, row)
-        store.checkpoint_path(key).unlink(missing_ok=True)  # its retry starts clean
-        _free_memory()
+        row = record_failure(store, key, cfg, e, time.time() - t0, log)
     finally:
         store.release(key)
     summary = trial_summary(label, row)
@@ -144,15 +140,70 @@ def run_one(store: TrialStore, key: str, cfg: TrainConfig, seen: dict | None, ba
     return True
 
 
+def record_failure(store: TrialStore, key: str, cfg: TrainConfig, e: Exception, wall: float,
+                   log: logging.Logger) -> dict:
+    """A trial that raised: recorded as failed with its reason; its checkpoint goes, so its retry starts clean."""
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    log.info("trial %s FAILED: %s\n%s", key, reason, traceback.format_exc())
+    row = trial_row(cfg, key, status="failed", error=reason, wall_s=round(wall, 3), **provenance())
+    store.record(key, row)
+    store.checkpoint_path(key).unlink(missing_ok=True)
+    _free_memory()
+    return row
+
+
+def run_fused(store: TrialStore, group: list[tuple[str, TrainConfig]], seen: dict, bar: StudyProgress,
+              log: logging.Logger) -> list[tuple[str, TrainConfig]]:
+    """Claim what it can of GROUP and train those members fused (a lone one as usual);
+    returns the members other processes hold. A fused group that fails for another reason
+    than bad input (out of memory, an op vmap cannot batch) runs its members one by one."""
+    from vitexp import fused
+
+    mine = [(k, c) for k, c in group if store.claim(k, seen.get(k))]
+    held = [(k, c) for k, c in group if (k, c) not in mine]
+    if len(mine) == 1:
+        store.release(mine[0][0])
+        run_one(store, *mine[0], seen.get(mine[0][0]), bar, log)
+    elif mine:
+        keys = [k for k, _ in mine]
+        label = f"{len(mine)} fused: {trial_label(mine[0][1].to_dict())}"
+        bar.start_trial(label, sum(trial_images(c) for _, c in mine), mine[0][1].epochs)
+        try:
+            with heartbeat(store, keys, bar):
+                rows = fused.run_group([c for _, c in mine], store, progress=bar)
+        except (UserError, Interrupted):
+            raise
+        except Exception as e:  # noqa: BLE001 - one by one instead
+            log.info("fused group %s failed (%s: %s); its trials run one by one", keys, type(e).__name__, e)
+            rows = None
+        finally:
+            for k in keys:
+                store.release(k)
+        if rows is None:
+            bar.end_trial(f"{label}: fused run failed, running its trials one by one")
+            for k, c in mine:
+                run_one(store, k, c, seen.get(k), bar, log)
+        for (k, c), row in zip(mine, rows or []):
+            summary = trial_summary(trial_label(c.to_dict()), row)
+            log.info("trial %s %s (fused %d)", k, summary, len(mine))
+            bar.end_trial(summary + f" (fused {len(mine)})", trial_images(c))
+    return held
+
+
 def run_trials(store: TrialStore, todo: list[tuple[str, TrainConfig]], bar: StudyProgress,
-               log: logging.Logger) -> None:
+               log: logging.Logger, fuse: int = 1) -> None:
     """Run every trial of TODO not yet done. Trials another live process holds are
     waited for at the end: until that process records them, or until its claim goes
     stale (a process killed without a word: after STALE_S, on any host) and they run here."""
     seen = store.finished()  # a claim checks that a trial's record is still what we saw here
     left = [(k, c) for k, c in todo if seen.get(k, {}).get("status") != "ok"]
     while left:
-        held = [(k, c) for k, c in left if not run_one(store, k, c, seen.get(k), bar, log)]
+        if fuse > 1:
+            from vitexp.fused import groups
+
+            held = [t for g in groups(left, fuse) for t in run_fused(store, g, seen, bar, log)]
+        else:
+            held = [(k, c) for k, c in left if not run_one(store, k, c, seen.get(k), bar, log)]
         if held and len(held) == len(left):
             time.sleep(WAIT_S)
         now = {k: store.result(k) for k, _ in held}
@@ -165,10 +216,13 @@ def run_trials(store: TrialStore, todo: list[tuple[str, TrainConfig]], bar: Stud
 
 # -- the one entry point ------------------------------------------------------------------------
 
-def run(plan: Plan, workers: int | None = None, progress: bool | None = None) -> pd.DataFrame:
-    """Run this shard's pending trials; returns the folder's runs table."""
+def run(plan: Plan, workers: int | None = None, progress: bool | None = None, fuse: int | None = None) -> pd.DataFrame:
+    """Run this shard's pending trials (FUSE: at most this many trials of one architecture
+    train as one batched model; None: fused on a GPU, not on a CPU); returns the folder's runs table."""
     if workers is not None and workers < 1:
         raise UserError(f"--trials-per-gpu must be >= 1, got {workers}")
+    if fuse is not None and fuse < 1:
+        raise UserError(f"--fuse must be >= 1, got {fuse}")
     if runtime.dist_env().world > 1:
         return _torchrun(plan, progress)
     todo = plan.pending()
@@ -178,6 +232,7 @@ def run(plan: Plan, workers: int | None = None, progress: bool | None = None) ->
         return runs_table(plan.out)
     preflight(plan, todo)
     k, threads = _workers(plan, todo, workers)
+    fuse = _fuse(plan, fuse)
     with refused_leaves_no_trace(plan.out):
         store = TrialStore(plan.out)  # also sweeps what killed runs left behind
         atomic_write(plan.out / "study.toml", dumps(plan.spec))
@@ -186,9 +241,9 @@ def run(plan: Plan, workers: int | None = None, progress: bool | None = None) ->
                  len(plan.mine), len(todo), k)
         with stop_on_signals(), StudyProgress(len(todo), sum(trial_images(c) for _, c in todo), progress) as bar:
             if k == 1 and threads is None:
-                run_trials(store, todo, bar, log)
+                run_trials(store, todo, bar, log, fuse)
             else:
-                _pool(plan, store, todo, k, threads, bar)
+                _pool(plan, store, todo, k, threads, bar, fuse)
     store.rebuild()
     return _check_outcome(runs_table(plan.out), [k for k, _ in todo])
 
@@ -255,6 +310,16 @@ def _free_memory() -> None:
 
 # -- worker processes -----------------------------------------------------------------------------
 
+def _fuse(plan: Plan, asked: int | None) -> int:
+    """Members per fused group: as asked; by default fused on CUDA only (on the CPU fusing
+    measured slower than one trial after another, see vitexp/fused.py)."""
+    if asked is not None:
+        return asked
+    from vitexp.fused import DEFAULT_CUDA_K
+
+    return DEFAULT_CUDA_K if runtime.resolve_device(plan.trials[0][1].device).type == "cuda" else 1
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -282,7 +347,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker(out: str, todo: list, threads: int | None, parent: int, errors) -> None:
+def _worker(out: str, todo: list, threads: int | None, parent: int, errors, fuse: int) -> None:
     """A worker process: the same trial loop, quiet; errors go to the parent as one line."""
     _die_with_parent(parent)
     if threads:
@@ -294,7 +359,7 @@ def _worker(out: str, todo: list, threads: int | None, parent: int, errors) -> N
     bar.quiet = True
     try:
         with stop_on_signals():
-            run_trials(store, todo, bar, logger(Path(out)))
+            run_trials(store, todo, bar, logger(Path(out)), fuse)
     except Interrupted as e:
         sys.exit(e.exit_code)
     except UserError as e:
@@ -306,10 +371,11 @@ def _worker(out: str, todo: list, threads: int | None, parent: int, errors) -> N
         sys.exit(1)
 
 
-def _pool(plan: Plan, store: TrialStore, todo: list, k: int, threads: int | None, bar: StudyProgress) -> None:
+def _pool(plan: Plan, store: TrialStore, todo: list, k: int, threads: int | None, bar: StudyProgress,
+          fuse: int) -> None:
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
     errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(str(plan.out), todo, threads, os.getpid(), errors))
+    procs = [ctx.Process(target=_worker, args=(str(plan.out), todo, threads, os.getpid(), errors, fuse))
              for _ in range(min(k, len(todo)))]
     for p in procs:
         p.start()

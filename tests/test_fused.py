@@ -1,0 +1,109 @@
+"""Fused trials: each member equals its unfused trial, a diverging member leaves the
+others alone, a killed group resumes, the sweep groups what can fuse."""
+
+import pandas as pd
+import pytest
+
+import vitexp.fused
+from conftest import run_cli
+from vitexp.config import TrainConfig
+from vitexp.fused import fuse_key, groups, run_group
+from vitexp.store import TrialStore
+from vitexp.sweep import make_plan, resolve_spec, run
+from vitexp.trainer import run_trial
+
+TINY = dict(n_train=256, n_test=128, batch_size=64, epochs=2, device="cpu", wd=0.05, warmup_epochs=0.0)
+MEMBERS = [(0.01, 0), (0.03, 1), (0.02, 2)]  # (lr, seed): subsets differ with the seed too
+LOSS_RTOL = 1e-4
+# vmap batches the convolutions and BatchNorm of a CNN into other kernels, whose float sums
+# differ in the last bits from the unbatched ones: a test error may differ by one image
+ONE_IMAGE = 100 / TINY["n_test"]
+
+
+def configs(model, lrs=MEMBERS, **kw):
+    return [TrainConfig(model=model, lr=lr, seed=s, subset_seed=s, **{**TINY, **kw}) for lr, s in lrs]
+
+
+def assert_same_history(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert list(a.epoch) == list(b.epoch)
+    assert ((a.train_loss - b.train_loss).abs() / a.train_loss).max() < LOSS_RTOL
+    for col in ("test_err", "ema_err"):
+        assert (a[col] - b[col]).abs().max() <= ONE_IMAGE + 1e-9, col
+
+
+@pytest.mark.parametrize("model", ["vit_p_7mf", "vit_c_7mf", "resnet_7mf"])  # ViT_C and ResNet: BatchNorm
+def test_each_member_equals_its_unfused_trial(tmp_path, model):
+    cfgs = configs(model)
+    for c in cfgs:
+        run_trial(c, out=tmp_path / "one")
+    run_group(cfgs, TrialStore(tmp_path / "fused"))
+    one, fused = (pd.read_csv(tmp_path / d / "history.csv", dtype={"key": str}) for d in ("one", "fused"))
+    runs = pd.read_csv(tmp_path / "fused" / "runs.csv", dtype={"key": str})
+    assert sorted(runs.key) == sorted(c.key() for c in cfgs) and set(runs.fused_k) == {3}  # the unfused keys
+    for key in runs.key:
+        assert_same_history(one[one.key == key].reset_index(), fused[fused.key == key].reset_index())
+
+
+def test_a_diverging_member_leaves_the_others_alone(tmp_path):
+    cfgs = configs("vit_c_7mf", [(0.01, 0), (1e4, 1), (0.02, 2)])
+    rows = {r["key"]: r for r in run_group(cfgs, TrialStore(tmp_path / "fused"))}
+    bad = rows[cfgs[1].key()]
+    assert bad["diverged"] and bad["top1_err"] == 100.0 and bad["fused_k"] == 3
+    for c in (cfgs[0], cfgs[2]):
+        alone = run_trial(c, out=tmp_path / "one")
+        assert not rows[c.key()]["diverged"]
+        assert abs(rows[c.key()]["train_loss"] - alone["train_loss"]) / alone["train_loss"] < LOSS_RTOL
+        assert abs(rows[c.key()]["top1_err"] - alone["top1_err"]) <= ONE_IMAGE + 1e-9
+
+
+def test_a_killed_group_resumes_to_the_same_rows(tmp_path):
+    cfgs = configs("vit_p_7mf", epochs=3)
+    whole = {r["key"]: r for r in run_group(cfgs, TrialStore(tmp_path / "whole"))}
+
+    def die_after_epoch_2(event):
+        if event["event"] == "epoch" and event["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_group(cfgs, TrialStore(tmp_path / "killed"), progress=die_after_epoch_2)
+    store = TrialStore(tmp_path / "killed")
+    assert all(store.checkpoint_path(c.key()).exists() for c in cfgs) and not store.finished()
+    resumed = {r["key"]: r for r in run_group(cfgs, store)}
+    for key, row in whole.items():
+        for col in ("top1_err", "last_err", "train_loss", "epochs_run"):
+            assert resumed[key][col] == row[col], col
+
+
+def test_what_fuses_and_how_the_sweep_groups_it():
+    base = TrainConfig(model="vit_p_7mf", **TINY)
+    assert fuse_key(base) == fuse_key(TrainConfig(model="vit_p_7mf", **{**TINY, "lr": 0.5, "wd": 0.1}, seed=3))
+    assert fuse_key(TrainConfig(model="vit_c_7mf", **TINY)) != fuse_key(base)
+    assert fuse_key(TrainConfig(model="vit_p_7mf", **{**TINY, "epochs": 3})) != fuse_key(base)
+    assert fuse_key(TrainConfig(model="vit_p_7mf", dropout=0.1, **TINY)) is None  # draws from the global stream
+    todo = [(str(i), TrainConfig(model=m, seed=i, **TINY)) for i, m in enumerate(["vit_p_7mf"] * 5 + ["vit_c_7mf"])]
+    sizes = [[k for k, _ in g] for g in groups(todo, 3)]
+    assert sizes == [["0", "1", "2"], ["3", "4"], ["5"]]
+    assert groups(todo, 1) == [[t] for t in todo]
+
+
+def test_a_fused_study_gives_the_rows_of_an_unfused_one(tmp_path, monkeypatch):
+    spec = resolve_spec("stability", None, {"samples": 4, "epochs": 2, "models": ["vit_p_7mf"]},
+                        {"n_train": 128, "n_test": 64, "batch_size": 32, "device": "cpu"})
+    calls = []
+    real = vitexp.fused.run_group
+    monkeypatch.setattr(vitexp.fused, "run_group", lambda cfgs, *a, **k: calls.append(len(cfgs)) or real(cfgs, *a, **k))
+    plain = run(make_plan(spec, tmp_path / "plain"), workers=1, progress=False, fuse=1)
+    fused = run(make_plan(spec, tmp_path / "fused"), workers=1, progress=False, fuse=3)
+    assert calls == [3]  # 4 trials: a group of 3, the 4th alone
+    a, b = (d.set_index("key").sort_index() for d in (plain, fused))
+    assert list(a.index) == list(b.index) and sorted(b.fused_k) == [1, 3, 3, 3]
+    assert ((a.train_loss - b.train_loss).abs() / a.train_loss).max() < LOSS_RTOL
+    assert (a.top1_err - b.top1_err).abs().max() <= 100 / 64 + 1e-9
+
+
+def test_the_cli_fuses_on_request(tmp_path):
+    args = ["stability", "--models", "vit_c_7mf", "--samples", "3", "--epochs", "1", "--n-train", "128",
+            "--n-test", "64", "--batch-size", "32", "--device", "cpu", "--no-plot", "--trials-per-gpu", "1"]
+    p = run_cli(*args, "--fuse", "3", "--out", tmp_path / "f")
+    assert p.returncode == 0, p.stderr
+    assert "(fused 3)" in p.stderr and set(pd.read_csv(tmp_path / "f" / "runs.csv").fused_k) == {3}

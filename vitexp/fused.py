@@ -1,0 +1,216 @@
+"""Fused trials: K trials of one architecture trained as one batched model (HFTA's idea).
+
+A small model at batch 128 leaves a GPU idle most of the time: launch overhead, not
+arithmetic, sets its speed. Fusing same-shape trials turns each member's matmuls into
+one batched matmul. Trials fuse when their configs differ only in lr, wd, seed and
+subset seed (`fuse_key`); everything else that makes a trial stays per member.
+
+How, and why this way: each member is an ordinary trainer `Trial` (its own model
+initialised from its own seed, data order and subset, optimizer, schedule, EMA,
+evaluation, checkpoint and record), so a fused member computes what its unfused trial
+computes. Only the forward and backward are fused: every step stacks the members'
+parameters and BatchNorm buffers (the stack's backward hands each member its own
+gradient) and runs `torch.func.functional_call` under `vmap`. The members' own torch
+optimizers then step with their own lr and wd (torch's optimizers take one lr per
+parameter group, so stacked parameters would need a batched optimizer of our own; per
+member, the update is torch's, bit for bit). Evaluation runs per member, unbatched,
+so its numbers equal the unfused ones exactly. Checkpoints are the members' own, in the
+unfused format: a group resumes fused or not.
+
+Not fusable (run one by one): dropout, mixup and CutMix (they draw from torch's global
+random stream, which vmap cannot split per member as the unfused trials draw it), image
+folders (DataLoader pipelines), torchrun, and members resuming from different epochs.
+On the CPU fusing is slower than one trial after another (measured: 1.1-1.4x at K = 4),
+so the sweep fuses only on request there; on CUDA it fuses by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from datetime import datetime, timezone
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from vitexp import runtime
+from vitexp.config import TrainConfig
+from vitexp.seeds import EPOCH, derive_seed
+from vitexp.store import TrialStore
+from vitexp.trainer import EMA_EVERY, NAN_CHECK_EVERY, Trial, resume, save_checkpoint, setup_trial, summarise, \
+    test_epoch
+
+# what may differ between the members of one fused group
+MEMBER_FIELDS = ("lr", "wd", "seed", "subset_seed", "extra")
+DEFAULT_CUDA_K = 8  # members per group on a GPU unless --fuse says otherwise
+
+
+def fuse_key(cfg: TrainConfig) -> tuple | None:
+    """What fused trials share (None: this trial cannot fuse)."""
+    if cfg.dropout or cfg.mixup or cfg.cutmix or cfg.dataset.startswith("imagefolder:"):
+        return None
+    d = cfg.to_dict()
+    return tuple(sorted((k, str(v)) for k, v in d.items() if k not in MEMBER_FIELDS))
+
+
+def groups(todo: list[tuple[str, TrainConfig]], k: int) -> list[list[tuple[str, TrainConfig]]]:
+    """TODO split into fusable groups of at most K members, in the study's order (a group
+    starts where its first member stands); trials that cannot fuse stand alone."""
+    if k <= 1:
+        return [[t] for t in todo]
+    open_groups: dict[tuple, list] = {}
+    out = []
+    for key, cfg in todo:
+        fk = fuse_key(cfg)
+        g = open_groups.get(fk) if fk is not None else None
+        if g is None or len(g) >= k:
+            g = [(key, cfg)]
+            out.append(g)
+            if fk is not None:
+                open_groups[fk] = g
+        else:
+            g.append((key, cfg))
+    return out
+
+
+@dataclasses.dataclass
+class Group:
+    """The members of a fused group and what their fused step needs."""
+
+    members: list[Trial]
+    names: list[str]  # parameter names of the architecture
+    buffers: list[str]  # buffer names (BatchNorm statistics)
+    frozen: list[bool]  # diverged members: no more updates
+
+    @property
+    def base(self) -> nn.Module:
+        return self.members[0].model  # the architecture functional_call runs (with the stacked tensors)
+
+
+def setup_group(cfgs: list[TrainConfig], store: TrialStore | None) -> Group:
+    """Each member set up as its own trial, resumed from its own checkpoint."""
+    members = []
+    for cfg in cfgs:
+        ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
+        members.append(resume(setup_trial(cfg), ckpt))
+    model = members[0].model
+    return Group(members=members, names=[n for n, _ in model.named_parameters()],
+                 buffers=[n for n, _ in model.named_buffers()], frozen=[False] * len(members))
+
+
+def _fused_losses(g: Group, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Each member's loss on its own batch, (K,), in one vmapped forward; the stacked
+    BatchNorm statistics are written back to the members."""
+    params = {n: torch.stack([t.model.get_parameter(n) for t in g.members]) for n in g.names}
+    buffers = {n: torch.stack([t.model.get_buffer(n) for t in g.members]) for n in g.buffers}
+    criterion = g.members[0].criterion
+
+    def loss(p, b, x, y):
+        return criterion(functional_call(g.base, (p, b), (x,)), y)
+
+    t0 = g.members[0]
+    with runtime.autocast(t0.device, t0.cfg.amp):
+        losses = vmap(loss, randomness="different")(params, buffers, xs, ys)
+    with torch.no_grad():
+        for n, stacked in buffers.items():
+            for i, t in enumerate(g.members):
+                t.model.get_buffer(n).copy_(stacked[i])
+    return losses
+
+
+def train_epoch(g: Group, epoch: int) -> list[float]:
+    """One epoch of every member; each member's mean training loss (NaN or inf once it diverged)."""
+    for t in g.members:
+        t.train_loader.set_epoch(epoch)
+        t.net.train()
+    torch.manual_seed(derive_seed(EPOCH, g.members[0].cfg.seed, epoch))  # nothing draws from it: no dropout
+    steps = len(g.members[0].train_loader)
+    loss_sum = torch.zeros(len(g.members), device=g.members[0].device)
+    for step, batches in enumerate(zip(*(t.train_loader for t in g.members))):
+        losses = _fused_losses(g, torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches]))
+        for t in g.members:
+            t.opt.zero_grad(set_to_none=True)
+        torch.where(torch.tensor(g.frozen, device=losses.device), 0.0, losses).sum().backward()
+        for i, t in enumerate(g.members):
+            if not g.frozen[i]:
+                _member_step(t, epoch * steps + step + 1)
+        loss_sum += losses.detach().float()
+        if (step + 1) % NAN_CHECK_EVERY == 0:
+            _freeze_diverged(g, loss_sum)
+    return (loss_sum / steps).tolist()
+
+
+def _member_step(t: Trial, global_step: int) -> None:
+    """A member's update, as its unfused trial makes it."""
+    if t.cfg.grad_clip:
+        nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+    t.opt.step()
+    t.sched.step()
+    if t.ema is not None and global_step % EMA_EVERY == 0:
+        t.ema.update_parameters(t.model)
+
+
+def _freeze_diverged(g: Group, loss_sum: torch.Tensor) -> None:
+    """A member whose loss is no longer finite gets no more updates (its epoch ends it)."""
+    for i, ok in enumerate(torch.isfinite(loss_sum).tolist()):
+        g.frozen[i] = g.frozen[i] or not ok
+
+
+def train_group(g: Group, store: TrialStore | None, progress=None) -> None:
+    """Epochs of the group to the end; each member's history, checkpoints and divergence as
+    its unfused trial keeps them."""
+    epochs = {t.state["epoch"] for t in g.members}
+    if len(epochs) != 1:
+        raise ValueError("members resume from different epochs; run them one by one")
+    first = g.members[0]
+    images = len(first.train_loader) * first.cfg.batch_size
+    for epoch in range(epochs.pop(), first.cfg.epochs):
+        live = [i for i, t in enumerate(g.members) if not t.state["diverged"]]
+        if not live:
+            return
+        t0 = time.perf_counter()
+        losses = train_epoch(g, epoch)
+        train_s = time.perf_counter() - t0
+        for i in live:  # each member trained for the whole time, side by side with the others
+            _end_epoch(g.members[i], epoch, losses[i], train_s, images, store)
+        if progress is not None:
+            progress({"event": "epoch", "epoch": epoch + 1, "epochs": first.cfg.epochs,
+                      "train_loss": min(losses[i] for i in live)})
+        g.frozen = [t.state["diverged"] for t in g.members]
+
+
+def _end_epoch(t: Trial, epoch: int, train_loss: float, train_s: float, images: int,
+               store: TrialStore | None) -> None:
+    """A member's epoch end: divergence, evaluation, history, checkpoint (as trainer.train_model)."""
+    if not math.isfinite(train_loss):
+        t.state["diverged"] = True
+        t.state["wall"] += train_s
+        return
+    e0 = time.perf_counter()
+    test_err, ema_err = test_epoch(t, epoch)
+    seconds = train_s + time.perf_counter() - e0
+    t.state["history"].append({"key": t.key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err,
+                               "ema_err": ema_err, "lr": t.sched.get_last_lr()[0], "seconds": seconds,
+                               "images_per_s": images / train_s})
+    t.state["epoch"] = epoch + 1
+    t.state["wall"] += seconds
+    if store is not None and epoch + 1 < t.cfg.epochs:
+        save_checkpoint(t, store.checkpoint_path(t.key))
+
+
+def run_group(cfgs: list[TrainConfig], store: TrialStore | None = None, progress=None) -> list[dict]:
+    """Train CFGS as one fused group; each member recorded as its unfused trial would be
+    (plus `fused_k`); returns their rows."""
+    cfgs = [c.validate().resolved() for c in cfgs]
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    g = setup_group(cfgs, store)
+    train_group(g, store, progress)
+    rows = []
+    for t in g.members:
+        row = {**summarise(t, started), "fused_k": len(g.members)}
+        if store is not None:
+            store.record(t.key, row, t.state["history"])
+        rows.append(row)
+    return rows
