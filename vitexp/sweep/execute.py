@@ -225,10 +225,10 @@ def run(plan: Plan, workers: int | None = None, progress: bool | None = None, fu
         raise UserError(f"--fuse must be >= 1, got {fuse}")
     if runtime.dist_env().world > 1:
         return _torchrun(plan, progress)
+    if (plan.out / "trials").is_dir():  # a kill may have fallen between a record and the tables, and what
+        TrialStore(plan.out, create=False).rebuild()  # cannot be read is set aside here, so it runs again
     todo = plan.pending()
     if not todo:
-        if (plan.out / "trials").is_dir():
-            TrialStore(plan.out).rebuild()  # a kill may have fallen between a record and the tables
         return runs_table(plan.out)
     preflight(plan, todo)
     k, threads = _workers(plan, todo, workers)
