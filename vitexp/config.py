@@ -104,10 +104,11 @@ class TrainConfig:
     num_workers: int = _f(4, "DataLoader workers (ImageFolder pipeline)")
     data_dir: str | None = _f(None, "where data sets live (default: $VITEXP_DATA or the user cache)")
     sync_bn: bool = _f(False, "SyncBatchNorm for CNNs under torchrun")
+    tensorboard: bool = _f(False, "log each epoch to OUT/tensorboard/KEY (pip install 'vitexp[tensorboard]')")
     extra: dict = field(default_factory=dict, metadata={"help": "study-specific columns, carried into the row"})
 
     # fields that say where or how fast a trial runs, not what it computes
-    EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "extra")
+    EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "tensorboard", "extra")
 
     def validate(self) -> "TrainConfig":
         """Raise UserError naming the first bad field: its type, then its range (RANGES),

@@ -20,6 +20,7 @@ reads the checkpoint to resume: a shared file system).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -240,6 +241,32 @@ def summarise(t: Trial, started: str) -> dict:
     return row
 
 
+@contextlib.contextmanager
+def tensorboard(cfg: TrainConfig, store: TrialStore | None, progress: Progress | None):
+    """PROGRESS, also writing every epoch's numbers to STORE/tensorboard/KEY when cfg.tensorboard."""
+    if not cfg.tensorboard or store is None or not runtime.dist_env().main:
+        yield progress
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package; pip install 'vitexp[tensorboard]'") from None
+    writer = SummaryWriter(str(store.root / "tensorboard" / cfg.key()))
+
+    def log(event: dict) -> None:
+        if event["event"] == "epoch":
+            for name in ("train_loss", "test_err", "ema_err", "lr", "images_per_s"):
+                if event[name] == event[name]:  # NaN: not evaluated this epoch
+                    writer.add_scalar(name, event[name], event["epoch"])
+        if progress is not None:
+            progress(event)
+
+    try:
+        yield log
+    finally:
+        writer.close()
+
+
 def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progress | None = None,
               store: TrialStore | None = None) -> dict:
     """Train one trial and return its row. With `out` (or `store`): a trial already
@@ -254,7 +281,8 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
     t = resume(setup_trial(cfg), ckpt)
-    train_model(t, ckpt, progress)
+    with tensorboard(cfg, store, progress) as progress:
+        train_model(t, ckpt, progress)
     row = summarise(t, started)
     if store is not None and t.dist.main:
         store.record(t.key, row, t.state["history"])
