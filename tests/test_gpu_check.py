@@ -12,7 +12,7 @@ from conftest import REPO
 
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_stage(tmp_path):
-    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--budget", "400",
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--budget", "600",
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads((tmp_path / "summary.json").read_text())

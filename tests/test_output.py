@@ -87,7 +87,7 @@ def test_status_tells_done_running_failed_left(study, tmp_path):
 def test_help_is_plain_and_true():
     p = run_cli("stability", "--help", env=NARROW)
     assert p.returncode == 0 and "<bool>" not in p.stdout and "…" not in p.stdout
-    assert "[default: runs/PRESET-OPTIMIZER]" in " ".join(p.stdout.split())
+    assert "[default: runs/PRESET-OPTIMIZER]" in " ".join(p.stdout.split()).replace("- ", "-")
     p = run_cli("train", "--help")
     assert "--fewshot" in p.stdout and "1,5,10" in p.stdout and "comma-separated" in " ".join(p.stdout.split())
     helps = {c: run_cli(c, "--help").stdout for c in ("plot-scale", "plot-optimizer", "plot-cdf")}

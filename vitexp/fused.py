@@ -38,7 +38,7 @@ from torch.func import functional_call, vmap
 from vitexp import runtime
 from vitexp.config import TrainConfig
 from vitexp.seeds import EPOCH, derive_seed
-from vitexp.store import TrialStore
+from vitexp.store import TrialStore, provenance
 from vitexp.trainer import EMA_EVERY, NAN_CHECK_EVERY, Trial, resume, save_checkpoint, setup_trial, summarise, \
     test_epoch
 
@@ -205,6 +205,7 @@ def run_group(cfgs: list[TrainConfig], store: TrialStore | None = None, progress
     (plus `fused_k`); returns their rows."""
     cfgs = [c.validate().resolved() for c in cfgs]
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    provenance()  # read now: the commit of the code this process runs
     g = setup_group(cfgs, store)
     train_group(g, store, progress)
     rows = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import fcntl
 import json
 import logging
@@ -51,9 +52,11 @@ def _jsonable(v):
     return v
 
 
+@functools.lru_cache(maxsize=1)
 def provenance() -> dict:
     """Where and with what a result was made: the commit (with -dirty when vitexp/ differs
-    from it), versions, host."""
+    from it), versions, host. Read once per process, when its first trial starts: the code a
+    process runs is what it loaded then, whatever is committed while it runs."""
     import torch
 
     from vitexp import __version__

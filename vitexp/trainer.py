@@ -279,6 +279,7 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
     if done is not None and done.get("status") == "ok":
         return done
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    provenance()  # read now: the commit of the code this process runs
     ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
     t = resume(setup_trial(cfg), ckpt)
     with tensorboard(cfg, store, progress) as progress:
