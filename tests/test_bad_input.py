@@ -302,6 +302,7 @@ def test_nonsense_is_refused(tmp_path, monkeypatch, capsys, setup, argv, needles
     test_more_bad_input(tmp_path, monkeypatch, capsys, setup, argv, needles, unchanged)
 
 
+@pytest.mark.slow
 def test_a_slurm_array_variable_that_is_no_number(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "abc")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
@@ -309,6 +310,7 @@ def test_a_slurm_array_variable_that_is_no_number(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_study_rerun_for_another_device_changes_nothing(tmp_path, monkeypatch, capsys):
     """Nothing to run: no device check, and not a byte of the folder changes."""
     from vitexp.cli import main
@@ -320,6 +322,7 @@ def test_a_finished_study_rerun_for_another_device_changes_nothing(tmp_path, mon
     assert _snapshot(folder) == before
 
 
+@pytest.mark.slow
 def test_an_error_inside_a_worker_is_one_line_and_the_folder_is_left_as_it_was(tmp_path):
     """Bad input only a trial finds (an image folder whose train/ and val/ classes differ),
     inside a worker process: the parent prints its one line, exit 2, and the folder this
@@ -353,6 +356,7 @@ def _check(tmp_path, run, setup, argv, needles, unchanged):
         assert _snapshot(places["dir"]) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup,argv,needles,unchanged", [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_bad_input(tmp_path, setup, argv, needles, unchanged):
     _check(tmp_path, lambda *a: run_cli(*a, timeout=300), setup, argv, needles, unchanged)
@@ -419,7 +423,35 @@ def test_config_fields_are_checked(field, value, needle):
         TrainConfig(**{field: value}).validate()
 
 
+@pytest.mark.slow
 def test_usage_errors_are_short_too():
     # click's own errors (unknown option, bad type) exit 2 without a traceback
     p = run_cli("stability", "--samples", "many")
     assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout and "Invalid value" in p.stderr
+
+
+def _readme_examples():
+    from conftest import REPO
+
+    section = (REPO / "README.md").read_text().split("## Bad input")[1].split("## Reliability")[0]
+    rows = [ln.split("|")[1:3] for ln in section.splitlines() if ln.startswith("| `vitexp ")]
+    return [(cmd.strip().strip("`"), msg.strip().strip("`")) for cmd, msg in rows]
+
+
+@pytest.mark.parametrize("command,message", _readme_examples(), ids=lambda v: v if v.startswith("vitexp") else "")
+def test_the_readmes_examples(tmp_path, monkeypatch, capsys, command, message):
+    """Each example of the README's bad-input table, run as written (in a fresh folder):
+    exactly its line, '...' standing for the rest."""
+    import re
+    import shlex
+
+    from vitexp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", shlex.split(command))
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert re.fullmatch(".*".join(map(re.escape, message.split("..."))), err), (err, message)
+    assert not list(tmp_path.iterdir())  # nothing written

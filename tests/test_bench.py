@@ -57,6 +57,7 @@ def test_bench_on_cpu_gives_sensible_numbers(tmp_path):
     assert row["mfu"] != row["mfu"]  # NaN: no peak for a CPU
 
 
+@pytest.mark.slow
 def test_bench_cli_appends_rows(tmp_path):
     csv = tmp_path / "bench.csv"
     for _ in range(2):

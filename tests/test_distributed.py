@@ -26,6 +26,7 @@ def torchrun(nproc, *args):
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
     one = run_cli(*ARGS, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr
@@ -40,6 +41,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert abs(r1.last_err.iloc[0] - r2.last_err.iloc[0]) <= ERR_ATOL
 
 
+@pytest.mark.slow
 def test_global_batch_not_divisible_by_world_size(tmp_path):
     args = [a if a != "64" else "63" for a in ARGS]
     p = torchrun(2, *args, "--out", tmp_path)
@@ -50,6 +52,7 @@ def test_global_batch_not_divisible_by_world_size(tmp_path):
     assert "vitexp/train.py" not in p.stderr  # none of our frames
 
 
+@pytest.mark.slow
 def test_launch_runs_shards_through_submitit_local(tmp_path):
     pytest.importorskip("submitit")
     out = tmp_path / "st"
@@ -61,6 +64,7 @@ def test_launch_runs_shards_through_submitit_local(tmp_path):
     assert len(runs) == 2 and runs.key.is_unique and (runs.status == "ok").all()
 
 
+@pytest.mark.slow
 def test_launch_needs_a_study_and_its_out(tmp_path):
     from conftest import assert_user_error
 
@@ -68,6 +72,7 @@ def test_launch_needs_a_study_and_its_out(tmp_path):
     assert_user_error(run_cli("launch", "--shards", "2", "--cluster", "local", "--", "stability"), "--out")
 
 
+@pytest.mark.slow
 def test_a_study_under_torchrun_trains_each_trial_with_ddp(tmp_path):
     args = ["stability", "--models", "vit_p_25mf", "--samples", "2", "--epochs", "1", "--dataset", "fashion-mnist",
             "--n-train", "256", "--n-test", "128", "--batch-size", "64", "--crop-pad", "0", "--no-hflip",

@@ -146,6 +146,7 @@ def _kill_at(proc: subprocess.Popen, out: Path, moment: str, delay: float, timeo
     return {"moment": moment, "killed": False, "rc": proc.returncode}
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     reference = _start(whole, log=tmp_path / "whole.err")  # the uninterrupted run, on the other core
@@ -202,6 +203,7 @@ def _fake_trial(calls: list):
     return run_trial
 
 
+@pytest.mark.slow
 def test_a_rerun_repairs_each_state_a_kill_can_leave_mid_record(tmp_path, monkeypatch):
     """The moments the kill test hits only by chance, set up exactly: killed (a) after
     the history file, before the json (the commit point); (b) after the json, before
@@ -270,6 +272,7 @@ def _counting(monkeypatch, fail: dict | None = None) -> list:
     return calls
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_with_its_reason_and_retried(tmp_path, monkeypatch):
     spec = _stability()
     keys = [t.key() for t in trials(spec)]
@@ -295,6 +298,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_retried(tmp_path, monke
     assert calls == []
 
 
+@pytest.mark.slow
 def test_a_failed_trials_checkpoint_is_dropped_so_its_retry_starts_clean(tmp_path, monkeypatch):
     spec = resolve_spec("stability", None, {"models": [MODEL], "samples": 1, "epochs": 2}, TINY)
     (key,) = [t.key() for t in trials(spec)]
@@ -318,6 +322,7 @@ def test_a_failed_trials_checkpoint_is_dropped_so_its_retry_starts_clean(tmp_pat
     assert len(calls) == 2 and pd.read_csv(tmp_path / RUNS).status.tolist() == ["ok"]
 
 
+@pytest.mark.slow
 def test_an_unreadable_checkpoint_is_set_aside_and_the_trial_starts_afresh(tmp_path, monkeypatch):
     spec = _stability(samples=1)
     (key,) = [t.key() for t in trials(spec)]
@@ -330,6 +335,7 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_trial_starts_afresh(tmp_p
     assert f"{key}.pt is unreadable" in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_divergence_is_a_result_not_a_failure(tmp_path, monkeypatch):
     spec = resolve_spec("optimizer", None, {"models": [MODEL], "optimizers": ["sgd"], "epochs": [2]},
                         {**TINY, "n_train": 256})
@@ -344,6 +350,7 @@ def test_divergence_is_a_result_not_a_failure(tmp_path, monkeypatch):
     assert calls == []  # not retried
 
 
+@pytest.mark.slow
 def test_bad_input_inside_a_trial_stops_the_study_without_a_failed_row(tmp_path, monkeypatch):
     from vitexp.errors import UserError
 
@@ -357,6 +364,7 @@ def test_bad_input_inside_a_trial_stops_the_study_without_a_failed_row(tmp_path,
 
 # -- two processes, claims, leftovers -------------------------------------------------
 
+@pytest.mark.slow
 def test_two_processes_on_one_folder_run_every_trial_exactly_once(tmp_path):
     out = tmp_path / "shared"
     args = ["stability", "--samples", "4", "--epochs", "1", "--n-train", "128", "--n-test", "64",
@@ -378,6 +386,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.slow
 def test_claims(tmp_path):
     import socket
 
@@ -454,6 +463,7 @@ def test_doctor_parts():
     assert step["status"] == "ok" and step["finite"] == "True" and step["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_doctor_cli():
     p = run_cli("doctor", "--device", "cpu")
     assert p.returncode == 0, p.stderr
@@ -475,6 +485,7 @@ def test_keys_that_look_like_numbers_survive_the_rebuild(tmp_path, key):
     assert read_runs(tmp_path).key.tolist() == [key]  # the reader every command uses
 
 
+@pytest.mark.slow
 def test_a_killed_parent_takes_its_packed_workers_with_it(tmp_path):
     """On the CPU a study runs one worker process per core; SIGKILL of the study must not
     leave workers training on (they would hold claims and write after the user's rerun)."""

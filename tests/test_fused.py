@@ -31,6 +31,7 @@ def assert_same_history(a: pd.DataFrame, b: pd.DataFrame) -> None:
         assert (a[col] - b[col]).abs().max() <= ONE_IMAGE + 1e-9, col
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vit_p_7mf", "vit_c_7mf", "resnet_7mf"])  # ViT_C and ResNet: BatchNorm
 def test_each_member_equals_its_unfused_trial(tmp_path, model):
     cfgs = configs(model)
@@ -44,6 +45,7 @@ def test_each_member_equals_its_unfused_trial(tmp_path, model):
         assert_same_history(one[one.key == key].reset_index(), fused[fused.key == key].reset_index())
 
 
+@pytest.mark.slow
 def test_a_diverging_member_leaves_the_others_alone(tmp_path):
     cfgs = configs("vit_c_7mf", [(0.01, 0), (1e4, 1), (0.02, 2)])
     rows = {r["key"]: r for r in run_group(cfgs, TrialStore(tmp_path / "fused"))}
@@ -56,6 +58,7 @@ def test_a_diverging_member_leaves_the_others_alone(tmp_path):
         assert abs(rows[c.key()]["top1_err"] - alone["top1_err"]) <= ONE_IMAGE + 1e-9
 
 
+@pytest.mark.slow
 def test_a_killed_group_resumes_to_the_same_rows(tmp_path):
     cfgs = configs("vit_p_7mf", epochs=3)
     whole = {r["key"]: r for r in run_group(cfgs, TrialStore(tmp_path / "whole"))}
@@ -86,6 +89,7 @@ def test_what_fuses_and_how_the_sweep_groups_it():
     assert groups(todo, 1) == [[t] for t in todo]
 
 
+@pytest.mark.slow
 def test_a_fused_study_gives_the_rows_of_an_unfused_one(tmp_path, monkeypatch):
     spec = resolve_spec("stability", None, {"samples": 4, "epochs": 2, "models": ["vit_p_7mf"]},
                         {"n_train": 128, "n_test": 64, "batch_size": 32, "device": "cpu"})
@@ -101,6 +105,7 @@ def test_a_fused_study_gives_the_rows_of_an_unfused_one(tmp_path, monkeypatch):
     assert (a.top1_err - b.top1_err).abs().max() <= 100 / 64 + 1e-9
 
 
+@pytest.mark.slow
 def test_the_cli_fuses_on_request(tmp_path):
     args = ["stability", "--models", "vit_c_7mf", "--samples", "3", "--epochs", "1", "--n-train", "128",
             "--n-test", "64", "--batch-size", "32", "--device", "cpu", "--no-plot", "--trials-per-gpu", "1"]

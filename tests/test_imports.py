@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
 MODULES = sorted(".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
                  for p in (REPO / "vitexp").rglob("*.py"))
 
 
+@pytest.mark.slow
 def test_every_module_imports_without_tomllib():
     """What Python 3.10 sees: `import tomllib` fails; tomli (pyproject's dependency there) stands in."""
     code = ("import sys, tomllib, importlib; sys.modules['tomli'] = tomllib; sys.modules['tomllib'] = None\n"

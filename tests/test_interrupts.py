@@ -48,6 +48,7 @@ def _other_host(tmp_path: Path) -> dict:
     return {"PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code,workers", [(signal.SIGTERM, 143, "1"), (signal.SIGINT, 130, "1"),
                                               (signal.SIGTERM, 143, "2"), (signal.SIGINT, 130, "2")])
 def test_a_signal_ends_the_study_cleanly(tmp_path, sig, code, workers):
@@ -64,6 +65,7 @@ def test_a_signal_ends_the_study_cleanly(tmp_path, sig, code, workers):
     assert not list((out / "claims").iterdir()) and list((out / "checkpoints").glob("*.pt"))
 
 
+@pytest.mark.slow
 def test_a_study_preempted_on_one_host_finishes_on_another_with_every_trial_once(tmp_path):
     out = tmp_path / "st"
     proc = _start(out, "--trials-per-gpu", "1")
@@ -80,6 +82,7 @@ def test_a_study_preempted_on_one_host_finishes_on_another_with_every_trial_once
     assert all(log.count(f"trial {k} ") == 1 for k in runs.key), log  # recorded exactly once
 
 
+@pytest.mark.slow
 def test_a_stale_claim_of_a_dead_host_is_taken_over(tmp_path):
     spec = resolve_spec("stability", None, {"samples": 1, "epochs": 1, "models": ["vit_p_7mf"]},
                         {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})
@@ -128,6 +131,7 @@ def test_a_full_disk_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_corrupt_files_in_a_study_folder_are_set_aside_and_their_trials_rerun(tmp_path):
     spec = resolve_spec("stability", None, {"samples": 3, "epochs": 1, "models": ["vit_p_7mf"]},
                         {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})
@@ -148,6 +152,7 @@ def test_corrupt_files_in_a_study_folder_are_set_aside_and_their_trials_rerun(tm
     assert len(collect([st], tmp_path / "merged")) == 3  # collect goes on too
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_figure_writer_are_swept(tmp_path):
     spec = resolve_spec("stability", None, {"samples": 1, "epochs": 1, "models": ["vit_p_7mf"]},
                         {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})
@@ -158,6 +163,7 @@ def test_leftovers_of_a_killed_figure_writer_are_swept(tmp_path):
     assert not left.exists()
 
 
+@pytest.mark.slow
 def test_a_description_with_control_characters_round_trips(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('[study]\nkind = "stability"\nmodels = ["vit_p_7mf"]\nsamples = 1\nepochs = 1\n'
@@ -173,6 +179,7 @@ def test_a_description_with_control_characters_round_trips(tmp_path):
     assert run_cli("report", tmp_path / "st").returncode == 0
 
 
+@pytest.mark.slow
 def test_report_md_escapes_what_it_prints(tmp_path):
     spec = resolve_spec("stability", None, {"samples": 1, "epochs": 1, "models": ["vit_p_7mf"]},
                         {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})

@@ -195,6 +195,7 @@ def test_cli_models_csv():
     assert df.set_index("model").loc["regnety_4gf", "resolution"] == 240
 
 
+@pytest.mark.slow
 def test_cli_models_errors():
     assert_user_error(run_cli("models", "vit_c_50fm"), "unknown model", "vit_c_50mf")
     assert_user_error(run_cli("models", "vit_p_1gf", "--resolution", "30"), "divisible", "16")

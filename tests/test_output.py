@@ -21,6 +21,7 @@ def study(tmp_path_factory):
     return out, p
 
 
+@pytest.mark.slow
 def test_piped_progress_keeps_count_time_and_eta_and_cuts_nothing(study):
     _, p = study
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -31,6 +32,7 @@ def test_piped_progress_keeps_count_time_and_eta_and_cuts_nothing(study):
     assert "ui.py" not in p.stderr  # plain lines, no source paths
 
 
+@pytest.mark.slow
 def test_dry_run_prints_whole_predicts_the_time_and_checks_the_folder(tmp_path):
     p = run_cli("scale-study", "--dry-run", *TINY[-2:], "--out", tmp_path / "s", env=NARROW)
     assert p.returncode == 0, p.stderr
@@ -44,6 +46,7 @@ def test_dry_run_prints_whole_predicts_the_time_and_checks_the_folder(tmp_path):
     assert p.returncode == 2 and "holds a stability study" in p.stderr  # what the real run would refuse
 
 
+@pytest.mark.slow
 def test_bench_prints_whole_when_piped(tmp_path):
     p = run_cli("bench", "--model", "vit_c_7mf", "--batch-size", "16", "--steps", "2", "--warmup", "1",
                 "--device", "cpu", "--csv", tmp_path / "b.csv", env=NARROW)
@@ -52,6 +55,7 @@ def test_bench_prints_whole_when_piped(tmp_path):
     assert "mfu: not given on a CPU" in p.stdout
 
 
+@pytest.mark.slow
 def test_history_carries_the_identifying_columns(study):
     out, _ = study
     hist = pd.read_csv(out / "history.csv")
@@ -62,6 +66,7 @@ def test_history_carries_the_identifying_columns(study):
         assert (h.model, h.trial_lr, h.wd, h.seed, h.optimizer) == (r.model, r.lr, r.wd, r.seed, r.optimizer)
 
 
+@pytest.mark.slow
 def test_plot_curves_draws_the_best_trial_per_model(study, tmp_path):
     out, _ = study
     p = run_cli("plot-curves", out, "--out", tmp_path)
@@ -75,6 +80,7 @@ def test_plot_curves_draws_the_best_trial_per_model(study, tmp_path):
     assert set(pd.read_csv(tmp_path / "all" / "curves.csv").key) == set(runs.key)
 
 
+@pytest.mark.slow
 def test_status_tells_done_running_failed_left(study, tmp_path):
     out, _ = study
     p = run_cli("status", out)
@@ -84,6 +90,7 @@ def test_status_tells_done_running_failed_left(study, tmp_path):
     assert p.returncode == 2 and "holds no study" in p.stderr
 
 
+@pytest.mark.slow
 def test_help_is_plain_and_true():
     p = run_cli("stability", "--help", env=NARROW)
     assert p.returncode == 0 and "<bool>" not in p.stdout and "…" not in p.stdout
@@ -94,6 +101,7 @@ def test_help_is_plain_and_true():
     assert len({h.split("Options")[0] for h in helps.values()}) == 3  # each says what it draws
 
 
+@pytest.mark.slow
 def test_models_table_says_its_classes(tmp_path):
     p = run_cli("models", "vit_p_7mf", "--classes", "10", env={"VITEXP_CACHE": str(tmp_path)})
     assert p.returncode == 0 and "10 classes" in p.stdout and "0.39" in p.stdout
@@ -102,6 +110,7 @@ def test_models_table_says_its_classes(tmp_path):
     assert (tmp_path / "complexity.json").exists()  # counted once, then read
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_every_epoch(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -236,12 +236,14 @@ def test_markdown_table():
 
 # -- the CLI ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_writes_and_prints_the_figures(studies, tmp_path):
     p = run_cli("plot-scale", studies["scale"], "--out", tmp_path)
     assert p.returncode == 0, p.stderr
     assert str(tmp_path / "scale.png") in p.stdout and (tmp_path / "scale.pdf").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(studies, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

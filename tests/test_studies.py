@@ -59,6 +59,7 @@ def test_paper_preset_uses_the_papers_ranges():
     assert r == {"lr": (0.25, 8.0), "wd": (3.0e-6, 8.0e-5)}
 
 
+@pytest.mark.slow
 def test_trial_key_is_stable_and_ignores_execution_fields():
     a = TrainConfig(model="vit_p_1gf", lr=1e-3, wd=0.1)
     assert a.key() == TrainConfig(model="vit_p_1gf", lr=1e-3, wd=0.1).key()
@@ -122,6 +123,7 @@ def _files(folder):
             for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_stability_cli_example_and_rerun_changes_nothing(tmp_path):
     out = tmp_path / "st"
     p = run_cli("stability", "--optimizer", "sgd", "--dataset", "shapes", "--samples", "3", "--epochs", "1",
@@ -142,6 +144,7 @@ def test_stability_cli_example_and_rerun_changes_nothing(tmp_path):
     assert _files(out) == before  # nothing ran, no file touched
 
 
+@pytest.mark.slow
 def test_dry_run_trains_nothing(tmp_path):
     p = run_cli("scale-study", "--dry-run", "--out", tmp_path / "s")
     assert p.returncode == 0, p.stderr
@@ -149,6 +152,7 @@ def test_dry_run_trains_nothing(tmp_path):
     assert not (tmp_path / "s" / "runs.csv").exists()
 
 
+@pytest.mark.slow
 def test_shards_in_two_processes_then_collect_equal_one_run(tmp_path):
     small = ",".join(load_preset("optimizer_shapes")["study"]["models"][:2])
     common = ["optimizer-study", "--models", small, "--epochs", "1", "--optimizers", "adamw,sgd",
@@ -174,6 +178,7 @@ def test_shards_in_two_processes_then_collect_equal_one_run(tmp_path):
     assert set(s0.key).isdisjoint(s1.key) and len(s0) == len(s1) == 2
 
 
+@pytest.mark.slow
 def test_study_in_a_folder_of_another_kind_is_refused(tmp_path):
     out = tmp_path / "x"
     p = run_cli("stability", "--samples", "1", "--epochs", "1", "--n-train", "64", "--n-test", "64",
@@ -183,6 +188,7 @@ def test_study_in_a_folder_of_another_kind_is_refused(tmp_path):
     assert_user_error(run_cli("scale-study", "--out", out, "--device", "cpu"), "stability")
 
 
+@pytest.mark.slow
 def test_scale_study_writes_fewshot_columns(tmp_path):
     spec = resolve_spec("scale", None, {"sizes": [100], "steps": 4, "min_epochs": 1, "fewshot": [1, 5]},
                         {"n_test": 100, "batch_size": 50, "device": "cpu"})

@@ -13,6 +13,7 @@ from vitexp.studies.base import Knob, Study, int_knob, ints
 from vitexp.sweep import collect, execute, make_plan, resolve_spec, run, run_study
 
 
+@pytest.mark.slow
 def test_packed_trials_equal_one_by_one(tmp_path):
     spec = resolve_spec("stability", None, {"samples": 2, "epochs": 1, "models": ["vit_p_25mf"]},
                         {"n_train": 96, "n_test": 64, "batch_size": 32, "device": "cpu"})
@@ -25,6 +26,7 @@ def test_packed_trials_equal_one_by_one(tmp_path):
     assert (b.train_loss - a.train_loss).abs().max() < 1e-4  # workers use fewer threads: float sum order
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cores,asked,workers", [(3, None, 2), (1, None, 0), (2, 1, 0)])
 def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch, cores, asked, workers):
     """The default on the CPU: min(cores, trials to run) worker processes; one core or an
@@ -41,6 +43,7 @@ def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch
     assert (pids == {os.getpid()}) if workers == 0 else (os.getpid() not in pids)
 
 
+@pytest.mark.slow
 def test_a_packed_study_draws_its_figure(tmp_path):
     p = run_cli("scale-study", "--sizes", "64,128", "--steps", "2", "--min-epochs", "1", "--models", "vit_p_7mf",
                 "--seeds", "0", "--fewshot", "", "--n-test", "32", "--batch-size", "32", "--device", "cpu",
@@ -72,6 +75,7 @@ class Toy(Study):
         return runs
 
 
+@pytest.mark.slow
 def test_a_toy_study_kind_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(studies.STUDIES, "toy", Toy())
     preset = tmp_path / "toy.toml"

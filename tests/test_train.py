@@ -148,6 +148,7 @@ def test_csv_schema_and_provenance(tmp_path, tiny):
     assert r.last_err == pytest.approx(hist.ema_err.iloc[-1])
 
 
+@pytest.mark.slow
 def test_train_cli_learns_shapes_and_is_idempotent(tmp_path):
     args = ["train", "--model", SMALLEST_VIT_C, "--dataset", "shapes", "--epochs", "3", "--device", "cpu",
             "--n-train", "5000", "--n-test", "1000", "--out", tmp_path]
@@ -160,6 +161,7 @@ def test_train_cli_learns_shapes_and_is_idempotent(tmp_path):
     assert len(pd.read_csv(tmp_path / "runs.csv")) == 1
 
 
+@pytest.mark.slow
 def test_train_cli_divergence_exits_zero(tmp_path):
     p = run_cli("train", "--model", SMALLEST_VIT_C, "--optimizer", "sgd", "--lr", "10000", "--epochs", "1",
                 "--n-train", "1024", "--n-test", "100", "--device", "cpu", "--out", tmp_path)
@@ -167,6 +169,7 @@ def test_train_cli_divergence_exits_zero(tmp_path):
     assert bool(pd.read_csv(tmp_path / "runs.csv").diverged.iloc[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["--optimizer", "lamb"], "optimizer"),
     (["--lr", "-1"], "--lr"),
@@ -191,3 +194,19 @@ def test_a_patch_that_does_not_divide_the_data_takes_the_models_resolution(tiny)
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     row = run_trial(TrainConfig(model="vit_c_7mf", **{**tiny, "dataset": "fashion-mnist", "epochs": 1}))
     assert row["image_size"] == 32 and row["top1_err"] < 100
+
+
+def test_the_convergence_rule():
+    from vitexp.rows import converged
+
+    assert converged([(2, 30.0), (4, 20.0), (6, 21.0), (8, 22.0)], 8)  # best at epoch 4 of 8: before the last 25%
+    assert converged([(2, 30.0), (4, 25.0), (6, 24.0), (8, 23.6)], 8)  # best last, but the last two within 0.5
+    assert not converged([(2, 30.0), (4, 25.0), (6, 24.0), (8, 23.0)], 8)  # still falling by a point
+    assert converged([(6, 24.0), (8, 23.0)], 8) is False and converged([(6, 23.0), (8, 24.0)], 8)  # 6 <= 0.75 * 8
+    assert not converged([(8, 20.0)], 8) and not converged([], 8)  # one evaluation cannot show it; diverged neither
+
+
+def test_runs_record_convergence_and_how_they_ran(tmp_path, tiny):
+    row = run_trial(TrainConfig(model=SMALLEST_VIT_C, **tiny), out=tmp_path)
+    assert isinstance(row["converged"], bool) and row["fused_k"] == 1 and row["amp"] is False
+    assert row["data_dir"] == "generated"
