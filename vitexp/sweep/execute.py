@@ -227,7 +227,8 @@ def run(plan: Plan, workers: int | None = None, progress: bool | None = None, fu
         return _torchrun(plan, progress)
     if (plan.out / "trials").is_dir():  # a kill may have fallen between a record and the tables, and what
         TrialStore(plan.out, create=False).rebuild()  # cannot be read is set aside here, so it runs again
-    todo = plan.pending()
+    # longest first: workers then end together instead of one running the last long trial alone
+    todo = sorted(plan.pending(), key=lambda kc: -trial_images(kc[1]))
     if not todo:
         return runs_table(plan.out)
     preflight(plan, todo)
