@@ -122,3 +122,12 @@ def test_tensorboard_logs_every_epoch(tmp_path):
     acc.Reload()
     assert {"train_loss", "ema_err", "lr"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train_loss")] == [1, 2]
+
+
+def test_curve_labels_name_what_differs_between_the_curves():
+    from vitexp.plots import _varying
+
+    chosen = pd.DataFrame({"model": ["m", "m"], "n_train": [400, 1600], "lr": [0.1, 0.1], "wd": [1e-4, 1e-4],
+                           "seed": [0, 0], "epochs": [64, 40]})
+    assert _varying(chosen, chosen.iloc[0]) == ["n=400", "64ep"]
+    assert _varying(chosen.iloc[:1], chosen.iloc[0]) == []  # one curve: nothing to tell apart

@@ -159,6 +159,15 @@ def count_label(v: float) -> str:
 
 # -- learning curves -------------------------------------------------------------------------
 
+_CURVE_TAGS = {"n_train": "n={:.0f}", "epochs": "{:.0f}ep", "lr": "lr={:.2g}", "wd": "wd={:.2g}", "seed": "s{:.0f}"}
+
+
+def _varying(chosen: pd.DataFrame, trial: pd.Series) -> list[str]:
+    """What tells this trial's curve from the others': the columns that differ among them."""
+    return [tag.format(trial[c]) for c, tag in _CURVE_TAGS.items()
+            if c in chosen and chosen[c].nunique() > 1 and pd.notna(trial[c])]
+
+
 def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only: bool = True) -> list[Path]:
     """curves.*: training loss (left) and evaluated test error (right) per epoch; with
     BEST_ONLY the lowest-error trial of each model (and optimizer), else every trial.
@@ -178,7 +187,8 @@ def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only:
         for _, trial in chosen.sort_values(group + ["top1_err"]).iterrows():
             h = hist[hist["key"].astype(str) == str(trial["key"])].sort_values("epoch")
             st, ls = styles[trial["model"]], OPT_LINES.get(str(trial.get("optimizer")), "-")
-            label = f"{trial['model']} {trial.get('optimizer', '')} ({trial['top1_err']:.1f}%)"
+            label = " ".join([trial["model"], str(trial.get("optimizer", ""))] + _varying(chosen, trial)
+                             + [f"({trial['top1_err']:.1f}%)"])
             axes[0][0].plot(h["epoch"], h["train_loss"], color=st["color"], ls=ls, label=label)
             ev = h[h["error"].notna()]
             axes[0][1].plot(ev["epoch"], ev["error"], color=st["color"], ls=ls, marker=st["marker"], ms=3.5)
