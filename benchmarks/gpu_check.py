@@ -203,8 +203,9 @@ def sweeps_stage(c: Check, cap: float) -> None:
     common = ["stability", "--models", model, "--samples", samples, "--epochs", "1" if c.smoke else "2",
               "--n-train", n, "--n-test", "256", "--batch-size", "64" if c.smoke else "128", "--device", c.device,
               "--no-plot", "--no-progress"]
+    workers = "2" if c.smoke else "4"  # a smoke run's CPU has 2 cores: 4 processes would only queue for them
     for name, opts in (("one at a time", ["--trials-per-gpu", "1", "--fuse", "1"]),
-                       ("4 worker processes", ["--trials-per-gpu", "4", "--fuse", "1"]),
+                       (f"{workers} worker processes", ["--trials-per-gpu", workers, "--fuse", "1"]),
                        ("fused", ["--trials-per-gpu", "1", "--fuse", samples])):
         out = c.work / "sweeps" / name.replace(" ", "-")
         c.cmd("sweeps", name, [*common, *opts, "--out", out], cap / 4, ok=finite_run(out))

@@ -337,7 +337,7 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_trial_starts_afresh(tmp_p
 
 @pytest.mark.slow
 def test_divergence_is_a_result_not_a_failure(tmp_path, monkeypatch):
-    spec = resolve_spec("optimizer", None, {"models": [MODEL], "optimizers": ["sgd"], "epochs": [2]},
+    spec = resolve_spec("optimizer", None, {"models": [MODEL], "seeds": [0], "optimizers": ["sgd"], "epochs": [2]},
                         {**TINY, "n_train": 256})
     spec["tuned"] = {MODEL: {"sgd": [1e4, 0.0]}}
     calls = _counting(monkeypatch)

@@ -155,7 +155,7 @@ def test_dry_run_trains_nothing(tmp_path):
 @pytest.mark.slow
 def test_shards_in_two_processes_then_collect_equal_one_run(tmp_path):
     small = ",".join(load_preset("optimizer_shapes")["study"]["models"][:2])
-    common = ["optimizer-study", "--models", small, "--epochs", "1", "--optimizers", "adamw,sgd",
+    common = ["optimizer-study", "--models", small, "--seeds", "0", "--epochs", "1", "--optimizers", "adamw,sgd",
               "--n-train", "64", "--n-test", "64", "--batch-size", "32", "--device", "cpu", "--no-plot"]
     env = {"OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "vitexp", *common, "--shard", f"{i}/2", "--out",
