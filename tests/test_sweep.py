@@ -26,6 +26,17 @@ def test_packed_trials_equal_one_by_one(tmp_path):
     assert (b.train_loss - a.train_loss).abs().max() < 1e-4  # workers use fewer threads: float sum order
 
 
+def test_the_longest_trials_start_first(tmp_path, monkeypatch):
+    """Workers end together when the long trials go first (nothing trains here)."""
+    order = []
+    monkeypatch.setattr(execute, "run_trials", lambda store, todo, *a: order.extend(c.n_train for _, c in todo))
+    monkeypatch.setattr(execute, "preflight", lambda *a: None)
+    spec = resolve_spec("scale", None, {"sizes": [200, 800, 400], "steps": 1, "min_epochs": 1, "seeds": [0],
+                                        "models": ["vit_p_7mf"], "fewshot": []}, {"device": "cpu", "batch_size": 32})
+    run(make_plan(spec, tmp_path), workers=1, progress=False)
+    assert order == [800, 400, 200]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cores,asked,workers", [(3, None, 2), (1, None, 0), (2, 1, 0)])
 def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch, cores, asked, workers):
