@@ -62,7 +62,22 @@ def test_edf_table_models_diverged_failed_and_gap(tmp_path):
     assert (s["n"], s["diverged"], s["failed"]) == (4, 1, 1)
     assert s["min"] == 25 and s["mean"] == pytest.approx((30 + 25 + 25 + 100) / 4)
     assert s["within_4"] == 0.5  # gaps 5, 0, 0, 75: two of four are < 4
+    assert s["at_chance"] == 0  # no data set named: chance unknown
     assert analysis.counts(runs) == {"runs": 8, "ok": 7, "failed": 1, "diverged": 1}
+
+
+def test_edf_summary_counts_runs_stuck_at_chance(tmp_path):
+    runs = load(tmp_path, [
+        run("vit_c", 12.0, dataset="shapes"), run("vit_c", 84.9, dataset="shapes"),  # 10 classes: chance 90
+        run("vit_c", 85.0, dataset="shapes"), run("vit_c", 90.1, dataset="shapes"),
+        run("vit_c", float("nan"), diverged=True, dataset="shapes"),  # diverged: counted as such, not here
+        run("vit_p", 95.0, dataset="cifar100"),  # 100 classes: chance 99
+        run("vit_p", 94.0, dataset="imagefolder"),  # classes unknown: never at chance
+    ])
+    s = analysis.edf_summary(runs).set_index("model")
+    assert s.loc["vit_c", "at_chance"] == 2 and s.loc["vit_c", "diverged"] == 1
+    assert s.loc["vit_p", "at_chance"] == 1
+    assert analysis.chance_err("cifar100") == pytest.approx(99.0)
 
 
 # -- bootstrap -----------------------------------------------------------------------------

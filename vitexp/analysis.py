@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from vitexp import tomlfile
+from vitexp.data.datasets import DATASETS
 from vitexp.errors import UserError
 from vitexp.rows import DIVERGED_ERR
 from vitexp.store import read_runs
@@ -32,6 +33,8 @@ OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
 # pycls's bootstrap draws 25% of the runs; with fewer than this many per draw the "best"
 # is little more than the median sample, so no band is given
 MIN_PER_DRAW = 8
+# a finished run this close to the error of guessing learned nothing (on 10 classes: >= 85%)
+CHANCE_MARGIN = 5.0
 
 
 # -- loading ----------------------------------------------------------------------
@@ -186,16 +189,25 @@ def edf_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def chance_err(dataset) -> float:
+    """Top-1 error (%) of guessing, for a named data set (NaN where the classes are unknown)."""
+    info = DATASETS.get(dataset)
+    return 100.0 * (1 - 1 / info.num_classes) if info else math.nan
+
+
 def edf_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per optimizer and model: n (with a result), diverged, failed, min/mean/median
-    error (diverged at 100) and the fraction of runs within 4 points of the best
-    (gap < 4, the paper's yardstick)."""
+    """Per optimizer and model: n (with a result), diverged, failed, at chance (finite
+    but within CHANCE_MARGIN points of guessing: a run that learned nothing, which a
+    diverged count alone hides), min/mean/median error (diverged at 100) and the
+    fraction of runs within 4 points of the best (gap < 4, the paper's yardstick)."""
     rows = []
     for (opt, model), g in runs.groupby(["optimizer", "model"], sort=True):
         ok = finished(g)
         err = ok["top1_err"].to_numpy()
+        chance = (ok["dataset"].map(chance_err) if "dataset" in ok else pd.Series(math.nan, ok.index)).to_numpy()
         rows.append({"optimizer": opt, "model": model, "n": len(err), "diverged": int(ok["diverged"].sum()),
                      "failed": len(g) - len(ok),
+                     "at_chance": int((~ok["diverged"].to_numpy() & (err >= chance - CHANCE_MARGIN)).sum()),
                      "min": err.min() if len(err) else math.nan, "mean": err.mean() if len(err) else math.nan,
                      "median": np.median(err) if len(err) else math.nan,
                      "within_4": float(edf(err - err.min(), [4.0])[0]) if len(err) else math.nan})

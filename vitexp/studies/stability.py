@@ -49,10 +49,11 @@ class Stability(Study):
         return plot_cdf(runs, Path(out), n_boot, seed) + plot_lrwd(runs, Path(out), n_boot, seed)
 
     def tables(self, runs, n_boot=2500, seed=0):
-        return [("h3", "Error distribution per optimizer and model (diverged at 100%; within 4: share of runs "
+        return [("h3", "Error distribution per optimizer and model (diverged at 100%; at chance: finished within "
+                       f"{analysis.CHANCE_MARGIN:g} points of the error of guessing; within 4: share of runs "
                        "less than 4 points from the model's best)"),
                 ("table", analysis.edf_summary(runs).assign(within_4=lambda d: 100 * d["within_4"])
-                 .rename(columns={"within_4": "within 4 (%)"})),
+                 .rename(columns={"within_4": "within 4 (%)", "at_chance": "at chance"})),
                 ("h3", f"Best lr and wd by bootstrap ({n_boot} draws of 25% of the runs, seed {seed}): "
                        f"median and 2.5–97.5% range (blank: fewer than {analysis.MIN_PER_DRAW} runs per draw)"),
                 ("table", analysis.hparam_bands(runs, n_boot=n_boot, seed=seed)[
@@ -128,7 +129,7 @@ def _cdf_row(axes, opt, table, summary, styles, labels, xlims) -> None:
 
 def _cdf_label(label: str, s) -> str:
     """Two legend lines: model and counts; min, mean and the share within 4 points."""
-    extra = [f"{s[k]} {k}" for k in ("diverged", "failed") if s[k]]
+    extra = [f"{s[k]} {k.replace('_', ' ')}" for k in ("diverged", "at_chance", "failed") if s[k]]
     return (f"{label}: n={s['n']}" + (f" ({', '.join(extra)})" if extra else "")
             + f"\nmin {s['min']:.1f}, mean {s['mean']:.1f}, {s['within_4']:.0%} within 4 of best")
 
