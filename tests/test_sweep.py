@@ -37,6 +37,15 @@ def test_the_longest_trials_start_first(tmp_path, monkeypatch):
     assert order == [800, 400, 200]
 
 
+def test_equally_long_trials_take_turns_across_models(tmp_path):
+    """A stability study stopped early has as many runs of each model, longest still first."""
+    spec = resolve_spec("optimizer", None, {"epochs": [1, 2], "seeds": [0, 1, 2], "optimizers": ["adamw"],
+                                            "models": ["vit_p_7mf", "resnet_7mf"]},
+                        {"device": "cpu", "n_train": 64, "batch_size": 32})
+    order = [(c.epochs, c.model) for _, c in execute.start_order(make_plan(spec, tmp_path).pending())]
+    assert order == [(2, "vit_p_7mf"), (2, "resnet_7mf")] * 3 + [(1, "vit_p_7mf"), (1, "resnet_7mf")] * 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cores,asked,workers", [(3, None, 2), (1, None, 0), (2, 1, 0)])
 def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch, cores, asked, workers):

@@ -61,6 +61,19 @@ def trial_images(cfg: TrainConfig) -> float:
     return float((cfg.n_train or vdata.dataset_info(cfg.dataset).n_train or 1) * cfg.epochs)
 
 
+def start_order(todo: list[tuple[str, TrainConfig]]) -> list[tuple[str, TrainConfig]]:
+    """Longest first, so the workers end together instead of one running the last long
+    trial alone; among equally long trials the models take turns, so a study stopped
+    early has as many runs of each model (comparable partial EDFs), not all of one."""
+    turns: dict[tuple, int] = {}
+    order = []
+    for i, (key, cfg) in enumerate(todo):
+        group = (cfg.model, trial_images(cfg))
+        turns[group] = turns.get(group, -1) + 1
+        order.append((-trial_images(cfg), turns[group], i))
+    return [todo[i] for *_, i in sorted(order)]
+
+
 def logger(out: Path) -> logging.Logger:
     """The study's log.txt: one line per event, with the time and the process id."""
     log = logging.getLogger(f"vitexp.study.{out.resolve()}")
@@ -227,8 +240,7 @@ def run(plan: Plan, workers: int | None = None, progress: bool | None = None, fu
         return _torchrun(plan, progress)
     if (plan.out / "trials").is_dir():  # a kill may have fallen between a record and the tables, and what
         TrialStore(plan.out, create=False).rebuild()  # cannot be read is set aside here, so it runs again
-    # longest first: workers then end together instead of one running the last long trial alone
-    todo = sorted(plan.pending(), key=lambda kc: -trial_images(kc[1]))
+    todo = start_order(plan.pending())
     if not todo:
         return runs_table(plan.out)
     preflight(plan, todo)
