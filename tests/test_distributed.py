@@ -41,6 +41,21 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert abs(r1.last_err.iloc[0] - r2.last_err.iloc[0]) <= ERR_ATOL
 
 
+def test_close_distributed_leaves_the_process_group():
+    import torch.distributed as dist
+
+    from vitexp import runtime
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        runtime.close_distributed()
+        assert not dist.is_initialized()
+        runtime.close_distributed()  # without a group: nothing to do
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_global_batch_not_divisible_by_world_size(tmp_path):
     args = [a if a != "64" else "63" for a in ARGS]

@@ -169,10 +169,13 @@ def train(out: Path, **kwargs):
     runtime.resolve_device(cfg.device)
     check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
     main = runtime.dist_env().main  # under torchrun only rank 0 reports
-    with refused_leaves_no_trace(out), stop_on_signals(), \
-            StudyProgress(1, trial_images(cfg), enabled=None if main else False) as bar:
-        bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
-        row = run_trial(cfg, store=TrialStore(out), progress=bar)
+    try:
+        with refused_leaves_no_trace(out), stop_on_signals(), \
+                StudyProgress(1, trial_images(cfg), enabled=None if main else False) as bar:
+            bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
+            row = run_trial(cfg, store=TrialStore(out), progress=bar)
+    finally:
+        runtime.close_distributed()
     if main:
         status = "DIVERGED" if row["diverged"] else "done"
         console.print(f"{status}: {row['model']} {row['dataset']} n={row['n_train']} {row['optimizer']} "

@@ -83,3 +83,10 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     return d, device
+
+
+def close_distributed() -> None:
+    """Leave torchrun's process group; a gloo group still alive when the interpreter exits
+    can abort the process ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -436,13 +436,24 @@ def _watch(procs: list, store: TrialStore, todo: dict, bar: StudyProgress) -> No
 def _torchrun(plan: Plan, progress: bool | None) -> pd.DataFrame:
     """Rank 0 runs the study and announces each trial; the other ranks train what it announces."""
     d, _ = runtime.init_distributed(runtime.resolve_device(plan.trials[0][1].device))
-    if not d.main:
-        from vitexp.trainer import run_trial
+    try:
+        return _lead(plan, progress) if d.main else _follow(plan)
+    finally:
+        runtime.close_distributed()
 
-        store = TrialStore(plan.out, create=False)  # reads checkpoints to resume, never writes
-        while (cfg := _broadcast(None)) is not None:
-            run_trial(cfg, store=store)
-        return pd.DataFrame()
+
+def _follow(plan: Plan) -> pd.DataFrame:
+    """A rank other than 0: train each announced trial until rank 0 announces the end."""
+    from vitexp.trainer import run_trial
+
+    store = TrialStore(plan.out, create=False)  # reads checkpoints to resume, never writes
+    while (cfg := _broadcast(None)) is not None:
+        run_trial(cfg, store=store)
+    return pd.DataFrame()
+
+
+def _lead(plan: Plan, progress: bool | None) -> pd.DataFrame:
+    """Rank 0: run the study, announcing each trial to the others."""
     todo = plan.pending()
     try:
         if todo:
