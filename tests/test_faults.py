@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import vitexp.data
+import vitexp.store
 import vitexp.trainer
 from conftest import REPO, run_cli
 from vitexp.errors import StudyFailed
@@ -72,8 +73,9 @@ def check_readable(out: Path) -> None:
             json.loads(text)
 
 
-def check_consistent(out: Path) -> pd.DataFrame:
-    """Thorough, between runs: the tables parse and agree with trials/."""
+def check_consistent(out: Path, finished: bool = False) -> pd.DataFrame:
+    """Thorough, between runs: the tables parse and agree with trials/. Every run has its
+    curve; killed mid-rebuild, history.csv may hold one trial more (FINISHED: not even that)."""
     check_readable(out)
     if not (out / RUNS).exists():
         return pd.DataFrame()
@@ -86,7 +88,10 @@ def check_consistent(out: Path) -> pd.DataFrame:
     assert (runs.status == "ok").all()
     hist = pd.read_csv(out / "history.csv")
     assert not hist.duplicated(["key", "epoch"]).any()
-    assert set(hist.key) == set(runs.key)
+    assert set(runs.key) <= set(hist.key)
+    assert set(hist.key) <= {p.stem for p in (out / "trials").glob("*.json")}
+    if finished:
+        assert set(hist.key) == set(runs.key)
     for key, g in hist.groupby("key"):  # a finished trial has every epoch once, in order
         assert list(g.epoch) == list(range(1, len(g) + 1)), key
     return runs
@@ -171,7 +176,7 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
     assert p.returncode == 0, p.stderr
     assert reference.wait(timeout=600) == 0, (tmp_path / "whole.err").read_text()
 
-    a, b = check_consistent(killed), check_consistent(whole)
+    a, b = check_consistent(killed, finished=True), check_consistent(whole, finished=True)
     assert len(b) == 3 and sorted(a.key) == sorted(b.key)  # every trial exactly once
     a, b = a.set_index("key").sort_index(), b.set_index("key").sort_index()
     for c in COMPARED:  # resumed trials end bit for bit where uninterrupted ones do (CPU)
@@ -246,6 +251,31 @@ def test_a_rerun_repairs_each_state_a_kill_can_leave_mid_record(tmp_path, monkey
     assert {n: (tmp_path / n).read_bytes() for n in tables} == tables
     assert not list((tmp_path / "checkpoints").iterdir()) and not list((tmp_path / "claims").iterdir())
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_killed_mid_rebuild_every_run_keeps_its_curve(tmp_path, monkeypatch):
+    """A kill between the two tables' writes: runs.csv never lists a trial history.csv lacks."""
+    calls = []
+    store, fake = TrialStore(tmp_path), _fake_trial(calls)
+    first, second = (t for t in trials(_stability(samples=2)))
+    fake(first, store=store)
+    real_write, tables = vitexp.store.atomic_write_csv, []
+
+    def killed_after_one_table(path, frame):
+        if Path(path).parent == tmp_path:
+            tables.append(Path(path).name)
+            if len(tables) == 2:
+                raise SystemExit("killed")
+        real_write(path, frame)
+
+    monkeypatch.setattr(vitexp.store, "atomic_write_csv", killed_after_one_table)
+    with pytest.raises(SystemExit):
+        fake(second, store=store)
+    runs, hist = pd.read_csv(tmp_path / RUNS, dtype={"key": str}), pd.read_csv(tmp_path / "history.csv", dtype={"key": str})
+    assert set(runs.key) == {first.key()} and set(hist.key) == {first.key(), second.key()}
+    monkeypatch.setattr(vitexp.store, "atomic_write_csv", real_write)
+    store.rebuild()  # the next run's rebuild brings the two together
+    check_consistent(tmp_path, finished=True)
 
 
 # -- failing and diverging trials ---------------------------------------------------

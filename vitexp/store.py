@@ -229,8 +229,10 @@ class TrialStore:
         self.rebuild()
 
     def rebuild(self) -> None:
-        """Regenerate runs.csv and history.csv from trials/ (atomic, under the lock). Each
-        history row carries its trial's identifying columns, so a learning curve needs no join."""
+        """Regenerate runs.csv and history.csv from trials/ (each atomic, under the lock). Each
+        history row carries its trial's identifying columns, so a learning curve needs no join.
+        history.csv goes first: killed between the two, every run in runs.csv still has its curve
+        (history.csv may hold one more trial's until the next rebuild)."""
         with self.lock():
             rows = self.finished()
             hist = {k: self._history(k, r) for k, r in rows.items()}
@@ -243,10 +245,10 @@ class TrialStore:
                 first = [c for c in RUN_COLUMNS if c in runs.columns]
                 runs = runs[first + sorted(c for c in runs.columns if c not in first)]
                 runs = runs.sort_values(["study", "key"] if "study" in runs else ["key"], kind="stable")
-            atomic_write_csv(self.root / RUNS, runs)
             parts = [h.assign(**{c: rows[k].get(r) for c, r in HISTORY_IDENTITY.items()})
                      for k, h in hist.items() if k in rows and h is not None]
             atomic_write_csv(self.root / HISTORY, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
+            atomic_write_csv(self.root / RUNS, runs)
 
     def _history(self, key: str, row: dict):
         """A trial's history (None: it has none, e.g. a failed trial; False: garbled, and
