@@ -1,6 +1,9 @@
 """Committed results stay readable: every runs.csv / history.csv under results/ parses
-with the current schema, and every study folder says how it was made."""
+with the current schema, every trial keeps its key, and every study folder says how it
+was made."""
 
+import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -8,6 +11,7 @@ import pytest
 
 from conftest import REPO
 from vitexp.analysis import finished
+from vitexp.config import TrainConfig, config_fields
 from vitexp.rows import HISTORY_COLUMNS, RUN_COLUMNS
 from vitexp.store import read_runs
 
@@ -32,3 +36,15 @@ def test_committed_results_parse_with_the_current_schema(folder: Path):
     readme = (folder / "README.md").read_text()
     for what in ("command", "commit", "device", "wall"):
         assert what in readme.lower(), what
+
+
+@pytest.mark.parametrize("folder", STUDIES, ids=lambda p: str(p.relative_to(REPO)))
+def test_committed_trials_keep_their_keys(folder: Path):
+    """A trial's key is a hash of its config: a change to the config or the key that moved
+    a committed trial's key would make its study rerun it instead of skipping it."""
+    names = set(config_fields())
+    for path in sorted((folder / "trials").glob("*.json")):
+        row = json.loads(path.read_text())
+        shots = sorted(int(m.group(1)) for c in row if (m := re.fullmatch(r"fewshot(\d+)_err", c)))
+        cfg = TrainConfig(**{k: v for k, v in row.items() if k in names and k != "fewshot"}, fewshot=shots)
+        assert cfg.key() == row["key"] == path.stem, path.name

@@ -99,6 +99,56 @@ def test_ema_updates_when_an_epoch_is_shorter_than_its_period(monkeypatch, tiny)
     assert len(calls) == steps_per_epoch * epochs // vtrain.EMA_EVERY
 
 
+def _first_bn_input_stats(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """What precise BN must give the first BatchNorm: the mean over BATCHES of its input's
+    per-batch mean and (unbiased) variance (its input does not depend on any BN statistics)."""
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    seen = []
+    hook = bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    hook.remove()
+    model.train(was_training)
+    return (torch.stack([s.mean((0, 2, 3)) for s in seen]).mean(0),
+            torch.stack([s.var((0, 2, 3), unbiased=True) for s in seen]).mean(0))
+
+
+@pytest.mark.parametrize("precise", [0, 128])
+def test_precise_bn_recomputes_the_statistics_of_the_model_and_its_ema(tiny, precise):
+    """pycls's protocol: before each evaluation the BN statistics of the model and of its EMA
+    become those of the first `precise_bn` training images of the epoch, each seen through its
+    own weights; off, evaluating leaves them as training left them."""
+    import itertools
+
+    from vitexp.trainer import setup_trial, test_epoch, train_epoch
+
+    t = setup_trial(TrainConfig(model="resnet_7mf", precise_bn=precise, **{**tiny, "epochs": 1}).resolved())
+    train_epoch(t, 0)
+    batches = [x for x, _ in itertools.islice(t.train_loader, 2)]  # 128 images at batch 64
+    models = {"model": t.model, "ema": t.ema.module}
+    before = {n: [b.clone() for b in m.buffers()] for n, m in models.items()}
+    expected = {n: _first_bn_input_stats(m, batches) for n, m in models.items()}
+    test_epoch(t, 0)
+    for name, m in models.items():
+        bn = next(b for b in m.modules() if isinstance(b, nn.BatchNorm2d))
+        if precise:
+            assert torch.allclose(bn.running_mean, expected[name][0], atol=1e-5), name
+            assert torch.allclose(bn.running_var, expected[name][1], rtol=1e-4, atol=1e-5), name
+            assert bn.momentum == 0.1  # restored for training
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(before[name], m.buffers())), name
+
+
+def test_a_field_added_after_results_were_committed_keys_only_when_set():
+    base = TrainConfig(model="resnet_7mf")
+    assert "precise_bn" not in base.result_fields()
+    assert TrainConfig(model="resnet_7mf", precise_bn=0).key() == base.key()
+    assert TrainConfig(model="resnet_7mf", precise_bn=8192).key() != base.key()
+
+
 def test_divergence_is_a_result_not_a_crash(tmp_path, tiny):
     cfg = TrainConfig(model=SMALLEST_VIT_C, optimizer="sgd", lr=1e4, wd=0.0, **tiny)
     row = run_trial(cfg, out=tmp_path)

@@ -43,6 +43,7 @@ RANGES = {
     "crop_pad": (0, MAX_IMAGE, True, f"in [0, {MAX_IMAGE}]"),
     "dropout": (0.0, 1.0, False, "in [0, 1)"),
     "ema_decay": (1e-12, 1.0, False, "in (0, 1)"),
+    "precise_bn": (0, 1 << 40, True, "a number of training images (0: off), e.g. 8192"),
     "seed": (0, SEED_MAX, False, "in [0, 2**63)"),
     "subset_seed": (0, SEED_MAX, False, "in [0, 2**63)"),
     "n_train": (1, 1 << 40, True, "positive"),
@@ -96,6 +97,8 @@ class TrainConfig:
     dropout: float = _f(0.0, "ViT dropout")
     ema: bool = _f(True, "evaluate an EMA of the weights (the papers' protocol)")
     ema_decay: float = _f(0.999, "per step; warmed up as min(decay, (1+n)/(10+n))")
+    precise_bn: int = _f(0, "before each evaluation, recompute BatchNorm statistics of the model and its EMA "
+                         "on this many training images (pycls: 8192); 0 = off")
     fewshot: list[int] = field(default_factory=list, metadata={"help": "k-shot linear eval of frozen features at the end, e.g. 1,5,10"})
     # execution (do not change the result's meaning; left out of the trial key)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
@@ -109,6 +112,9 @@ class TrainConfig:
 
     # fields that say where or how fast a trial runs, not what it computes
     EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "tensorboard", "extra")
+    # fields added after results were committed: in the key only when set, so trials
+    # finished before they existed keep their keys
+    KEYED_WHEN_SET = ("precise_bn",)
 
     def validate(self) -> "TrainConfig":
         """Raise UserError naming the first bad field: its type, then its range (RANGES),
@@ -194,7 +200,8 @@ class TrainConfig:
 
     def result_fields(self) -> dict:
         """The fields that define the result (everything but execution)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.EXECUTION}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.EXECUTION
+                and not (f.name in self.KEYED_WHEN_SET and getattr(self, f.name) == f.default)}
 
     def key(self) -> str:
         """Stable 12-hex trial key: the same config gives the same key on every machine."""

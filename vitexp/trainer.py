@@ -3,7 +3,8 @@
 
 Protocol (PAPERS.md sections 3-4): the reported `top1_err` is the minimum over
 epochs of the evaluated test error, the evaluated model being the EMA of the
-weights when `cfg.ema` (else the model itself); `last_err` is the final one. A
+weights when `cfg.ema` (else the model itself), with its BatchNorm statistics
+recomputed first when `cfg.precise_bn`; `last_err` is the final one. A
 non-finite training loss ends the trial as diverged with top1_err = last_err = 100,
 it never raises.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
 from datetime import datetime, timezone
@@ -31,6 +33,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from vitexp import data as vdata
 from vitexp import models as vmodels
@@ -158,11 +161,29 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool) -> float
     return 100.0 * wrong.item() / max(total, 1)
 
 
+def precise_bn(t: Trial, model: nn.Module) -> None:
+    """Recompute MODEL's BatchNorm statistics on the first cfg.precise_bn images of this
+    epoch's training batches, as pycls does before each evaluation: running averages
+    trail the weights (most at a high lr, and in an EMA that averages them too). torch's
+    update_bn averages per-batch variances, leaving out the spread of the batch means
+    (variance / batch size: under 2% from 64 images a batch). Models without BatchNorm
+    are left untouched, at no cost."""
+    update_bn(itertools.islice(t.train_loader, math.ceil(t.cfg.precise_bn / t.cfg.batch_size)), model)
+    if t.dist.world > 1:  # each rank saw its own shard: evaluate with their average
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                dist.all_reduce(m.running_mean, op=dist.ReduceOp.AVG)
+                dist.all_reduce(m.running_var, op=dist.ReduceOp.AVG)
+
+
 def test_epoch(t: Trial, epoch: int) -> tuple[float, float]:
     """(test_err, ema_err) after EPOCH (0-based), NaN where this epoch is not evaluated."""
     cfg = t.cfg
     if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
         return math.nan, math.nan
+    if cfg.precise_bn:
+        for model in [t.model] + ([t.ema.module] if t.ema is not None else []):
+            precise_bn(t, model)
     test_err = evaluate(t.net if t.dist.world == 1 else t.model, t.test_loader, t.device, cfg.amp)
     ema_err = evaluate(t.ema.module, t.test_loader, t.device, cfg.amp) if t.ema is not None else math.nan
     return test_err, ema_err
