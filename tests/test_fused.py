@@ -32,9 +32,10 @@ def assert_same_history(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["vit_p_7mf", "vit_c_7mf", "resnet_7mf"])  # ViT_C and ResNet: BatchNorm
-def test_each_member_equals_its_unfused_trial(tmp_path, model):
-    cfgs = configs(model)
+@pytest.mark.parametrize("model,precise_bn", [("vit_p_7mf", 0), ("vit_c_7mf", 0), ("resnet_7mf", 0),
+                                              ("resnet_7mf", 128)])  # ViT_C and ResNet: BatchNorm
+def test_each_member_equals_its_unfused_trial(tmp_path, model, precise_bn):
+    cfgs = configs(model, precise_bn=precise_bn)
     for c in cfgs:
         run_trial(c, out=tmp_path / "one")
     run_group(cfgs, TrialStore(tmp_path / "fused"))
