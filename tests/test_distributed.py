@@ -56,6 +56,59 @@ def test_close_distributed_leaves_the_process_group():
             dist.destroy_process_group()
 
 
+# each rank recomputes the BatchNorm statistics of a 1x1 conv + BN on its own shard (rank r:
+# normal images shifted by 3r), then prints them as JSON
+PRECISE_BN_RANK = """
+import json, types
+import torch, torch.distributed as dist
+from torch import nn
+from vitexp import runtime, trainer
+d, _ = runtime.init_distributed(torch.device("cpu"))
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+g = torch.Generator().manual_seed(d.rank)
+shard = [(torch.randn(4, 1, 3, 3, generator=g) + 3 * d.rank, None) for _ in range(2)]
+t = types.SimpleNamespace(train_loader=shard, cfg=types.SimpleNamespace(precise_bn=16, batch_size=8), dist=d)
+trainer.precise_bn(t, model)
+bn = model[1]
+print(json.dumps({"rank": d.rank, "mean": bn.running_mean.tolist(), "var": bn.running_var.tolist()}))
+runtime.close_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_precise_bn_averages_the_ranks_statistics(tmp_path):
+    """Under torchrun each rank recomputes BN statistics on its shard; all evaluate with
+    their average: what one process would compute from both shards' batches."""
+    import json
+
+    import torch
+    from torch import nn
+
+    script = tmp_path / "rank.py"
+    script.write_text(PRECISE_BN_RANK)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29500 + os.getpid() % 1000), str(script)],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    ranks = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    batches = []
+    for rank in (0, 1):
+        g = torch.Generator().manual_seed(rank)
+        batches += [torch.randn(4, 1, 3, 3, generator=g) + 3 * rank for _ in range(2)]
+    with torch.no_grad():
+        feats = [model[0](x) for x in batches]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.var((0, 2, 3)) for f in feats]).mean(0)
+    for r in ranks:  # every rank holds the same, averaged statistics
+        assert torch.allclose(torch.tensor(r["mean"]), mean, atol=1e-5), r
+        assert torch.allclose(torch.tensor(r["var"]), var, atol=1e-5), r
+
+
 @pytest.mark.slow
 def test_global_batch_not_divisible_by_world_size(tmp_path):
     args = [a if a != "64" else "63" for a in ARGS]
