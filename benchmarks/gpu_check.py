@@ -9,7 +9,7 @@ failing or slow stage does not stop the next:
                once compiled, once under torchrun (NCCL), a killed-then-resumed run, and a
                longer small ViT_C run that must land far below chance
 - speed        `vitexp bench` against its baseline, with and without --compile
-- sweeps       one 16-trial stability study one trial at a time, with --trials-per-gpu 4,
+- sweeps       one 16-trial stability study one trial at a time, with --workers 4,
                and fused (--fuse 16); `vitexp bench --fuse 16`
 - science      with the time left: the Fashion-MNIST studies at GPU budgets (resumable)
 
@@ -204,9 +204,9 @@ def sweeps_stage(c: Check, cap: float) -> None:
               "--n-train", n, "--n-test", "256", "--batch-size", "64" if c.smoke else "128", "--device", c.device,
               "--no-plot", "--no-progress"]
     workers = "2" if c.smoke else "4"  # a smoke run's CPU has 2 cores: 4 processes would only queue for them
-    for name, opts in (("one at a time", ["--trials-per-gpu", "1", "--fuse", "1"]),
-                       (f"{workers} worker processes", ["--trials-per-gpu", workers, "--fuse", "1"]),
-                       ("fused", ["--trials-per-gpu", "1", "--fuse", samples])):
+    for name, opts in (("one at a time", ["--workers", "1", "--fuse", "1"]),
+                       (f"{workers} worker processes", ["--workers", workers, "--fuse", "1"]),
+                       ("fused", ["--workers", "1", "--fuse", samples])):
         out = c.work / "sweeps" / name.replace(" ", "-")
         c.cmd("sweeps", name, [*common, *opts, "--out", out], cap / 4, ok=finite_run(out))
     csv = c.work / "bench_fused.csv"

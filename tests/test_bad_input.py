@@ -192,6 +192,9 @@ MORE_CASES = [  # variants, through the same main() in this process (no 5 s inte
 ]
 
 
+GOOD_PRESET = PRESET.format(lr="[1e-4, 1e-2]", wd="[0.01, 0.1]")
+
+
 def _write(name: str, text: str | bytes):
     """A setup that writes TEXT to tmp/NAME and names it {preset}."""
     def setup(t: Path) -> dict:
@@ -285,13 +288,41 @@ NEW_CASES = [  # nonsense that once passed or crashed: each one line, exit 2, no
      ["unknown optimizer 'adam'"], "out"),
     ("tune-samples-zero", None, ["tune", "--preset", "tune_fashion-mnist_cpu", "--samples", "0", "--out", "{out}"],
      ["--samples must be in [1,"], "out"),
-    ("trials-per-gpu-zero", None, ["stability", *QUICK, "--trials-per-gpu", "0", "--out", "{out}"],
-     ["--trials-per-gpu must be >= 1"], "out"),
+    ("workers-zero", None, ["stability", *QUICK, "--workers", "0", "--out", "{out}"],
+     ["--workers must be in [1, 256]", "got 0"], "out"),
     ("models-empty", None, ["stability", *QUICK, "--models", ",", "--out", "{out}"], ["no models"], "out"),
     ("n-boot-zero", lambda t: _finished_study(t), ["plot-cdf", "{dir}", "--n-boot", "0", "--out", "{out}"],
      ["--n-boot must be at least 1"], "same"),
     ("device-cuda-on-a-cpu", None, ["stability", *QUICK, "--device", "cuda", "--out", "{out}"],
      ["no CUDA GPU", "--device cpu"], "out"),
+    ("fuse-zero-dry-run", None, ["stability", *QUICK, "--fuse", "0", "--dry-run", "--out", "{out}"],
+     ["--fuse must be in [1, 64]"], "out"),
+    ("ranges-unknown-key", _write("p.toml", GOOD_PRESET + 'momentum = 0.5\n'),
+     ["stability", "--preset", "{preset}", "--device", "cpu", "--out", "{out}"],
+     ["unknown key in [ranges.vit_p_25mf.adamw] 'momentum'"], "out"),
+    ("ranges-unknown-optimizer", _write("p.toml", GOOD_PRESET.replace("[ranges.vit_p_25mf.adamw]\n",
+                                                                       "[ranges.vit_p_25mf]\nmomentum = 0.5\n"
+                                                                       "[ranges.vit_p_25mf.adamw]\n")),
+     ["stability", "--preset", "{preset}", "--device", "cpu", "--out", "{out}"],
+     ["unknown optimizer in [ranges.vit_p_25mf] 'momentum'"], "out"),
+    ("preset-name-a-number", _write("p.toml", GOOD_PRESET.replace('kind = "stability"', 'kind = "stability"\npreset = 5')),
+     ["stability", "--preset", "{preset}", "--device", "cpu"], ["[study] preset must be a plain name"], "out"),
+    ("preset-name-a-path", _write("p.toml", GOOD_PRESET.replace('kind = "stability"',
+                                                           'kind = "stability"\npreset = "../../x"')),
+     ["stability", "--preset", "{preset}", "--device", "cpu"], ["[study] preset must be a plain name"], "out"),
+    ("out-name-too-long", None, ["stability", *QUICK, "--out", "{tmp}/" + "x" * 300], ["at most 255"], "out"),
+    ("seeds-too-many", None, ["stability", *QUICK, "--seeds", ",".join(map(str, range(2000))), "--dry-run",
+                              "--out", "{out}"], ["--seeds has 2,000 values, at most 1,000"], "out"),
+    ("bench-csv-a-folder", lambda t: {"dir": (t / "d").mkdir() or t / "d"},
+     ["bench", "--model", "vit_p_7mf", "--device", "cpu", "--csv", "{dir}"], ["is a folder"], "same"),
+    ("bench-fuse-huge", None, ["bench", "--fuse", "100000", "--device", "cpu", "--csv", "{out}/b.csv"],
+     ["--fuse in [1, 64]"], "out"),
+    ("launch-cluster-bogus", None, ["launch", "--shards", "2", "--cluster", "bogus", "--", "stability", *QUICK,
+                                    "--out", "{out}"], ["--cluster must be one of slurm, local, debug"], "out"),
+    ("launch-fuse-zero", None, ["launch", "--shards", "2", "--cluster", "local", "--", "stability", *QUICK,
+                                "--fuse", "0", "--out", "{out}"], ["--fuse must be in [1, 64]"], "out"),
+    ("launch-slurm-without-sbatch", None, ["launch", "--shards", "2", "--cluster", "slurm", "--", "stability",
+                                           *QUICK, "--out", "{out}"], ["needs SLURM's sbatch"], "out"),
 ]
 
 

@@ -226,7 +226,8 @@ def test_a_rerun_repairs_each_state_a_kill_can_leave_mid_record(tmp_path, monkey
     store.trial_path(keys[0]).unlink()
     store.checkpoint_path(keys[0]).write_bytes(b"epoch 2 of 3")
     store.checkpoint_path(keys[1]).write_bytes(b"epoch 2 of 3")
-    store.record(keys[2], store.result(keys[2]))  # tables rebuilt without keys[0]
+    store.record(keys[2], store.result(keys[2]))
+    store.rebuild()  # tables rebuilt without keys[0]
     (tmp_path / "runs.csv").write_text(pd.read_csv(tmp_path / "runs.csv").iloc[1:].to_csv(index=False))
     # (c) half-written files of the killed process; (d) its claim
     dead = _dead_pid()
@@ -259,6 +260,7 @@ def test_killed_mid_rebuild_every_run_keeps_its_curve(tmp_path, monkeypatch):
     store, fake = TrialStore(tmp_path), _fake_trial(calls)
     first, second = (t for t in trials(_stability(samples=2)))
     fake(first, store=store)
+    store.rebuild()
     real_write, tables = vitexp.store.atomic_write_csv, []
 
     def killed_after_one_table(path, frame):
@@ -269,8 +271,9 @@ def test_killed_mid_rebuild_every_run_keeps_its_curve(tmp_path, monkeypatch):
         real_write(path, frame)
 
     monkeypatch.setattr(vitexp.store, "atomic_write_csv", killed_after_one_table)
+    fake(second, store=store)
     with pytest.raises(SystemExit):
-        fake(second, store=store)
+        store.rebuild()
     runs, hist = pd.read_csv(tmp_path / RUNS, dtype={"key": str}), pd.read_csv(tmp_path / "history.csv", dtype={"key": str})
     assert set(runs.key) == {first.key()} and set(hist.key) == {first.key(), second.key()}
     monkeypatch.setattr(vitexp.store, "atomic_write_csv", real_write)
@@ -509,6 +512,7 @@ def test_keys_that_look_like_numbers_survive_the_rebuild(tmp_path, key):
     store = TrialStore(tmp_path)
     store.record(key, {"key": key, "status": "ok", "model": "m", "top1_err": 50.0},
                  history=[{"key": key, "epoch": 1, "train_loss": 1.0}])
+    store.rebuild()
     hist = pd.read_csv(tmp_path / "history.csv", dtype={"key": str})
     assert hist.key.tolist() == [key]
     assert pd.read_csv(tmp_path / RUNS, dtype={"key": str}).key.tolist() == [key]
@@ -522,7 +526,7 @@ def test_a_killed_parent_takes_its_packed_workers_with_it(tmp_path):
     out = tmp_path / "packed"
     args = ["stability", "--samples", "2", "--epochs", "50", "--n-train", "256", "--n-test", "64",
             "--batch-size", "64", "--device", "cpu", "--no-plot", "--no-progress", "--models", MODEL,
-            "--trials-per-gpu", "2"]
+            "--workers", "2"]
     proc = _start(out, args, log=tmp_path / "err")
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "claims").glob("*"))) < 2:

@@ -7,6 +7,7 @@ characters round-trips, report.md escapes what it prints."""
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,7 +56,7 @@ def test_a_signal_ends_the_study_cleanly(tmp_path, sig, code, workers):
     """The signal goes to the study's process alone (SLURM's SIGTERM, `kill -INT`): with
     worker processes the parent passes it on. The trial in flight keeps its checkpoint."""
     out = tmp_path / "st"
-    proc = _start(out, "--trials-per-gpu", workers)
+    proc = _start(out, "--workers", workers)
     _wait_for_checkpoint(out, proc)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
@@ -66,9 +67,38 @@ def test_a_signal_ends_the_study_cleanly(tmp_path, sig, code, workers):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("when", ["starting", "training"])
+def test_ctrl_c_to_the_process_group_prints_one_line_and_no_worker_traceback(tmp_path, when):
+    """A terminal's Ctrl-C reaches the study and its workers at once: while the workers start
+    (importing torch) or while they train. One line from the parent, exit 130, the log says so;
+    the rerun says it resumed."""
+    out = tmp_path / "st"
+    proc = subprocess.Popen([sys.executable, "-m", "vitexp", *STUDY, "--workers", "2", "--out", str(out)], cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    if when == "starting":
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out / "log.txt").exists():
+            time.sleep(0.05)
+        time.sleep(1.0)
+    else:
+        _wait_for_checkpoint(out, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 130 and "Traceback" not in stderr and len(lines) == 1, stderr
+    assert "interrupted (SIGINT)" in (out / "log.txt").read_text()
+    if when == "training":
+        p = subprocess.run([sys.executable, "-m", "vitexp", *STUDY, "--workers", "1", "--out", str(out)], cwd=REPO,
+                           env=ENV, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0 and "resumed from epoch" in p.stderr, p.stderr
+        assert re.search(r"resumed [0-9a-f]{12} from epoch \d", (out / "log.txt").read_text())
+
+
+@pytest.mark.slow
 def test_a_study_preempted_on_one_host_finishes_on_another_with_every_trial_once(tmp_path):
     out = tmp_path / "st"
-    proc = _start(out, "--trials-per-gpu", "1")
+    proc = _start(out, "--workers", "1")
     _wait_for_checkpoint(out, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
@@ -122,7 +152,7 @@ def test_a_full_disk_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
         return real(fd)
 
     monkeypatch.setattr(vitexp.fileio.os, "fsync", full)
-    monkeypatch.setattr(sys, "argv", ["vitexp", *STUDY[:2], "1", "--epochs", "1", *STUDY[5:], "--trials-per-gpu", "1",
+    monkeypatch.setattr(sys, "argv", ["vitexp", *STUDY[:2], "1", "--epochs", "1", *STUDY[5:], "--workers", "1",
                                       "--out", str(tmp_path / "st")])
     with pytest.raises(SystemExit) as e:
         main()
@@ -199,7 +229,7 @@ def test_a_study_whose_every_trial_fails_exits_non_zero(tmp_path, monkeypatch, c
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     monkeypatch.setattr(vitexp.trainer, "run_trial", broken)
-    monkeypatch.setattr(sys, "argv", ["vitexp", *STUDY, "--trials-per-gpu", "1", "--out", str(tmp_path / "st")])
+    monkeypatch.setattr(sys, "argv", ["vitexp", *STUDY, "--workers", "1", "--out", str(tmp_path / "st")])
     with pytest.raises(SystemExit) as e:
         main()
     err = capsys.readouterr().err

@@ -16,7 +16,7 @@ TINY = ["--n-train", "64", "--n-test", "32", "--batch-size", "32", "--device", "
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("st") / "st"
     p = run_cli("stability", "--models", "vit_p_7mf,vit_c_7mf", "--samples", "2", "--epochs", "2", *TINY,
-                "--trials-per-gpu", "2", "--out", out, env=NARROW)
+                "--workers", "2", "--out", out, env=NARROW)
     assert p.returncode == 0, p.stderr
     return out, p
 
@@ -104,9 +104,9 @@ def test_help_is_plain_and_true():
 @pytest.mark.slow
 def test_models_table_says_its_classes(tmp_path):
     p = run_cli("models", "vit_p_7mf", "--classes", "10", env={"VITEXP_CACHE": str(tmp_path)})
-    assert p.returncode == 0 and "10 classes" in p.stdout and "0.39" in p.stdout
+    assert p.returncode == 0 and "a 10-way head" in p.stdout and "0.39" in p.stdout
     p = run_cli("models", "vit_p_7mf", env={"VITEXP_CACHE": str(tmp_path)})
-    assert "1000 classes" in p.stdout and "0.45" in p.stdout
+    assert "a 1000-way head" in p.stdout and "0.45" in p.stdout
     assert (tmp_path / "complexity.json").exists()  # counted once, then read
 
 

@@ -157,7 +157,7 @@ def test_too_few_runs_get_no_bootstrap_band(tmp_path):
 
 
 def test_scale_csv_is_the_mean_over_seeds(studies, tmp_path):
-    paths = report.plot_study(studies["scale"], out=tmp_path)
+    paths = report.draw("scale", [studies["scale"]], tmp_path)
     assert_files(paths, "scale")
     table = pd.read_csv(tmp_path / "scale.csv")
     runs = finished_runs(studies["scale"])
@@ -168,7 +168,7 @@ def test_scale_csv_is_the_mean_over_seeds(studies, tmp_path):
 
 
 def test_optimizer_csv_is_the_gap_of_the_means(studies, tmp_path):
-    paths = report.plot_study(studies["optimizer"], out=tmp_path)  # kind from the study column
+    paths = report.draw("optimizer", [studies["optimizer"]], tmp_path)
     assert_files(paths, "optimizer")
     table = pd.read_csv(tmp_path / "optimizer.csv")
     means = finished_runs(studies["optimizer"]).groupby(["model", "optimizer", "epochs"])["top1_err"].mean()
@@ -180,11 +180,6 @@ def test_optimizer_csv_is_the_gap_of_the_means(studies, tmp_path):
     assert delta.loc[("regnety_1gf", 5), "optimizer"] == "sgd"  # its best optimizer, as in the paper
     assert delta.loc[("vit_p_1gf", 5), "value"] == pytest.approx(
         means[("vit_p_1gf", "adamw", 5)] - means[("vit_p_1gf", "adamw", 20)])
-
-
-def test_plot_study_skips_single_runs(tmp_path):
-    folder = write_study(tmp_path / "train", [row("vit_c_1gf", 30.0)], "train", toml=False)
-    assert report.plot_study(folder) == []
 
 
 def test_model_colours_follow_the_family():
@@ -224,7 +219,7 @@ def test_captions_say_what_the_figure_shows(studies, tmp_path):
     assert "one row per optimizer (AdamW, SGD)" in cdf["both"] and "AdamW runs" in cdf["one"]
     lrwd = get_study("stability").captions(tmp_path / "both" / "lrwd_sgd.png")
     assert lrwd.startswith("SGD") and "vit_p_1gf, vit_c_1gf, regnety_1gf" in lrwd and "bootstrap" in lrwd
-    scale = get_study("scale").captions(report.plot_study(studies["scale"], out=tmp_path / "s")[0])
+    scale = get_study("scale").captions(report.draw("scale", [studies["scale"]], tmp_path / "s")[0])
     assert "mean over seeds" in scale and "1, 5-shot" in scale
 
 
@@ -257,3 +252,50 @@ def test_cli_bad_input_is_one_line(studies, tmp_path):
     bad = write_study(tmp_path / "bad", [row("vit_p_1gf", "thirty")], "stability")
     assert_user_error(run_cli("plot-cdf", bad), "top1_err", "thirty")
     assert_user_error(run_cli("plot-cdf", studies["adamw"], studies["sgd"]), "--out")
+
+
+def test_scale_figure_says_data_budget_seeds_and_marks_unconverged_points(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from vitexp.studies.scale import plot_scale, scale_caption, scale_summary
+
+    rows = [row(m, e, n_train=n, epochs=ep, seed=s, converged=not (m == "vit_p_1gf" and n == 400), dataset="shapes")
+            for m, base in (("vit_p_1gf", 60.0), ("regnety_1gf", 20.0)) for n, ep in ((400, 64), (1600, 40))
+            for s in (0, 1) for e in [base - n / 100 + s * 0.1 + 0.2]]
+    runs = analysis.load_runs([write_study(tmp_path / "sc", rows, "scale")])
+    summary = scale_summary(runs)
+    caption = scale_caption(runs, summary)
+    assert "shapes" in caption and "steps" in caption and "40–64 epochs" in caption and "2 seeds" in caption
+    assert "open marker" in caption
+    flagged = summary[(summary["metric"] == "top1_err") & (summary["not_converged"] > 0)]
+    assert list(zip(flagged["model"], flagged["n_train"])) == [("vit_p_1gf", 400)]
+    seen = []
+    real = plt.Axes.scatter
+    plt.Axes.scatter = lambda ax, x, y, **kw: seen.append((list(x), kw.get("facecolor"))) or real(ax, x, y, **kw)
+    try:
+        plot_scale(runs, tmp_path / "fig")
+    finally:
+        plt.Axes.scatter = real
+    assert ([400], "white") in seen  # the open marker, where a seed did not converge
+    text = (tmp_path / "fig" / "scale.csv").read_text()
+    assert "00000000" not in text  # floats as a reader expects them, no float noise
+
+
+def test_one_models_curves_differ_by_the_field_that_differs(tmp_path):
+    from vitexp import plots
+
+    rows = [row("vit_p_1gf", 50.0 - n / 100, n_train=n) for n in (400, 1600, 6400)]
+    folder = write_study(tmp_path / "c", rows, "scale")
+    styles = []
+    real = plots.mpl.axes.Axes.plot
+
+    def spy(ax, *a, **kw):
+        styles.append(kw.get("ls"))
+        return real(ax, *a, **kw)
+
+    plots.mpl.axes.Axes.plot = spy
+    try:
+        report.plot_curves([folder], tmp_path / "fig", every=True)
+    finally:
+        plots.mpl.axes.Axes.plot = real
+    assert len(set(s for s in styles if s)) == 3  # three sizes, three dashes

@@ -17,10 +17,19 @@ def test_model_table_matches_the_zoo():
         assert row in README, row
 
 
-def test_every_config_field_is_documented():
+def test_every_config_field_is_documented_with_its_default_and_help():
+    """The option table's row of each TrainConfig field: the field's default and its help
+    text (a `|` of the help, which a Markdown cell cannot hold, written as `/`)."""
+    rows = dict((name, (default, help_)) for name, default, help_ in
+                re.findall(r"^\| `--([a-z-]+)` \| (.*?) \| (.*) \|$", README, flags=re.M))
     for f in dataclasses.fields(TrainConfig):
-        if f.name != "extra":
-            assert f"`--{f.name.replace('_', '-')}`" in README, f.name
+        if f.name == "extra":
+            continue
+        name = f.name.replace("_", "-")
+        assert name in rows, f.name
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert rows[name][0] == (f"`{default}`" if default != [] else "none"), f.name
+        assert rows[name][1].replace("`", "") == f.metadata["help"].replace(" | ", " / ").replace("`", ""), f.name
 
 
 def test_every_command_is_listed():
@@ -33,3 +42,13 @@ def test_quick_start_is_two_commands():
     block = README.split("## Quick start")[1].split("```bash")[1].split("```")[0]
     cmds = [ln for ln in block.strip().splitlines() if ln.strip()]
     assert len(cmds) == 2 and "scale-study" in cmds[0] and "pytest" in cmds[1]
+
+
+def test_every_module_is_in_the_module_table():
+    table = README.split("| module | its job |")[1].split("\n\n")[0]
+    named = set(re.findall(r"`(vitexp/[a-z_/]+(?:\.py)?)`", table))
+    for p in sorted((REPO / "vitexp").iterdir()):
+        if p.name.startswith("_") or p.name == "py.typed" or p.name == "__pycache__":
+            continue
+        name = f"vitexp/{p.name}" + ("/" if p.is_dir() else "")
+        assert name in named, name

@@ -197,3 +197,21 @@ def test_scale_study_writes_fewshot_columns(tmp_path):
     runs = run_study(spec, tmp_path)
     assert len(runs) == 1
     assert 0 <= runs.fewshot1_err.iloc[0] <= 100 and 0 <= runs.fewshot5_err.iloc[0] <= 100
+
+
+def test_scale_trials_record_their_own_step_budget():
+    """budget_steps is each size's budget (steps x (n / smallest)^exponent), not the knob."""
+    spec = resolve_spec("scale", None, {"sizes": [400, 1600, 6400], "steps": 200, "steps_exponent": 0.66,
+                                        "models": ["vit_p_7mf"], "seeds": [0]}, {"device": "cpu"})
+    budgets = {t.n_train: t.extra["budget_steps"] for t in trials(spec)}
+    assert budgets == {n: round(200 * (n / 400) ** 0.66) for n in (400, 1600, 6400)}
+    assert budgets[6400] > budgets[400] == 200
+
+
+def test_workers_option_and_its_hidden_old_name(tmp_path):
+    from vitexp.cli import workers_option
+
+    assert workers_option({"workers": 3, "trials_per_gpu": None}) == 3
+    assert workers_option({"workers": None, "trials_per_gpu": 2}) == 2
+    help_ = run_cli("stability", "--help").stdout
+    assert "--workers" in help_ and "--trials-per-gpu" not in help_

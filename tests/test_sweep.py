@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from vitexp import report, studies
 from vitexp.studies.base import Knob, Study, int_knob, ints
-from vitexp.sweep import collect, execute, make_plan, resolve_spec, run, run_study
+from vitexp.sweep import collect, execute, make_plan, plan, pool, resolve_spec, run, run_study
 
 
 @pytest.mark.slow
@@ -42,7 +42,7 @@ def test_equally_long_trials_take_turns_across_models(tmp_path):
     spec = resolve_spec("optimizer", None, {"epochs": [1, 2], "seeds": [0, 1, 2], "optimizers": ["adamw"],
                                             "models": ["vit_p_7mf", "resnet_7mf"]},
                         {"device": "cpu", "n_train": 64, "batch_size": 32})
-    order = [(c.epochs, c.model) for _, c in execute.start_order(make_plan(spec, tmp_path).pending())]
+    order = [(c.epochs, c.model) for _, c in plan.start_order(make_plan(spec, tmp_path).pending())]
     assert order == [(2, "vit_p_7mf"), (2, "resnet_7mf")] * 3 + [(1, "vit_p_7mf"), (1, "resnet_7mf")] * 3
 
 
@@ -50,10 +50,10 @@ def test_equally_long_trials_take_turns_across_models(tmp_path):
 @pytest.mark.parametrize("cores,asked,workers", [(3, None, 2), (1, None, 0), (2, 1, 0)])
 def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch, cores, asked, workers):
     """The default on the CPU: min(cores, trials to run) worker processes; one core or an
-    explicit --trials-per-gpu 1: in this process (workers 0)."""
-    monkeypatch.setattr(execute, "_cores", lambda: cores)
-    started, watch = [], execute._watch
-    monkeypatch.setattr(execute, "_watch", lambda procs, *a: started.extend(procs) or watch(procs, *a))
+    explicit --workers 1: in this process (workers 0)."""
+    monkeypatch.setattr(pool, "cores", lambda: cores)
+    started, watch = [], pool.watch
+    monkeypatch.setattr(pool, "watch", lambda procs, *a: started.extend(procs) or watch(procs, *a))
     spec = resolve_spec("stability", None, {"samples": 2, "epochs": 1, "models": ["vit_p_7mf"]},
                         {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})
     runs = run(make_plan(spec, tmp_path), workers=asked, progress=False)
@@ -67,7 +67,7 @@ def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch
 def test_a_packed_study_draws_its_figure(tmp_path):
     p = run_cli("scale-study", "--sizes", "64,128", "--steps", "2", "--min-epochs", "1", "--models", "vit_p_7mf",
                 "--seeds", "0", "--fewshot", "", "--n-test", "32", "--batch-size", "32", "--device", "cpu",
-                "--trials-per-gpu", "2", "--out", tmp_path, "--no-progress")
+                "--workers", "2", "--out", tmp_path, "--no-progress")
     assert p.returncode == 0, p.stderr
     assert len(pd.read_csv(tmp_path / "runs.csv")) == 2 and (tmp_path / "figures" / "scale.png").exists()
 

@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vitexp import tomlfile
 from vitexp.data.datasets import DATASETS
 from vitexp.errors import UserError
 from vitexp.rows import DIVERGED_ERR
-from vitexp.store import read_runs
+from vitexp.store import TrialStore, read_runs
 
 NUMERIC = ("n_train", "seed", "lr", "wd", "epochs", "batch_size", "top1_err", "last_err", "wall_s", "params_m", "n_test")
 FEWSHOT = re.compile(r"^fewshot(\d+)_err$")
@@ -40,14 +39,9 @@ CHANCE_MARGIN = 5.0
 # -- loading ----------------------------------------------------------------------
 
 def study_kind(folder: str | Path) -> str | None:
-    """The `[study] kind` of FOLDER/study.toml, None when there is no such file."""
-    path = Path(folder) / "study.toml"
-    if not path.is_file():
-        return None
-    try:
-        kind = tomlfile.loads(path.read_text()).get("study", {}).get("kind")
-    except (tomlfile.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid TOML ({e}); fix or delete it") from None
+    """The `[study] kind` of FOLDER's study.toml, None when it has none."""
+    spec = TrialStore(folder, create=False).read_spec() if Path(folder).is_dir() else None
+    kind = spec.get("study", {}).get("kind") if isinstance(spec, dict) else None
     return str(kind) if kind else None
 
 
@@ -135,14 +129,6 @@ def select_study(runs: pd.DataFrame, kind: str, command: str, hints: dict | None
 
 def _a(word: str) -> str:
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
-
-
-def check_columns(runs: pd.DataFrame, kind: str, needs) -> None:
-    """Every column in NEEDS (what the figures of KIND need), or a UserError naming the missing ones."""
-    missing = [c for c in needs if c not in runs]
-    if missing:
-        where = ", ".join(sorted(set(runs["source"])))
-        raise UserError(f"runs.csv in {where} lacks column(s) {', '.join(missing)} needed for a {kind} figure")
 
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
@@ -243,12 +229,16 @@ def bootstrap_best(values, errors, n_boot: int = 2500, frac: float = 0.25, seed:
     return {"lo": float(lo), "best": float(best), "hi": float(hi), "n": n, "n_sample": k}
 
 
+def check_n_boot(n_boot: int) -> None:
+    if n_boot < 1:
+        raise UserError(f"--n-boot must be at least 1, got {n_boot}")
+
+
 def hparam_bands(runs: pd.DataFrame, n_boot: int = 2500, seed: int = 0) -> pd.DataFrame:
     """Best value and good range of lr and wd per optimizer and model (runs with a
     result and a positive value; on a log scale); NaN where a draw would hold fewer
     than MIN_PER_DRAW runs."""
-    if n_boot < 1:
-        raise UserError(f"--n-boot must be at least 1, got {n_boot}")
+    check_n_boot(n_boot)
     rows = []
     for (opt, model), g in finished(runs).groupby(["optimizer", "model"], sort=True):
         for param in ("lr", "wd"):

@@ -26,7 +26,7 @@ from vitexp.config import TrainConfig
 from vitexp.optim import build_optimizer
 from vitexp.fileio import atomic_write_csv
 from vitexp.runtime import autocast, device_name, resolve_device, sync
-from vitexp.store import provenance
+from vitexp.provenance import provenance
 
 # dense bf16 peak TFLOP/s (no sparsity) by device-name substring, first match wins
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
@@ -243,15 +243,20 @@ def calibrate(plan, workers: int | None, steps: int = 3) -> tuple[dict[str, floa
     """(model -> training images/s of one worker process here, worker processes): a few
     timed steps of each model of PLAN on random data at its batch size (at most 32 on a
     CPU), in the thread count each worker will have. For `--dry-run`'s time estimate."""
-    from vitexp.sweep.execute import _workers
+    from vitexp.sweep.pool import workers as pool_size
 
     todo = plan.pending() or plan.trials
-    k, threads = _workers(plan, todo, workers)
+    k, threads = pool_size(todo[0][1].device, todo, workers)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         return {m: _images_per_s(c, steps) for m, c in {c.model: c for _, c in todo}.items()}, k
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "memory" not in str(e).lower() and "alloc" not in str(e).lower():
+            raise
+        raise UserError(f"out of memory timing a few training steps ({str(e).splitlines()[0][:120]}); "
+                        f"use a smaller --batch-size or --image-size") from None
     finally:
         torch.set_num_threads(before)
 

@@ -40,8 +40,8 @@ console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _option(default, decls: list[str], help: str, annotation, flag: bool = False) -> dict:
-    return {"default": typer.Option(default, *decls, help=help, metavar="" if flag else None,
+def _option(default, decls: list[str], help: str, annotation, flag: bool = False, hidden: bool = False) -> dict:
+    return {"default": typer.Option(default, *decls, help=help, metavar="" if flag else None, hidden=hidden,
                                     show_default=default is not None), "annotation": annotation}
 
 
@@ -112,7 +112,8 @@ def _print_paths(paths) -> None:
 
 # --- models -------------------------------------------------------------------------------------
 @app.command()
-def models(names: Optional[List[str]] = typer.Argument(None, help="only these models (default: all registered)"),
+def models(names: Optional[List[str]] = typer.Argument(None, help="only these models, space- or comma-separated "
+                                                                  "(default: all registered)"),
            resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=1,
                                                     help="count every model at this input size (default: its own)"),
            classes: int = typer.Option(1000, "--classes", min=1, help="classes of the head the params count"),
@@ -120,12 +121,14 @@ def models(names: Optional[List[str]] = typer.Argument(None, help="only these mo
     """The models and their cost: params (M, with a CLASSES-way head), GF (forward MACs x 1e-9, batch 1), activations (M)."""
     from vitexp.models import complexity_table
 
+    names = [n for arg in names or [] for n in parse_list(arg, str, "names")] or None
     df = complexity_table(resolution, names, num_classes=classes)
     if csv:
         sys.stdout.write(df.to_csv(index=False))
         return
     _print_table(df.assign(params_m=df.params_m.round(2), gflops=df.gflops.round(3), acts_m=df.acts_m.round(2))
-                 .rename(columns={"params_m": f"params (M, {classes} classes)", "gflops": "GF", "acts_m": "acts (M)"}))
+                 .rename(columns={"params_m": "params M", "gflops": "GF", "acts_m": "acts M", "resolution": "res"}),
+                 f"params: millions, with a {classes}-way head; GF: forward MACs x 1e-9; acts: millions")
 
 
 def _print_table(df, title: str | None = None) -> None:
@@ -153,16 +156,17 @@ def train(out: Path, **kwargs):
     """Train one trial and append it to OUT/runs.csv; rerun the same command to resume a killed one."""
     from vitexp import runtime
     from vitexp.config import TrainConfig
-    from vitexp.store import TrialStore
     from vitexp.data import check_data
-    from vitexp.sweep.execute import refused_leaves_no_trace, stop_on_signals, trial_images, trial_label
+    from vitexp.errors import stop_on_signals
+    from vitexp.store import TrialStore
     from vitexp.sweep.plan import check_folder
     from vitexp.trainer import run_trial
-    from vitexp.ui import StudyProgress
+    from vitexp.ui import StudyProgress, trial_images, trial_label
 
     cfg = TrainConfig(**_config(kwargs, overrides=False)).validate().resolved()
-    check_folder(out, "train")  # single runs never mix into a study's folder
-    done = TrialStore(out, create=False).result(cfg.key()) if (out / "trials").is_dir() else None
+    store = TrialStore(out, create=False)
+    check_folder(store, "train")  # single runs never mix into a study's folder
+    done = store.result(cfg.key())
     if done is not None and done.get("status") == "ok":
         console.print(f"trial {cfg.key()} already in {out}: top1_err {done['top1_err']:.2f}% (nothing to do)")
         return
@@ -170,10 +174,14 @@ def train(out: Path, **kwargs):
     check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
     main = runtime.dist_env().main  # under torchrun only rank 0 reports
     try:
-        with refused_leaves_no_trace(out), stop_on_signals(), \
+        with store.undo_on_refusal(), stop_on_signals(), \
                 StudyProgress(1, trial_images(cfg), enabled=None if main else False) as bar:
             bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
-            row = run_trial(cfg, store=TrialStore(out), progress=bar)
+            try:
+                row = run_trial(cfg, store=store.create() if main else store, progress=bar)
+            finally:
+                if main and store.exists():
+                    store.rebuild()
     finally:
         runtime.close_distributed()
     if main:
@@ -190,11 +198,23 @@ app.command("train")(with_params(train, [inspect.Parameter(
 
 
 # --- studies ----------------------------------------------------------------------------------------
+def _default_study(kind: str) -> dict:
+    """The [study] table of KIND's default preset (empty where it cannot be read)."""
+    from vitexp.sweep.presets import default_preset, load_preset
+    from vitexp.studies import STUDIES
+
+    try:
+        return load_preset(default_preset(kind, None), list(STUDIES))["study"]
+    except UserError:
+        return {}
+
+
 def _common_params(study) -> list[inspect.Parameter]:
     default_out = "runs/PRESET" + ("-OPTIMIZER" if "optimizer" in study.identity else "")
     opts = {
         "preset": _option(None, ["--preset"], "preset name in experiments/ or a .toml path "
-                          "[default: KIND_DATASET if it exists, else KIND_shapes]", Optional[str]),
+                          f"[default: {study.kind}_<--dataset> where experiments/ has one, else {study.kind}_shapes]",
+                          Optional[str]),
         "out": _option(None, ["--out"], f"study folder [default: {default_out}]", Optional[Path]),
         "shard": _option(None, ["--shard"], "run slice I of N (I/N) [default: SLURM array variables, else 0/1]",
                          Optional[str]),
@@ -205,8 +225,9 @@ def _common_params(study) -> list[inspect.Parameter]:
                             Optional[bool], flag=True),
         "models": _option(None, ["--models"], "comma-separated model names", Optional[str]),
         "seeds": _option(None, ["--seeds"], "comma-separated seeds", Optional[str]),
-        "trials_per_gpu": _option(None, ["--trials-per-gpu"], "trials at once on the device (worker processes) "
-                                  "[default: 1 on a GPU; on a CPU one single-thread worker per core]", Optional[int]),
+        "workers": _option(None, ["--workers"], "trials at once (worker processes) "
+                           "[default: 1 on a GPU; on a CPU one single-thread worker per core]", Optional[int]),
+        "trials_per_gpu": _option(None, ["--trials-per-gpu"], "old name of --workers", Optional[int], hidden=True),
         "fuse": _option(None, ["--fuse"], "train up to K trials of one architecture as one batched model "
                         "(1: off) [default: 8 on a GPU, off on a CPU]", Optional[int]),
     }
@@ -214,8 +235,18 @@ def _common_params(study) -> list[inspect.Parameter]:
 
 
 def _knob_params(study) -> list[inspect.Parameter]:
+    """One option per study knob; its help names the default preset's value."""
+    preset = _default_study(study.kind)
+
+    def shown(k) -> str:
+        v = preset.get(k.name)
+        if v is None:
+            return ""
+        v = ",".join(map(str, v)) if isinstance(v, list) else v
+        return f" [{study.kind}_shapes: {v}]"
+
     return [inspect.Parameter(k.name, inspect.Parameter.KEYWORD_ONLY,
-                              **_option(None, [f"--{k.name.replace('_', '-')}"], k.help,
+                              **_option(None, [f"--{k.name.replace('_', '-')}"], k.help + shown(k),
                                         Optional[str] if k.many else Optional[k.type])) for k in study.knobs]
 
 
@@ -232,14 +263,22 @@ def plan_from_params(study, kwargs: dict):
     return sweep.make_plan(spec, out, sweep.parse_shard(kwargs["shard"]))
 
 
+def workers_option(kwargs: dict) -> int | None:
+    """--workers, or its old name --trials-per-gpu."""
+    return kwargs["workers"] if kwargs.get("workers") is not None else kwargs.get("trials_per_gpu")
+
+
 def run_study_command(study, kwargs: dict) -> None:
     """The body of every study command: plan, then dry-run or run, then figures."""
     from vitexp import runtime, sweep
 
+    from vitexp.sweep.execute import check_options
+
+    check_options(workers_option(kwargs), kwargs["fuse"])  # what the real run would refuse
     plan = plan_from_params(study, kwargs)
     if kwargs["dry_run"]:
-        return _dry_run(plan, kwargs["trials_per_gpu"])
-    runs = sweep.run(plan, kwargs["trials_per_gpu"], kwargs["progress"], kwargs["fuse"])
+        return _dry_run(plan, workers_option(kwargs))
+    runs = sweep.run(plan, workers_option(kwargs), kwargs["progress"], kwargs["fuse"])
     if not runtime.dist_env().main:
         return  # under torchrun rank 0 reports
     drawn = ""
@@ -252,24 +291,36 @@ def run_study_command(study, kwargs: dict) -> None:
 
 
 def _dry_run(plan, workers: int | None) -> None:
+    from vitexp.bench import calibrate
     from vitexp.sweep import describe, estimate_cost
-    from vitexp.sweep.execute import preflight
+    from vitexp.sweep.plan import preflight
 
     table = describe(plan)
-    _print_table(table, f"{plan.study.kind} study '{plan.spec['study']['preset']}' -> {plan.out} "
-                        f"({len(table)} trials)")
+    shown = table.drop(columns=["dataset"]).rename(columns={"optimizer": "opt"})
+    _print_table(_summarised(shown), f"{plan.study.kind} study '{plan.spec['study']['preset']}' on "
+                                     f"{table['dataset'].iloc[0]} -> {plan.out} ({len(table)} trials)")
     todo = plan.pending()
     if todo:
         preflight(plan, todo)
-    from vitexp.bench import calibrate
-
     speed, k = calibrate(plan, workers)
     cost = estimate_cost(plan, speed)
     console.print(f"to run: {cost['trials_todo']} trials ({cost['trials_done']} done), "
                   f"{cost['train_images']:,} training images, {cost['train_pflop']:.3g} PFLOP "
-                  f"(forward+backward ~ 3x forward); estimated {cost['seconds'] / k / 60:.1f} min on this "
-                  f"machine with {k} worker process(es) (measured {', '.join(f'{m} {v:.0f}' for m, v in speed.items())}"
-                  f" training img/s per process; evaluation not included)")
+                  f"(forward+backward ~ 3x forward)")
+    console.print(f"estimated {cost['seconds'] / k / 60:.1f} min on this machine with {k} worker process(es), "
+                  f"evaluation not included; measured training img/s per process:")
+    for m, v in speed.items():
+        console.print(f"  {m} {v:.0f}")
+
+
+def _summarised(df, head: int = 20, tail: int = 5):
+    """A long table cut to its first and last rows, with a row saying how many are left out."""
+    if len(df) <= head + tail + 1:
+        return df
+    import pandas as pd
+
+    gap = pd.DataFrame([{c: ("..." if i else f"({len(df) - head - tail} more)") for i, c in enumerate(df.columns)}])
+    return pd.concat([df.head(head).astype(object), gap, df.tail(tail).astype(object)], ignore_index=True)
 
 
 def _study_command(study):
@@ -282,18 +333,23 @@ def _study_command(study):
 
 
 def _plot_command(study):
-    def command(dirs: List[Path] = typer.Argument(..., help="study folders; several are concatenated "
-                                                            "(e.g. an AdamW and an SGD sweep)"),
+    def command(dirs: List[Path] = typer.Argument(..., help=f"{study.kind} study folders; {study.several}"),
                 out: Optional[Path] = typer.Option(None, "--out", help="figure folder [default: DIR/figures; "
                                                                        "needed for several DIRs]"),
-                n_boot: int = typer.Option(2500, help="bootstrap draws for the best lr/wd and its range"),
-                seed: int = typer.Option(0, help="bootstrap seed")):
+                **boot):
         from vitexp.report import draw
 
-        _print_paths(draw(study.kind, dirs, out, n_boot=n_boot, seed=seed))
+        _print_paths(draw(study.kind, dirs, out, **boot))
 
-    command.__doc__ = f"Figures of a {study.kind} study folder: {study.title}."
-    return command
+    params = list(inspect.signature(command).parameters.values())[:2]
+    if study.bootstrap:
+        params += [inspect.Parameter("n_boot", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
+                       2500, help="bootstrap draws (25% of the runs each) for the best lr/wd and its range")),
+                   inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                                     default=typer.Option(0, help="bootstrap seed"))]
+    article = "an" if study.kind[0] in "aeiou" else "a"
+    command.__doc__ = f"Figures of {article} {study.kind} study: {study.title}."
+    return with_params(command, params)
 
 
 def _register_studies() -> None:
@@ -371,8 +427,12 @@ def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model nam
     """Training throughput, data/compute split, peak memory, FLOPs per image, TFLOP/s and MFU."""
     from vitexp.bench import append_row, bench, bench_fused, print_rows
 
-    if steps <= 0 or warmup < 0 or batch_size <= 0 or fuse < 1:
-        raise UserError("--steps, --batch-size and --fuse must be positive, --warmup >= 0")
+    from vitexp.sweep.execute import MAX_FUSE
+
+    if steps <= 0 or warmup < 0 or batch_size <= 0 or not 1 <= fuse <= MAX_FUSE:
+        raise UserError(f"--steps and --batch-size must be positive, --warmup >= 0, --fuse in [1, {MAX_FUSE}]")
+    if csv.is_dir():
+        raise UserError(f"--csv {csv} is a folder; give a file to append the rows to, e.g. {csv / 'bench.csv'}")
     args = dict(model=model, dataset=dataset, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
                 image_size=image_size, data_dir=data_dir)
     if fuse > 1:
@@ -404,7 +464,7 @@ def launch(ctx: typer.Context,
 
     plan, params = study_plan_from_argv(list(ctx.args))
     slurm = {"slurm_partition": partition, "slurm_array_parallelism": parallelism} if cluster != "local" else {}
-    ids = submit(plan, shards, cluster, wait, workers=params.get("trials_per_gpu"), fuse=params.get("fuse"),
+    ids = submit(plan, shards, cluster, wait, workers=workers_option(params), fuse=params.get("fuse"),
                  gpus_per_node=gpus_per_node,
                  cpus_per_task=cpus_per_task, mem_gb=mem_gb, timeout_min=timeout_min, **slurm)
     console.print(f"submitted {len(ids)} tasks: {', '.join(ids)}")
@@ -441,6 +501,20 @@ def doctor(device: str = typer.Option("auto", help="device for the test step"),
             console.print(f"  {k:16s} {v}")
     if sections[-1][1]["status"] != "ok":
         raise UserError("the tiny training step failed (non-finite loss); see above")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from vitexp import __version__
+
+        console.print(f"vitexp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
+                                          help="print vitexp's version and exit")) -> None:
+    pass
 
 
 def main() -> None:

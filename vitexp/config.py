@@ -183,7 +183,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with lr/wd filled from the model's tuned values, crop_pad from the data set,
-        and image_size where the data's own size would not fit the ViT's patches (a 7mf
+        precise_bn cut to the training images there are, and image_size where the data's own size would not fit the ViT's patches (a 7mf
         ViT's 8 px patches on 28 px Fashion-MNIST: resized to the model's 32 px)."""
         from vitexp.data.datasets import dataset_info
         from vitexp.models import get_spec, tuned_hparams
@@ -196,7 +196,8 @@ class TrainConfig:
         size, spec = self.image_size, get_spec(self.model)
         if size is None and spec.is_vit and dataset_info(self.dataset).image_size % spec.kwargs["patch"]:
             size = spec.resolution
-        return dataclasses.replace(self, lr=lr, wd=wd, crop_pad=pad, image_size=size)
+        return dataclasses.replace(self, lr=lr, wd=wd, crop_pad=pad, image_size=size,
+                                   precise_bn=_precise_bn(self.precise_bn, self.n_train or dataset_info(self.dataset).n_train))
 
     def result_fields(self) -> dict:
         """The fields that define the result (everything but execution)."""
@@ -210,6 +211,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+PRECISE_BN_ALL = 8192  # pycls's count; how "every training image" is keyed where that is no more
+
+
+def _precise_bn(asked: int, n: int | None) -> int:
+    """Precise BN's image count as keyed: asking for at least every training image means all of
+    them, whatever the number (--precise-bn 100 and 1000000 on 100 images compute the same); so
+    it is keyed as PRECISE_BN_ALL where the set is no larger (the committed 8192-on-5,000 trials
+    keep their keys), else as the set's size."""
+    if not asked or not n or asked < n:
+        return asked
+    return PRECISE_BN_ALL if n <= PRECISE_BN_ALL else n
 
 
 def config_fields() -> list[str]:

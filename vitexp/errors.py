@@ -7,8 +7,10 @@ traceback for a mistake they can fix or an interruption they asked for:
   rerun of the same command resumes.
 """
 
+import contextlib
 import difflib
 import signal
+import threading
 
 
 class UserError(Exception):
@@ -42,3 +44,20 @@ def unknown(kind: str, name: str, choices) -> UserError:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.4)
     hint = f"closest: {', '.join(close)}" if close else f"choose from: {', '.join(choices)}"
     return UserError(f"unknown {kind} '{name}'; {hint}")
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT raise Interrupted in the main thread (restored on exit)."""
+    def stop(signum, _frame):
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

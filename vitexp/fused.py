@@ -20,14 +20,14 @@ unfused format: a group resumes fused or not.
 Not fusable (run one by one): dropout, mixup and CutMix (they draw from torch's global
 random stream, which vmap cannot split per member as the unfused trials draw it), image
 folders (DataLoader pipelines), torchrun, and members resuming from different epochs.
-On the CPU fusing is slower than one trial after another (measured: 1.1-1.4x at K = 4),
+On the CPU fusing is slower than one trial after another (measured at K = 4: 0.51-0.89x
+the one-by-one throughput, benchmarks/README.md),
 so the sweep fuses only on request there; on CUDA it fuses by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from datetime import datetime, timezone
 
@@ -37,14 +37,20 @@ from torch.func import functional_call, vmap
 
 from vitexp import runtime
 from vitexp.config import TrainConfig
+from vitexp.provenance import provenance
 from vitexp.seeds import EPOCH, derive_seed
-from vitexp.store import TrialStore, provenance
-from vitexp.trainer import EMA_EVERY, NAN_CHECK_EVERY, Trial, resume, save_checkpoint, setup_trial, summarise, \
-    test_epoch
+from vitexp.store import TrialStore
+from vitexp.trainer import NAN_CHECK_EVERY, Trial, end_epoch, finish_trial, member_step, resume, setup_trial
 
 # what may differ between the members of one fused group
 MEMBER_FIELDS = ("lr", "wd", "seed", "subset_seed", "extra")
 DEFAULT_CUDA_K = 8  # members per group on a GPU unless --fuse says otherwise
+
+
+def default_k(device: str) -> int:
+    """Members per fused group unless asked: fused on CUDA only (on the CPU fusing measured
+    slower than one trial after another)."""
+    return DEFAULT_CUDA_K if runtime.resolve_device(device).type == "cuda" else 1
 
 
 def fuse_key(cfg: TrainConfig) -> tuple | None:
@@ -100,12 +106,22 @@ def setup_group(cfgs: list[TrainConfig], store: TrialStore | None) -> Group:
                  buffers=[n for n, _ in model.named_buffers()], frozen=[False] * len(members))
 
 
+def channels_last(stacked: torch.Tensor) -> torch.Tensor:
+    """A stack of K images or conv weights (K, N, C, H, W) laid out so that each member's
+    slice is channels_last, as the unfused trial's tensors are on CUDA (cuDNN's fast layout)."""
+    if stacked.dim() != 5:
+        return stacked
+    return stacked.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
 def _fused_losses(g: Group, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """Each member's loss on its own batch, (K,), in one vmapped forward; the stacked
     BatchNorm statistics are written back to the members."""
     params = {n: torch.stack([t.model.get_parameter(n) for t in g.members]) for n in g.names}
     buffers = {n: torch.stack([t.model.get_buffer(n) for t in g.members]) for n in g.buffers}
     criterion = g.members[0].criterion
+    if g.members[0].channels_last:
+        xs, params = channels_last(xs), {n: channels_last(p) for n, p in params.items()}
 
     def loss(p, b, x, y):
         return criterion(functional_call(g.base, (p, b), (x,)), y)
@@ -135,21 +151,11 @@ def train_epoch(g: Group, epoch: int) -> list[float]:
         torch.where(torch.tensor(g.frozen, device=losses.device), 0.0, losses).sum().backward()
         for i, t in enumerate(g.members):
             if not g.frozen[i]:
-                _member_step(t, epoch * steps + step + 1)
+                member_step(t, epoch * steps + step + 1)
         loss_sum += losses.detach().float()
         if (step + 1) % NAN_CHECK_EVERY == 0:
             _freeze_diverged(g, loss_sum)
     return (loss_sum / steps).tolist()
-
-
-def _member_step(t: Trial, global_step: int) -> None:
-    """A member's update, as its unfused trial makes it."""
-    if t.cfg.grad_clip:
-        nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
-    t.opt.step()
-    t.sched.step()
-    if t.ema is not None and global_step % EMA_EVERY == 0:
-        t.ema.update_parameters(t.model)
 
 
 def _freeze_diverged(g: Group, loss_sum: torch.Tensor) -> None:
@@ -160,44 +166,26 @@ def _freeze_diverged(g: Group, loss_sum: torch.Tensor) -> None:
 
 def train_group(g: Group, store: TrialStore | None, progress=None) -> None:
     """Epochs of the group to the end; each member's history, checkpoints and divergence as
-    its unfused trial keeps them."""
-    epochs = {t.state["epoch"] for t in g.members}
+    its unfused trial keeps them (the trainer's own `end_epoch`)."""
+    epochs = {t.state.epoch for t in g.members}
     if len(epochs) != 1:
         raise ValueError("members resume from different epochs; run them one by one")
     first = g.members[0]
     images = len(first.train_loader) * first.cfg.batch_size
     for epoch in range(epochs.pop(), first.cfg.epochs):
-        live = [i for i, t in enumerate(g.members) if not t.state["diverged"]]
+        live = [i for i, t in enumerate(g.members) if not t.state.diverged]
         if not live:
             return
         t0 = time.perf_counter()
         losses = train_epoch(g, epoch)
         train_s = time.perf_counter() - t0
         for i in live:  # each member trained for the whole time, side by side with the others
-            _end_epoch(g.members[i], epoch, losses[i], train_s, images, store)
+            t = g.members[i]
+            end_epoch(t, epoch, losses[i], train_s, images, store.checkpoint_path(t.key) if store else None)
         if progress is not None:
             progress({"event": "epoch", "epoch": epoch + 1, "epochs": first.cfg.epochs,
                       "train_loss": min(losses[i] for i in live)})
-        g.frozen = [t.state["diverged"] for t in g.members]
-
-
-def _end_epoch(t: Trial, epoch: int, train_loss: float, train_s: float, images: int,
-               store: TrialStore | None) -> None:
-    """A member's epoch end: divergence, evaluation, history, checkpoint (as trainer.train_model)."""
-    if not math.isfinite(train_loss):
-        t.state["diverged"] = True
-        t.state["wall"] += train_s
-        return
-    e0 = time.perf_counter()
-    test_err, ema_err = test_epoch(t, epoch)
-    seconds = train_s + time.perf_counter() - e0
-    t.state["history"].append({"key": t.key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err,
-                               "ema_err": ema_err, "lr": t.sched.get_last_lr()[0], "seconds": seconds,
-                               "images_per_s": images / train_s})
-    t.state["epoch"] = epoch + 1
-    t.state["wall"] += seconds
-    if store is not None and epoch + 1 < t.cfg.epochs:
-        save_checkpoint(t, store.checkpoint_path(t.key))
+        g.frozen = [t.state.diverged for t in g.members]
 
 
 def run_group(cfgs: list[TrainConfig], store: TrialStore | None = None, progress=None) -> list[dict]:
@@ -208,10 +196,4 @@ def run_group(cfgs: list[TrainConfig], store: TrialStore | None = None, progress
     provenance()  # read now: the commit of the code this process runs
     g = setup_group(cfgs, store)
     train_group(g, store, progress)
-    rows = []
-    for t in g.members:
-        row = {**summarise(t, started), "fused_k": len(g.members)}
-        if store is not None:
-            store.record(t.key, row, t.state["history"])
-        rows.append(row)
-    return rows
+    return [finish_trial(t, started, store, fused_k=len(g.members)) for t in g.members]

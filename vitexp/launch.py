@@ -13,9 +13,13 @@ which is how the tests check the whole path.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 from vitexp.errors import UserError
 from vitexp.sweep.plan import Plan
+
+
+CLUSTERS = (None, "slurm", "local", "debug")  # submitit's executors (None: slurm where sbatch exists)
 
 
 class ShardTask:
@@ -36,13 +40,25 @@ class ShardTask:
 def submit(plan: Plan, shards: int, cluster: str | None = None, wait: bool = False, workers: int | None = None,
            fuse: int | None = None, **params) -> list[str]:
     """Submit SHARDS tasks of PLAN; returns the job ids."""
+    from vitexp.sweep.execute import check_options
+
     if shards < 1:
         raise UserError(f"--shards must be positive, got {shards}")
+    if cluster not in CLUSTERS:
+        raise UserError(f"--cluster must be one of {', '.join(c for c in CLUSTERS if c)}, got {cluster!r}")
+    check_options(workers, fuse)  # every task would fail on them: refuse before submitting
     try:
         import submitit
     except ModuleNotFoundError:
         raise UserError("vitexp launch needs submitit; `pip install 'vitexp[slurm]'` (or submitit)") from None
-    executor = submitit.AutoExecutor(folder=plan.out / "slurm" / "%j", cluster=cluster)
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("--cluster slurm needs SLURM's sbatch, and there is none here; run on the cluster's "
+                        "login node, or use --cluster local")
+    try:
+        executor = submitit.AutoExecutor(folder=plan.out / "slurm" / "%j", cluster=cluster)
+    except RuntimeError as e:
+        raise UserError(f"submitit cannot use this cluster ({str(e).splitlines()[0]}); run on the cluster's "
+                        f"login node, or use --cluster local") from None
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     task = ShardTask()
     with executor.batch():

@@ -38,6 +38,8 @@ RC = {
 # colour group -> (colour map, marker); the registry's CNN families share one group
 COLOURS = {"vit_p": ("Blues", "o"), "vit_c": ("Oranges", "s"), "cnn": ("Greys", "^"), "other": ("Greens", "D")}
 OPT_LINES = {"adamw": "-", "sgd": "--"}
+CSV_DIGITS = 12  # significant digits of a figure table's floats: past them, float noise (11.700000000000001)
+CURVE_LINES = ["-", "--", ":", "-."]  # one per value of the field that tells a model's curves apart
 
 
 @contextlib.contextmanager
@@ -111,10 +113,19 @@ def save(fig: Figure, table: pd.DataFrame, out: Path, stem: str) -> list[Path]:
     except OSError as e:
         raise UserError(f"cannot write figures to {out} ({e.strerror}); pick a writable --out") from None
     paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
-    for path in paths:
-        atomic_write(path, lambda f, ext=path.suffix[1:]: fig.savefig(f, format=ext))
-    atomic_write_csv(out / f"{stem}.csv", table)
+    for path in paths:  # no creation date in the PDF: the same runs give the same bytes
+        meta = {"CreationDate": None} if path.suffix == ".pdf" else None
+        atomic_write(path, lambda f, ext=path.suffix[1:], meta=meta: fig.savefig(f, format=ext, metadata=meta))
+    atomic_write_csv(out / f"{stem}.csv", rounded(table))
     return paths + [out / f"{stem}.csv"]
+
+
+def rounded(table: pd.DataFrame) -> pd.DataFrame:
+    """TABLE with its floats cut to CSV_DIGITS significant digits (what a CSV reader sees)."""
+    out = table.copy()
+    for c in out.columns[[pd.api.types.is_float_dtype(t) for t in out.dtypes]]:
+        out[c] = [float(f"{v:.{CSV_DIGITS}g}") for v in out[c]]
+    return out
 
 
 def require_results(runs: pd.DataFrame) -> None:
@@ -168,6 +179,16 @@ def _varying(chosen: pd.DataFrame, trial: pd.Series) -> list[str]:
             if c in chosen and chosen[c].nunique() > 1 and pd.notna(trial[c])]
 
 
+def _dashes(chosen: pd.DataFrame):
+    """trial -> its line style: by the first field besides the model that tells curves apart
+    (a size, a length, an lr...), so one model's curves never look alike; else by optimizer."""
+    field = next((c for c in _CURVE_TAGS if c in chosen and chosen[c].nunique() > 1), None)
+    if field is None:
+        return lambda trial: OPT_LINES.get(str(trial.get("optimizer")), "-")
+    rank = {v: i for i, v in enumerate(sorted(chosen[field].dropna().unique()))}
+    return lambda trial: CURVE_LINES[rank.get(trial[field], 0) % len(CURVE_LINES)]
+
+
 def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only: bool = True) -> list[Path]:
     """curves.*: training loss (left) and evaluated test error (right) per epoch; with
     BEST_ONLY the lowest-error trial of each model (and optimizer), else every trial.
@@ -179,14 +200,19 @@ def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only:
     hist = history[history["key"].astype(str).isin(set(chosen["key"].astype(str)))].copy()
     if hist.empty:
         raise UserError("history.csv holds no epochs of these runs; rerun the study to rebuild it")
-    err_col = np.where(hist["ema_err"].notna(), hist["ema_err"], hist["test_err"])
-    hist["error"] = err_col
-    styles = model_styles(chosen["model"])
+    missing = [c for c in ("epoch", "train_loss") if c not in hist] + (
+        [] if {"ema_err", "test_err"} & set(hist.columns) else ["test_err or ema_err"])
+    if missing:
+        raise UserError(f"history.csv lacks column(s) {', '.join(missing)}; rerun the study to rebuild it")
+    ema = hist["ema_err"] if "ema_err" in hist else pd.Series(np.nan, index=hist.index)
+    test = hist["test_err"] if "test_err" in hist else pd.Series(np.nan, index=hist.index)
+    hist["error"] = np.where(ema.notna(), ema, test)
+    styles, dashes = model_styles(chosen["model"]), _dashes(chosen)
     with style():
         fig, axes = figure(1, 2, width=4.6, height=3.4)
         for _, trial in chosen.sort_values(group + ["top1_err"]).iterrows():
             h = hist[hist["key"].astype(str) == str(trial["key"])].sort_values("epoch")
-            st, ls = styles[trial["model"]], OPT_LINES.get(str(trial.get("optimizer")), "-")
+            st, ls = styles[trial["model"]], dashes(trial)
             label = " ".join([trial["model"], str(trial.get("optimizer", ""))] + _varying(chosen, trial)
                              + [f"({trial['top1_err']:.1f}%)"])
             axes[0][0].plot(h["epoch"], h["train_loss"], color=st["color"], ls=ls, label=label)

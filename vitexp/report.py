@@ -1,6 +1,6 @@
 """Figures and one report page per set of study folders, drawn by each folder's study kind.
 
-`draw` and `plot_study` make a study's figures (the plot-* commands, and the CLI after
+`draw` makes a study's figures (the plot-* commands, and the CLI after
 a study completes); `plot_curves` its learning curves; `write_report` writes report.md
 (figures linked) and report.html (figures embedded as base64, so the file stands
 alone and can be mailed or archived). Both pages are rendered from one list of blocks,
@@ -29,6 +29,7 @@ import pandas as pd
 from vitexp import analysis, plots, studies
 from vitexp.errors import UserError
 from vitexp.fileio import atomic_write
+from vitexp.store import TrialStore
 
 PROVENANCE = ("commit", "vitexp", "torch", "device", "host")
 MAX_FAILED = 20
@@ -51,6 +52,7 @@ def _hints() -> dict:
 
 def draw(kind: str, folders, out=None, n_boot: int = 2500, seed: int = 0) -> list[Path]:
     """Load FOLDERS, check they hold a KIND study, write its figures (the CLI's plot-*)."""
+    analysis.check_n_boot(n_boot)  # before any figure is written
     study = studies.get_study(kind)
     folders = [Path(f) for f in folders]
     runs = analysis.load_runs(folders, study.needs)
@@ -58,34 +60,28 @@ def draw(kind: str, folders, out=None, n_boot: int = 2500, seed: int = 0) -> lis
     return study.figures(runs, figure_dir(folders, out), n_boot=n_boot, seed=seed)
 
 
-def folder_kind(folder: Path) -> str | None:
-    """The study kind of a folder: its study.toml, else the commonest `study` of its runs."""
-    kind = analysis.study_kind(folder)
-    return kind if kind is not None else str(analysis.load_runs([folder])["study"].mode().iloc[0])
-
-
-def plot_study(folder: str | Path, out: str | Path | None = None) -> list[Path]:
-    """The figures of the study in FOLDER, by its kind (none for single runs)."""
-    kind = folder_kind(Path(folder))
-    if kind not in studies.STUDIES:
-        return []
-    return draw(kind, [folder], out)
-
-
 def plot_curves(folders, out=None, every: bool = False) -> list[Path]:
     """Learning curves (training loss, test error per epoch) of FOLDERS' best trial per model
     (and optimizer), or of EVERY trial."""
     folders = [Path(f) for f in folders]
-    runs = analysis.load_runs(folders)
+    runs = analysis.load_runs(folders, required=("key", "model", "top1_err"))
     history = pd.concat([_history(f) for f in folders], ignore_index=True)
     return plots.plot_curves(runs, history, figure_dir(folders, out), best_only=not every)
 
 
 def _history(folder: Path) -> pd.DataFrame:
+    path = TrialStore(folder, create=False).history_table
     try:
-        return pd.read_csv(folder / "history.csv", dtype={"key": str})
-    except (FileNotFoundError, pd.errors.EmptyDataError):
+        h = pd.read_csv(path, dtype={"key": str})
+    except FileNotFoundError:
         raise UserError(f"no history.csv in {folder}; run a study with --out {folder} first") from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty (no trial has finished); rerun the study to finish one") from None
+    except (pd.errors.ParserError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a readable CSV; rerun the study to rebuild it") from None
+    if "key" not in h:
+        raise UserError(f"{path} lacks column key; rerun the study to rebuild it")
+    return h
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -94,6 +90,7 @@ def write_report(folders, out=None, n_boot: int = 2500, seed: int = 0) -> list[P
     """Write OUT/report.md, OUT/report.html and the figures in OUT/figures; OUT
     defaults to the one folder (several need an explicit OUT)."""
     folders = [Path(f) for f in folders]
+    analysis.check_n_boot(n_boot)  # before any figure is written
     if out is None and len(folders) > 1:
         raise UserError("a report over several folders needs --out FOLDER")
     out = Path(out) if out is not None else folders[0]
@@ -208,7 +205,7 @@ def _provenance(runs: pd.DataFrame, folders) -> list[tuple]:
                      "values (runs)": f"{runs['wall_s'].sum() / 3600:.2f} h"})
     out = [("h2", "Provenance"), ("table", pd.DataFrame(rows))]
     for folder in folders:
-        toml = Path(folder) / "study.toml"
+        toml = TrialStore(folder, create=False).spec_path
         if toml.is_file():
             out += [("h3", f"{toml}"), ("pre", toml.read_text())]
     return out

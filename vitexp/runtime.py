@@ -90,3 +90,9 @@ def close_distributed() -> None:
     can abort the process ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def free_memory() -> None:
+    """Hand cached GPU memory back after a failed trial (its tensors are gone)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -4,7 +4,11 @@
     DIR/trials/<key>.history.csv   its per-epoch rows
     DIR/checkpoints/<key>.pt       the checkpoint of a trial in flight
     DIR/claims/<key>               which process is running a trial (and its heartbeat)
-    DIR/runs.csv, DIR/history.csv  tidy tables, rebuilt from trials/
+    DIR/runs.csv, DIR/history.csv  tidy tables, rebuilt from trials/ when a run ends
+    DIR/study.toml, DIR/log.txt    the resolved study spec; one line per event
+    DIR/tensorboard/<key>/         TensorBoard event files, when asked for
+
+This module is the only code that knows these names: everything else asks the store.
 
 A trial counts as finished once its json exists, and every file is written to a
 temporary name and renamed (`atomic_write`), so a kill at any moment leaves either the
@@ -18,14 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import fcntl
 import json
 import logging
 import math
 import os
+import shutil
 import socket
-import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -35,14 +39,20 @@ from vitexp.errors import UserError
 from vitexp.fileio import DiskFull, _tmp_owner, atomic_write, atomic_write_csv, tmp_path
 from vitexp.rows import HISTORY_COLUMNS, HISTORY_IDENTITY, RUN_COLUMNS
 from vitexp.rows import converged as rows_converged
+from vitexp.tomlfile import read_toml
 
 RUNS = "runs.csv"
 HISTORY = "history.csv"
+SPEC = "study.toml"
+LOG = "log.txt"
+TRIALS = "trials"
 CORRUPT_SUFFIX = ".corrupt"
 # a claim's heartbeat is renewed this often while its trial runs; one older than STALE_S
 # belongs to a process that is gone (killed, preempted, its node lost), on any host
 HEARTBEAT_S = 10.0
 STALE_S = 300.0
+# a heartbeat further in the future than this is a clock gone wrong on its host, never a live process
+FUTURE_S = 60.0
 log = logging.getLogger("vitexp.store")
 
 
@@ -52,25 +62,9 @@ def _jsonable(v):
     return v
 
 
-@functools.lru_cache(maxsize=1)
-def provenance() -> dict:
-    """Where and with what a result was made: the commit (with -dirty when vitexp/ differs
-    from it), versions, host. Read once per process, when its first trial starts: the code a
-    process runs is what it loaded then, whatever is committed while it runs."""
-    import torch
-
-    from vitexp import __version__
-
-    here = Path(__file__).parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                                cwd=here, timeout=5).stdout.strip()
-        dirty = commit and subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here,
-                                          capture_output=True, timeout=5).returncode == 1
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", False
-    return {"commit": (commit + ("-dirty" if dirty else "")) or "unknown", "vitexp": __version__,
-            "torch": torch.__version__, "host": socket.gethostname()}
+def is_study_folder(path: str | Path) -> bool:
+    """Has PATH been written by a study or a `vitexp train` (it has a trials/ folder)?"""
+    return (Path(path) / TRIALS).is_dir()
 
 
 def set_aside(path: Path, why: str) -> None:
@@ -84,21 +78,125 @@ def set_aside(path: Path, why: str) -> None:
 class TrialStore:
     """The trial folder of one study: which trials are done, claimed, recorded."""
 
-    def __init__(self, root: str | Path, create: bool = True):
+    def __init__(self, root: str | Path, create: bool = True, repair: bool = True):
         self.root = Path(root)
+        self.repair = repair  # False: only read, never set a damaged file aside (collect's inputs)
         if create:
-            try:
-                for sub in ("trials", "checkpoints", "claims"):
-                    (self.root / sub).mkdir(parents=True, exist_ok=True)
-                probe = tmp_path(self.root / "write-test")
-                probe.write_text("")
-                probe.unlink()
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFull(f"no space left on the device of {self.root}; free some space and rerun") from None
-                raise UserError(f"cannot write to output folder {self.root} ({e.strerror}); "
-                                f"pick a writable --out") from None
-            self.sweep()  # leftovers of killed runs
+            self.create()
+
+    def create(self, done: set[str] | None = None) -> TrialStore:
+        """Make the folder (checked writable) and sweep what killed runs left behind
+        (DONE: the finished trials, when the caller has just listed them)."""
+        try:
+            for sub in (TRIALS, "checkpoints", "claims"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            probe = tmp_path(self.root / "write-test")
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left on the device of {self.root}; free some space and rerun") from None
+            raise UserError(f"cannot write to output folder {self.root} ({e.strerror}); "
+                            f"pick a writable --out") from None
+        self.sweep(done)
+        return self
+
+    def exists(self) -> bool:
+        return is_study_folder(self.root)
+
+    # -- the folder's other files ---------------------------------------------------
+    @property
+    def spec_path(self) -> Path:
+        return self.root / SPEC
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / LOG
+
+    @property
+    def history_table(self) -> Path:
+        return self.root / HISTORY
+
+    def read_spec(self) -> dict | None:
+        """The folder's study.toml (None: it has none), or one line saying why it cannot be read."""
+        return read_toml(self.spec_path, "study file") if self.spec_path.exists() else None
+
+    def write_spec(self, text: str) -> None:
+        atomic_write(self.spec_path, text)
+
+    def tensorboard_dir(self, key: str) -> Path:
+        return self.root / "tensorboard" / key
+
+    def logger(self) -> logging.Logger:
+        """The folder's log.txt: one line per event, with the time and the process id."""
+        log = logging.getLogger(f"vitexp.study.{self.root.resolve()}")
+        if not log.handlers:
+            h = logging.FileHandler(self.log_path)
+            h.setFormatter(logging.Formatter("%(asctime)s %(process)d %(message)s"))
+            log.addHandler(h)
+            log.setLevel(logging.INFO)
+            log.propagate = False
+            logging.getLogger("vitexp.store").addHandler(h)  # files set aside go into the log too
+        return log
+
+    def close_log(self) -> None:
+        """Let go of log.txt (it may be removed; the next run opens it afresh)."""
+        log = logging.getLogger(f"vitexp.study.{self.root.resolve()}")
+        for h in list(log.handlers):
+            h.close()
+            log.removeHandler(h)
+            logging.getLogger("vitexp.store").removeHandler(h)
+
+    def snapshot(self) -> dict:
+        """What the folder holds now, for `undo_on_refusal` (taken before a run writes anything)."""
+        existed = self.root.is_dir()
+        return {"existed": existed, "paths": set(self.root.rglob("*")) if existed else set(),
+                "keep": {p: p.read_bytes() for p in (self.spec_path, self.log_path) if p.is_file()}}
+
+    def claim_for(self, check, spec_text: str) -> None:
+        """Make the folder and write its study.toml once CHECK (the folder check) passes under the
+        folder lock: of two studies started together on one empty folder the second is refused.
+        A refusal leaves the folder as it was (one made here goes again while it is empty)."""
+        made = not self.root.is_dir()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot make output folder {self.root} ({e.strerror}); pick a writable --out") from None
+        try:
+            with self.lock():
+                check()
+                self.write_spec(spec_text)
+        except UserError:
+            if made and {p.name for p in self.root.iterdir()} <= {".lock"}:
+                with contextlib.suppress(OSError):
+                    (self.root / ".lock").unlink()
+                    self.root.rmdir()
+            raise
+
+    @contextlib.contextmanager
+    def undo_on_refusal(self, before: dict | None = None):
+        """Bad input found only once trials run (inside a trial, in a worker) leaves no trace,
+        as long as no trial was recorded meanwhile: a folder made here is removed; an existing
+        one loses what was added and gets its study.toml and log back (BEFORE: the `snapshot`
+        taken before the run wrote anything). A full disk is a fault, not bad input: what was
+        written (a checkpoint) stays, so the rerun resumes."""
+        before = self.snapshot() if before is None else before
+        try:
+            yield
+        except DiskFull:
+            raise
+        except UserError:
+            self.close_log()
+            if not any(p not in before["paths"] for p in (self.root / TRIALS).glob("*.json")):
+                if not before["existed"]:
+                    shutil.rmtree(self.root, ignore_errors=True)
+                else:
+                    for p in sorted(set(self.root.rglob("*")) - before["paths"], reverse=True):  # files first
+                        with contextlib.suppress(OSError):
+                            p.rmdir() if p.is_dir() else p.unlink()
+                    for p, data in before["keep"].items():
+                        atomic_write(p, data)
+            raise
 
     # -- locking ------------------------------------------------------------
     @contextlib.contextmanager
@@ -116,7 +214,10 @@ class TrialStore:
 
     # -- state ----------------------------------------------------------------
     def trial_path(self, key: str) -> Path:
-        return self.root / "trials" / f"{key}.json"
+        return self.root / TRIALS / f"{key}.json"
+
+    def history_path(self, key: str) -> Path:
+        return self.root / TRIALS / f"{key}.history.csv"
 
     def checkpoint_path(self, key: str) -> Path:
         return self.root / "checkpoints" / f"{key}.pt"
@@ -131,17 +232,19 @@ class TrialStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            set_aside(path, type(e).__name__)
+            if self.repair:
+                set_aside(path, type(e).__name__)
             return None
         if not isinstance(row, dict) or not isinstance(row.get("status"), str):
-            set_aside(path, "not a trial record")
+            if self.repair:
+                set_aside(path, "not a trial record")
             return None
         return row
 
     def finished(self) -> dict[str, dict]:
         """key -> row of every recorded trial (failed ones included)."""
         out = {}
-        for p in sorted((self.root / "trials").glob("*.json")):
+        for p in sorted((self.root / TRIALS).glob("*.json")):
             row = self._row(p)
             if row is not None:
                 out[p.stem] = row
@@ -150,6 +253,22 @@ class TrialStore:
     def done_keys(self) -> set[str]:
         """Trials that need no rerun: finished ok (diverged counts as a result)."""
         return {k for k, r in self.finished().items() if r.get("status") == "ok"}
+
+    def new_records(self, keys, stamps: dict[str, int]) -> dict[str, dict]:
+        """The records of KEYS written since STAMPS (key -> the file's mtime when last read,
+        updated here): what a watcher polls, one stat per key instead of reading every record."""
+        out = {}
+        for key in keys:
+            try:
+                stamp = self.trial_path(key).stat().st_mtime_ns
+            except OSError:
+                continue
+            if stamps.get(key) != stamp:
+                stamps[key] = stamp
+                row = self.result(key)
+                if row is not None:
+                    out[key] = row
+        return out
 
     # -- claims: one process per trial -----------------------------------------
     def claim(self, key: str, seen: dict | None = None) -> bool:
@@ -166,15 +285,43 @@ class TrialStore:
             other = self._read(path) if path.exists() else None
             if other is not None and not _mine(other) and _alive(other):
                 return False
+            if other is not None and _future(other):
+                log.warning("the claim of %s by %s pid %s has its heartbeat %.0f s in the future (a clock off on "
+                            "that host?); taken as stale, the trial runs here", key, other.get("host"),
+                            other.get("pid"), -claim_age(other))
             atomic_write(path, json.dumps(_me()))
             return True
 
-    def beat(self, key: str, images: float = 0.0) -> None:
-        """Renew this process's claim of KEY (its heartbeat), with the training images done."""
+    def beat(self, key: str, images: float = 0.0, resumed: int = 0) -> None:
+        """Renew this process's claim of KEY (its heartbeat), with the training images done
+        and the epoch the trial resumed from (0: it started afresh)."""
         path = self.root / "claims" / key
         claim = self._read(path)
         if claim is not None and _mine(claim):
-            atomic_write(path, json.dumps({**claim, "beat": time.time(), "images": images}))
+            atomic_write(path, json.dumps({**claim, "beat": time.time(), "images": images, "resumed": resumed}))
+
+    @contextlib.contextmanager
+    def heartbeat(self, keys: list[str], progress):
+        """Renew the claims of KEYS every HEARTBEAT_S while the block runs, with PROGRESS()
+        = (training images done per trial, the epoch the trials resumed from)."""
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(HEARTBEAT_S):
+                images, resumed = progress()
+                for key in keys:
+                    with contextlib.suppress(OSError):
+                        self.beat(key, images, resumed)
+
+        threading.Thread(target=beat, daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    def claim_of(self, key: str) -> dict | None:
+        """The claim of KEY as it stands (None: nobody has it)."""
+        return self._read(self.root / "claims" / key)
 
     def claims(self) -> dict[str, dict]:
         """key -> claim of every trial some live process is running."""
@@ -197,21 +344,26 @@ class TrialStore:
         with contextlib.suppress(FileNotFoundError):
             (self.root / "claims" / key).unlink()
 
-    def sweep(self) -> list[Path]:
+    def sweep(self, done: set[str] | None = None) -> list[Path]:
         """Remove what dead processes left behind: half-written temporary files of this
         host, claims of dead processes (any host, by heartbeat), and checkpoints of
-        trials that finished (a kill between the record and the checkpoint's removal)."""
+        trials that finished (DONE, else read here; a kill between the record and the
+        checkpoint's removal)."""
         removed = []
         with self.lock():
-            done = self.done_keys()
+            done = self.done_keys() if done is None else done
             ckpts, claims = self.root / "checkpoints", self.root / "claims"
-            for sub in (self.root, self.root / "trials", ckpts, claims, self.root / "figures"):
+            for sub in (self.root, self.root / TRIALS, ckpts, claims, self.root / "figures"):
                 for p in sub.iterdir() if sub.is_dir() else ():
                     owner = _tmp_owner(p.name)
                     dead_tmp = owner is not None and not _pid_alive(owner[1])
                     done_ckpt = sub == ckpts and p.suffix == ".pt" and p.stem in done
                     claim = self._read(p) if sub == claims and owner is None else None
                     dead_claim = sub == claims and owner is None and (claim is None or not _alive(claim))
+                    if dead_claim and claim is not None and _future(claim):
+                        log.warning("the claim of %s by %s pid %s has its heartbeat %.0f s in the future (a clock "
+                                    "off on that host?); taken as stale", p.name, claim.get("host"),
+                                    claim.get("pid"), -claim_age(claim))
                     if (dead_tmp or done_ckpt or dead_claim) and p.is_file():
                         with contextlib.suppress(FileNotFoundError):
                             p.unlink()
@@ -220,19 +372,51 @@ class TrialStore:
 
     # -- recording ------------------------------------------------------------
     def record(self, key: str, row: dict, history: list[dict] | None = None) -> None:
-        """Write one finished trial (history first: the json is the commit point)."""
+        """Write one finished trial's own files (history first: the json is the commit
+        point); the tables follow when the run ends (`rebuild`)."""
         if history is not None:
-            atomic_write_csv(self.root / "trials" / f"{key}.history.csv", pd.DataFrame(history))
+            atomic_write_csv(self.history_path(key), pd.DataFrame(history))
         atomic_write(self.trial_path(key), json.dumps({k: _jsonable(v) for k, v in row.items()}, sort_keys=True))
         with contextlib.suppress(FileNotFoundError):
             self.checkpoint_path(key).unlink()
-        self.rebuild()
 
-    def rebuild(self) -> None:
+    def import_trial(self, src: TrialStore, key: str) -> None:
+        """Copy another folder's finished trial here, byte for byte (history first: the json is
+        the commit point); SRC is only read."""
+        if src.history_path(key).exists():
+            atomic_write(self.history_path(key), src.history_path(key).read_bytes())
+        atomic_write(self.trial_path(key), src.trial_path(key).read_bytes())
+
+    def runs(self) -> pd.DataFrame:
+        """runs.csv as it stands (empty when there is none yet)."""
+        try:
+            return pd.read_csv(self.root / RUNS, dtype={"key": str})
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            return pd.DataFrame()
+
+    def run_kinds(self) -> set[str]:
+        """The study kinds runs.csv names (empty when it has none or cannot be read)."""
+        try:
+            return set(map(str, pd.read_csv(self.root / RUNS, usecols=["study"])["study"]))
+        except (OSError, ValueError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+            return set()
+
+    def refresh(self) -> dict[str, dict]:
+        """key -> row of every record, the tables rebuilt on the way where the folder can be
+        written (a run killed outright leaves them behind its records); none when there is no folder."""
+        if not self.exists():
+            return {}
+        try:
+            return self.rebuild()
+        except OSError:
+            return self.finished()
+
+    def rebuild(self) -> dict[str, dict]:
         """Regenerate runs.csv and history.csv from trials/ (each atomic, under the lock). Each
         history row carries its trial's identifying columns, so a learning curve needs no join.
         history.csv goes first: killed between the two, every run in runs.csv still has its curve
-        (history.csv may hold one more trial's until the next rebuild)."""
+        (history.csv may hold one more trial's until the next rebuild). Returns key -> row of
+        every readable record, as `finished` (what cannot be read is set aside here)."""
         with self.lock():
             rows = self.finished()
             hist = {k: self._history(k, r) for k, r in rows.items()}
@@ -249,11 +433,12 @@ class TrialStore:
                      for k, h in hist.items() if k in rows and h is not None]
             atomic_write_csv(self.root / HISTORY, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
             atomic_write_csv(self.root / RUNS, runs)
+        return rows
 
     def _history(self, key: str, row: dict):
         """A trial's history (None: it has none, e.g. a failed trial; False: garbled, and
         set aside with its record so the trial runs again)."""
-        path = self.root / "trials" / f"{key}.history.csv"
+        path = self.history_path(key)
         try:  # keys are hex strings: '054134010394' or '740734e33302' must not parse as numbers
             h = pd.read_csv(path, dtype={"key": str})
         except (FileNotFoundError, pd.errors.EmptyDataError):
@@ -309,13 +494,24 @@ def _pid_alive(pid) -> bool:
     return True
 
 
+def claim_age(claim: dict) -> float:
+    """Seconds since the claim's last heartbeat (inf when it has none it can read)."""
+    try:
+        return time.time() - float(claim.get("beat", claim.get("time", 0)))
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def _future(claim: dict) -> bool:
+    return claim_age(claim) < -FUTURE_S
+
+
 def _alive(claim: dict) -> bool:
     """Is the claiming process still running? On this host, when the claim names the
     process's start time: ask the OS (the pid exists and was not reused). Otherwise (another
-    host, or no start time): its heartbeat is younger than STALE_S."""
-    try:
-        age = time.time() - float(claim.get("beat", claim.get("time", 0)))
-    except (TypeError, ValueError):
+    host, or no start time): its heartbeat is younger than STALE_S, and not in the future."""
+    age = claim_age(claim)
+    if not math.isfinite(age) or age < -FUTURE_S:
         return False
     if claim.get("host") != socket.gethostname():
         return age < STALE_S
@@ -325,12 +521,27 @@ def _alive(claim: dict) -> bool:
     return age < STALE_S if start is None or now is None else now == start
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """Does a CSV end mid-line? pandas ends every file with a newline; a cut copy does not."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
+
+
 def read_runs(folder: str | Path, required=("model", "top1_err")) -> pd.DataFrame:
     """runs.csv of a results folder, checked for the columns a caller needs."""
     path = Path(folder)
     path = path / RUNS if path.is_dir() else path
     if not path.exists():
         raise UserError(f"no {RUNS} in {folder}; run a study with --out {folder} first")
+    if _ends_mid_line(path):
+        raise UserError(f"{path} ends mid-row (a truncated copy?); rerun the study, or `vitexp status` on its "
+                            f"folder, to rebuild it from trials/")
     try:
         df = pd.read_csv(path, dtype={"key": str})
     except pd.errors.EmptyDataError:

@@ -6,6 +6,9 @@ included, reads back as it was written."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+from vitexp.errors import UserError
 
 try:
     import tomllib
@@ -17,6 +20,18 @@ TOMLDecodeError = tomllib.TOMLDecodeError
 
 def loads(text: str) -> dict:
     return tomllib.loads(text)
+
+
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file as a dict, or one line saying why it cannot be read."""
+    try:
+        return loads(path.read_text(encoding="utf-8"))
+    except TOMLDecodeError as e:
+        raise UserError(f"{what} {path} is not valid TOML ({' '.join(str(e).split())}); fix the file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({e.strerror}); check the path") from None
 
 
 def _value(v) -> str:

@@ -43,7 +43,8 @@ from vitexp.errors import UserError
 from vitexp.optim import EMA, build_optimizer, build_scheduler
 from vitexp.seeds import EPOCH, derive_seed
 from vitexp.fileio import atomic_write
-from vitexp.store import TrialStore, provenance, set_aside
+from vitexp.provenance import provenance
+from vitexp.store import TrialStore, set_aside
 
 # host-side check for a non-finite loss every this many steps (each check is a sync)
 NAN_CHECK_EVERY = 50
@@ -51,6 +52,16 @@ NAN_CHECK_EVERY = 50
 EMA_EVERY = 4
 
 Progress = Callable[[dict], None]
+
+
+@dataclasses.dataclass
+class TrialState:
+    """What a checkpoint carries besides weights: where the trial stands."""
+
+    epoch: int = 0  # epochs done
+    history: list[dict] = dataclasses.field(default_factory=list)  # one history.csv row per epoch done
+    wall: float = 0.0  # seconds of training and evaluation so far
+    diverged: bool = False
 
 
 @dataclasses.dataclass
@@ -72,8 +83,7 @@ class Trial:
     mixer: Callable | None
     criterion: nn.Module
     channels_last: bool
-    state: dict = dataclasses.field(default_factory=lambda: {"epoch": 0, "history": [], "wall": 0.0,
-                                                             "diverged": False})
+    state: TrialState = dataclasses.field(default_factory=TrialState)
 
 
 def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device, d: runtime.Dist):
@@ -130,14 +140,8 @@ def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float
             loss = t.criterion(t.net(x), y)
         t.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if t.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
-        t.opt.step()
-        t.sched.step()
+        member_step(t, epoch * steps + step + 1)
         loss_sum += loss.detach()
-        # counted over the whole run: an epoch of fewer than EMA_EVERY steps still updates
-        if t.ema is not None and (epoch * steps + step + 1) % EMA_EVERY == 0:
-            t.ema.update_parameters(t.model)
         if (step + 1) % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
             break
         if progress is not None and t.device.type == "cpu":  # on a GPU this would sync every step
@@ -145,6 +149,17 @@ def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float
     if t.dist.world > 1:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     return loss_sum.item() / steps
+
+
+def member_step(t: Trial, global_step: int) -> None:
+    """The update after a backward (the same in a fused group): clip, step, schedule, EMA."""
+    if t.cfg.grad_clip:
+        nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+    t.opt.step()
+    t.sched.step()
+    # counted over the whole run: an epoch of fewer than EMA_EVERY steps still updates
+    if t.ema is not None and global_step % EMA_EVERY == 0:
+        t.ema.update_parameters(t.model)
 
 
 @torch.no_grad()
@@ -192,7 +207,7 @@ def test_epoch(t: Trial, epoch: int) -> tuple[float, float]:
 def save_checkpoint(t: Trial, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(
         {"model": t.model.state_dict(), "opt": t.opt.state_dict(), "sched": t.sched.state_dict(),
-         "ema": t.ema.state_dict() if t.ema is not None else None, "state": t.state}, f))
+         "ema": t.ema.state_dict() if t.ema is not None else None, "state": dataclasses.asdict(t.state)}, f))
 
 
 def load_checkpoint(t: Trial, path: Path) -> None:
@@ -202,7 +217,7 @@ def load_checkpoint(t: Trial, path: Path) -> None:
     t.sched.load_state_dict(saved["sched"])
     if t.ema is not None:
         t.ema.load_state_dict(saved["ema"])
-    t.state = saved["state"]
+    t.state = TrialState(**saved["state"])
 
 
 def resume(t: Trial, ckpt: Path | None) -> Trial:
@@ -218,44 +233,53 @@ def resume(t: Trial, ckpt: Path | None) -> Trial:
     return t
 
 
+def end_epoch(t: Trial, epoch: int, train_loss: float, train_s: float, images: int, ckpt: Path | None) -> dict | None:
+    """After EPOCH's training (also of a fused member): divergence, evaluation, the history
+    row, the state and a checkpoint (by rank 0, not after the last epoch); the row, None
+    once diverged."""
+    if not math.isfinite(train_loss):
+        t.state.diverged = True
+        t.state.wall += train_s
+        return None
+    e0 = time.perf_counter()
+    test_err, ema_err = test_epoch(t, epoch)
+    seconds = train_s + time.perf_counter() - e0
+    row = {"key": t.key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err, "ema_err": ema_err,
+           "lr": t.sched.get_last_lr()[0], "seconds": seconds, "images_per_s": images / train_s}
+    t.state.history.append(row)
+    t.state.epoch = epoch + 1
+    t.state.wall += seconds
+    if ckpt is not None and t.dist.main and epoch + 1 < t.cfg.epochs:
+        save_checkpoint(t, ckpt)
+    return row
+
+
 def train_model(t: Trial, ckpt: Path | None = None, progress: Progress | None = None) -> None:
     """Epochs from T's state to the end, or to divergence; a checkpoint after every epoch
-    but the last (written by rank 0)."""
+    but the last."""
     images = len(t.train_loader) * t.cfg.batch_size
-    for epoch in range(t.state["epoch"], t.cfg.epochs):
+    for epoch in range(t.state.epoch, t.cfg.epochs):
         t0 = time.perf_counter()
         train_loss = train_epoch(t, epoch, progress)
-        train_s = time.perf_counter() - t0
-        if not math.isfinite(train_loss):
-            t.state["diverged"] = True
-            t.state["wall"] += train_s
+        row = end_epoch(t, epoch, train_loss, time.perf_counter() - t0, images, ckpt)
+        if row is None:
             return
-        test_err, ema_err = test_epoch(t, epoch)
-        seconds = time.perf_counter() - t0
-        row = {"key": t.key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err,
-               "ema_err": ema_err, "lr": t.sched.get_last_lr()[0], "seconds": seconds,
-               "images_per_s": images / train_s}
-        t.state["history"].append(row)
-        t.state["epoch"] = epoch + 1
-        t.state["wall"] += seconds
-        if ckpt is not None and t.dist.main and epoch + 1 < t.cfg.epochs:
-            save_checkpoint(t, ckpt)
         if progress is not None:
             progress({"event": "epoch", **row, "epochs": t.cfg.epochs})
 
 
 def summarise(t: Trial, started: str) -> dict:
     """The trial's runs.csv row (few-shot errors added when asked)."""
-    hist, cfg = t.state["history"], t.cfg
+    hist, cfg = t.state.history, t.cfg
     row = rows.trial_row(
-        cfg, t.key, **rows.summary(cfg, hist, t.state["diverged"]), n_train=len(t.bundle),
-        train_loss=hist[-1]["train_loss"] if hist else math.nan, diverged=bool(t.state["diverged"]),
-        epochs_run=len(hist), wall_s=round(t.state["wall"], 3),
+        cfg, t.key, **rows.summary(cfg, hist, t.state.diverged), n_train=len(t.bundle),
+        train_loss=hist[-1]["train_loss"] if hist else math.nan, diverged=bool(t.state.diverged),
+        epochs_run=len(hist), wall_s=round(t.state.wall, 3),
         images_per_s=(sum(h["images_per_s"] for h in hist) / len(hist)) if hist else math.nan,
         params_m=sum(p.numel() for p in t.model.parameters()) / 1e6, device=runtime.device_name(t.device),
         amp=runtime.amp_enabled(t.device, cfg.amp), data_dir=t.bundle.source, started_at=started, fused_k=1,
         **provenance())
-    if cfg.fewshot and not t.state["diverged"]:
+    if cfg.fewshot and not t.state.diverged:
         from vitexp.fewshot import fewshot_eval
 
         row.update(fewshot_eval(t.ema.module if t.ema is not None else t.model, t.bundle, cfg, t.device))
@@ -272,7 +296,7 @@ def tensorboard(cfg: TrainConfig, store: TrialStore | None, progress: Progress |
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package; pip install 'vitexp[tensorboard]'") from None
-    writer = SummaryWriter(str(store.root / "tensorboard" / cfg.key()))
+    writer = SummaryWriter(str(store.tensorboard_dir(cfg.key())))
 
     def log(event: dict) -> None:
         if event["event"] == "epoch":
@@ -288,13 +312,23 @@ def tensorboard(cfg: TrainConfig, store: TrialStore | None, progress: Progress |
         writer.close()
 
 
+def finish_trial(t: Trial, started: str, store: TrialStore | None, **more) -> dict:
+    """A trial's end (also a fused member's): its row (with MORE), recorded by rank 0."""
+    row = {**summarise(t, started), **more}
+    if store is not None and t.dist.main:
+        store.record(t.key, row, t.state.history)
+    return row
+
+
 def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progress | None = None,
               store: TrialStore | None = None) -> dict:
     """Train one trial and return its row. With `out` (or `store`): a trial already
     finished there is not trained again (its row comes back); otherwise checkpoint every
-    epoch, resume from a checkpoint a killed run left, and record the row."""
+    epoch, resume from a checkpoint a killed run left, and record the row (with `out`,
+    runs.csv and history.csv follow; a `store`'s owner rebuilds them when its run ends)."""
     cfg = cfg.validate().resolved()
-    if store is None and out is not None:
+    own = store is None and out is not None
+    if own:
         store = TrialStore(out)
     done = store.result(cfg.key()) if store is not None else None
     if done is not None and done.get("status") == "ok":
@@ -303,9 +337,11 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
     provenance()  # read now: the commit of the code this process runs
     ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
     t = resume(setup_trial(cfg), ckpt)
+    if progress is not None and t.state.epoch:
+        progress({"event": "resumed", "epoch": t.state.epoch, "epochs": cfg.epochs})
     with tensorboard(cfg, store, progress) as progress:
         train_model(t, ckpt, progress)
-    row = summarise(t, started)
-    if store is not None and t.dist.main:
-        store.record(t.key, row, t.state["history"])
+    row = finish_trial(t, started, store)
+    if own and t.dist.main:
+        store.rebuild()
     return row

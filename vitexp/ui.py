@@ -9,9 +9,30 @@ import sys
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True, highlight=False)
+
+
+def trial_label(c: dict) -> str:
+    """How logs and progress name a trial (from its config or its recorded row)."""
+    size = c.get("n_train") or "all"
+    return f"{c['model']} n={size} {c['optimizer']} lr={c['lr']:.2g} wd={c['wd']:.2g} {c['epochs']}ep s{c['seed']}"
+
+
+def trial_summary(label: str, row: dict) -> str:
+    """A finished trial's one line: its error and flags, or why it failed."""
+    if row.get("status", "ok") != "ok":
+        return f"{label}: FAILED ({row.get('error')}); a rerun retries it"
+    flags = " DIVERGED" if row["diverged"] else "" if row.get("converged", True) else " (not converged)"
+    return f"{label}: top1_err {row['top1_err']:.2f}%{flags}"
+
+
+def trial_images(cfg) -> float:
+    """Training images a trial (a TrainConfig) sees: the unit of progress and ETA."""
+    from vitexp.data import dataset_info
+
+    return float((cfg.n_train or dataset_info(cfg.dataset).n_train or 1) * cfg.epochs)
 
 
 def clock(seconds: float | None) -> str:
@@ -21,57 +42,112 @@ def clock(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class StudyProgress:
-    """Progress of a run of TOTAL_TRIALS trials worth TOTAL_IMAGES training images."""
+class Eta:
+    """Time left of a run, from each pending trial's cost: its training images at its model's
+    measured speed (images/s of the finished trials of that model; for a model not measured
+    yet, the finished trials' FLOP rate over its FLOPs per image), shared by the workers.
+    Before any trial finishes: the elapsed time scaled by the share of images done."""
 
-    def __init__(self, total_trials: int = 1, total_images: float = 1.0, enabled: bool | None = None):
+    def __init__(self, trials: list[tuple[str, float, float]], workers: int = 1):
+        self.left = list(trials)  # (model, images, forward GF per image) of each trial still to finish
+        self.total = sum(i for _, i, _ in trials)
+        self.workers = max(1, workers)
+        self.done: list[tuple[str, float, float, float]] = []  # (model, images, gf, seconds)
+
+    def finished(self, model: str | None, images: float, seconds: float) -> None:
+        match = (next((t for t in self.left if t[0] == model and t[1] == images), None)
+                 or next((t for t in self.left if t[0] == model), None) or next(iter(self.left), None))
+        if match is not None:
+            self.left.remove(match)
+            self.done.append((*match, float(seconds)))
+
+    def seconds(self, running: float, elapsed: float) -> float | None:
+        """Seconds left, with RUNNING training images done by the trials in flight."""
+        timed = [d for d in self.done if d[3] > 0]
+        left = sum(i for _, i, _ in self.left)
+        if not timed:
+            done = self.total - left + running
+            return elapsed * (self.total - done) / done if done > 0 else None
+        speed = {m: sum(d[1] for d in timed if d[0] == m) / sum(d[3] for d in timed if d[0] == m)
+                 for m in {d[0] for d in timed}}
+        flop_rate = sum(d[1] * d[2] for d in timed) / sum(d[3] for d in timed)
+        cost = sum(i / speed[m] if m in speed else i * g / flop_rate for m, i, g in self.left)
+        share = 1.0 - min(running / left, 1.0) if left else 0.0
+        return cost * share / min(self.workers, max(len(self.left), 1))
+
+
+class StudyProgress:
+    """Progress of a run of TOTAL_TRIALS trials worth TOTAL_IMAGES training images (TRIALS:
+    (model, images, GF) of each, for the ETA; WORKERS: processes training side by side)."""
+
+    FIXED = 50  # columns of the counter, bar, times and ETA: the trials in flight get the rest
+
+    def __init__(self, total_trials: int = 1, total_images: float = 1.0, enabled: bool | None = None,
+                 trials: list[tuple[str, float, float]] | None = None, workers: int = 1):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.quiet = False  # worker processes: the parent reports
         self.total_trials, self.total_images = total_trials, max(float(total_images), 1.0)
         self.done_trials, self.done_images = 0, 0.0
         self.running_images = 0.0  # the in-flight trials' finished share
+        self.resumed_from = 0  # the epoch the trial in flight resumed from (0: it started afresh)
         self.current: tuple[str, float, int] | None = None  # in-process: (label, images, epochs) in flight
+        if trials is None:  # no costs given: every trial alike
+            trials = [(None, self.total_images / max(total_trials, 1), 1.0)] * total_trials
+        self.eta_model = Eta(trials, workers)
         self.t0 = time.monotonic()
-        # counters first, the trials in flight last: a narrow terminal cuts only their names
+        # counters first, the trials in flight last and cut to the width left: the bar and the ETA stay
         self.progress = Progress(TextColumn("trials {task.fields[trials]}"), BarColumn(bar_width=16),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(compact=True),
+                                 TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
                                  TextColumn("{task.description}"), console=console, disable=not self.enabled,
                                  transient=False, expand=False)
         self.task = None
 
     def __enter__(self):
         self.progress.__enter__()
-        self.task = self.progress.add_task("", total=self.total_images, trials=self._trials())
+        self.task = self.progress.add_task("", total=self.total_images, trials=self._trials(), eta=clock(None))
         return self
 
     def __exit__(self, *exc):
+        if exc[0] is not None and self.enabled:
+            self.progress.live.transient = True  # interrupted: the CLI's one line replaces the live one
         self.progress.__exit__(*exc)
 
     def _trials(self) -> str:
         return f"{self.done_trials}/{self.total_trials}"
 
     def eta(self) -> float | None:
-        done = self.done_images + self.running_images
-        return (time.monotonic() - self.t0) * (self.total_images - done) / done if done > 0 else None
+        return self.eta_model.seconds(self.running_images, time.monotonic() - self.t0)
+
+    def _fit(self, text: str) -> str:
+        room = max(self.progress.console.width - self.FIXED, 0)
+        return text if len(text) <= room else text[:max(room - 1, 0)] + ("…" if room else "")
 
     def _update(self, description: str | None = None) -> None:
         if self.task is not None:
-            fields = {"description": description} if description is not None else {}
+            fields = {"description": self._fit(description)} if description is not None else {}
             self.progress.update(self.task, completed=self.done_images + self.running_images,
-                                 trials=self._trials(), **fields)
+                                 trials=self._trials(), eta=clock(self.eta()), **fields)
 
     def start_trial(self, label: str, images: float, epochs: int) -> None:
-        self.current, self.running_images = (label, float(images), epochs), 0.0
+        self.current, self.running_images, self.resumed_from = (label, float(images), epochs), 0.0, 0
         self._update(label)
 
-    def end_trial(self, summary: str, images: float = 0.0) -> None:
+    def end_trial(self, summary: str, images: float = 0.0, row: dict | None = None) -> None:
+        """A trial ended (ROW: its record, whose model and wall time correct the ETA)."""
         self.done_trials += 1
         self.done_images += float(images)
+        if row is not None:
+            self.eta_model.finished(row.get("model"), float(images), float(row.get("wall_s") or 0))
         self.running_images, self.current = 0.0, None
         self._update("")
         line = f"[{self._trials()} {clock(time.monotonic() - self.t0)} eta {clock(self.eta())}] {summary}"
         if not self.quiet:
             (self.progress.console if self.enabled else console).print(line, soft_wrap=True)
+
+    def say(self, text: str) -> None:
+        """A line for every reader, on a terminal and piped alike."""
+        if not self.quiet:
+            (self.progress.console if self.enabled else console).print(text, soft_wrap=True)
 
     def note(self, text: str) -> None:
         """A line for the live display only (piped output keeps one line per trial)."""
@@ -88,10 +164,28 @@ class StudyProgress:
         if self.current is None:
             return
         label, images, epochs = self.current
+        if event["event"] == "resumed":
+            self.resumed_from = event["epoch"]
+            self.say(f"{label}: resumed from epoch {event['epoch']} of {epochs}")
         # a step event names the epoch under way (from 0), an epoch event the epochs done
         epoch = event["epoch"] + (event["step"] / event["steps"] if event["event"] == "step" else 0)
         self.running_images = images * min(epoch / epochs, 1.0)
-        info = f"ep {epoch:.1f}/{epochs}"
+        info = f"ep {epoch:.1f}/{epochs}" + (f" (resumed at {self.resumed_from})" if self.resumed_from else "")
         if event["event"] == "epoch":
             info += f" loss {event['train_loss']:.3f}"
         self._update(f"{label} {info}")
+
+
+def study_progress(cfgs: list, workers: int, enabled: bool | None) -> StudyProgress:
+    """The progress of a run of CFGS, its ETA from each trial's images and its model's FLOPs per image."""
+    from vitexp import models as vmodels
+
+    gf = {}
+    for c in cfgs:
+        if c.model not in gf:
+            try:
+                gf[c.model] = vmodels.complexity(c.model, resolution=c.image_size)["gflops"]
+            except Exception:  # noqa: BLE001 - a cost it cannot count: the ETA takes it as average
+                gf[c.model] = 1.0
+    trials = [(c.model, trial_images(c), gf[c.model]) for c in cfgs]
+    return StudyProgress(len(cfgs), sum(i for _, i, _ in trials), enabled, trials=trials, workers=workers)

@@ -18,9 +18,6 @@ from vitexp.studies import tune  # noqa: F401
 from vitexp.studies.base import Knob, Study, check_spec, log_uniform, sampling_range
 from vitexp.studies.registry import STUDIES, get_study, register
 
-__all__ = ["STUDIES", "Knob", "Study", "get_study", "log_uniform", "register", "sampling_range", "trials"]
-
-
 def trials(spec: dict) -> list[TrainConfig]:
     """Every trial of the study, resolved, in a fixed order (shards slice this order)."""
     study = get_study(spec["study"].get("kind"))
@@ -31,3 +28,7 @@ def trials(spec: dict) -> list[TrainConfig]:
         return dataclasses.replace(base, extra=extra, **kw).validate().resolved()
 
     return study.trials(spec, base, trial)
+
+
+# the names from the objects themselves, so the list cannot drift from what is defined
+__all__ = ["STUDIES"] + [f.__name__ for f in (Knob, Study, get_study, log_uniform, register, sampling_range, trials)]

@@ -27,6 +27,7 @@ COMMON_KEYS = ("kind", "preset", "description", "models", "seeds")
 # the stability study's default range around the tuned value (PAPERS.md section 4)
 RANGE_BELOW, RANGE_ABOVE = 8.0, 4.0
 MAX_SAMPLES = 100_000  # (lr, wd) samples per model: beyond this, a typo
+MAX_LIST = 1_000  # values of one list knob (seeds, sizes, epochs, models): beyond this, a typo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Study:
     identity: tuple[str, ...] = ()
     needs: tuple[str, ...] = ("model", "top1_err")  # runs.csv columns its figures need
     plot_command: str | None = None  # the CLI command that draws its figures
+    bootstrap: bool = False  # its figures and tables draw bootstrap samples (--n-boot, --seed)
+    several: str = "several are concatenated into one figure set"  # what giving its plot command several folders does
 
     def out_name(self, spec: dict) -> str:
         """The default study folder name under runs/."""
@@ -100,7 +103,14 @@ def ints(v, name: str) -> list[int]:
         raise UserError(f"--{name} takes whole numbers, got {v!r}; fix [study] {name} in the preset")
     if not vals:
         raise UserError(f"--{name} is empty; give at least one value (or set [study] {name} in the preset)")
+    _check_length(vals, name)
     return [int(x) for x in vals]
+
+
+def _check_length(vals, name: str) -> None:
+    if len(vals) > MAX_LIST:
+        raise UserError(f"--{name} has {len(vals):,} values, at most {MAX_LIST:,} make sense; "
+                        f"fix [study] {name} in the preset")
 
 
 def int_knob(s: dict, key: str, default, low: int = 1, high: int = 10**9) -> int:
@@ -136,7 +146,12 @@ def sampling_range(spec: dict, model: str, optimizer: str,
     """{'lr': (lo, hi), 'wd': (lo, hi)}: [ranges.MODEL] or [ranges.FAMILY] of the
     preset (the paper's per-family ranges), else tuned / AROUND[0] .. tuned x AROUND[1]."""
     ranges = spec.get("ranges", {})
-    r = ranges.get(model, ranges.get(vmodels.get_spec(model).family, {})).get(optimizer)
+    name = model if model in ranges else vmodels.get_spec(model).family
+    table = ranges.get(name, {})
+    bad = sorted(set(table) - set(OPTIMIZERS)) if isinstance(table, dict) else []
+    if bad:
+        raise unknown(f"optimizer in [ranges.{name}]", bad[0], OPTIMIZERS)
+    r = table.get(optimizer)
     if r is None:
         lr, wd = tuned(spec, model, optimizer)
         below, above = around
@@ -149,6 +164,9 @@ def range_pair(r, where: str) -> dict[str, tuple[float, float]]:
     each, 0 < low < high (log-uniform sampling needs both ends positive and apart)."""
     if not isinstance(r, dict):
         raise UserError(f"{where} must be a table like {{lr = [LOW, HIGH], wd = [LOW, HIGH]}}, got {r!r}")
+    bad = sorted(set(r) - {"lr", "wd"})
+    if bad:
+        raise unknown(f"key in {where}", bad[0], ["lr", "wd"])
     out = {}
     for name in ("lr", "wd"):
         v = r.get(name)
@@ -245,6 +263,7 @@ def check_spec(spec: dict, study: Study) -> tuple[dict, TrainConfig]:
         raise UserError(f"[study] models must be a list of model names, got {models!r}")
     if not models:
         raise UserError("the study has no models; give --models or set [study] models in the preset")
+    _check_length(models, "models")
     for m in models:
         vmodels.get_spec(str(m))  # unknown model: one line with the closest names
     check_tables(spec)

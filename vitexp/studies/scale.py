@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from vitexp import analysis, plots
+from vitexp.data.loaders import num_batches
 from vitexp.errors import UserError
 from vitexp.studies.base import Knob, Study, int_knob, ints, seeds_phrase, tuned
 from vitexp.studies.registry import register
@@ -56,19 +57,22 @@ class Scale(Study):
                     out.append(trial(model=model, n_train=n, seed=seed, subset_seed=seed, epochs=epochs,
                                      eval_every=max(1, epochs // int_knob(s, "evals", 10)),
                                      lr=base.lr or lr, wd=base.wd if base.wd is not None else wd,
-                                     fewshot=fewshot, extra={"size": n, "budget_steps": int_knob(s, "steps", 0, 0)}))
+                                     fewshot=fewshot, extra={"size": n, "budget_steps": self.budget(s, n, min(sizes))}))
         return out
 
     @staticmethod
-    def epochs(s: dict, n: int, smallest: int, batch: int) -> int:
-        """Epochs of a size-N trial: [study] epochs, else its step budget, at least min_epochs."""
-        if s.get("epochs") is not None:
-            return int_knob(s, "epochs", 1)
+    def budget(s: dict, n: int, smallest: int) -> int:
+        """The step budget of a size-N trial: steps x (n / smallest)^steps_exponent."""
         exponent = s.get("steps_exponent", 0)
         if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 <= exponent <= 2:
             raise UserError(f"--steps-exponent takes a number in [0, 2], got {exponent!r}")
-        steps = int_knob(s, "steps", 0, 0) * (n / smallest) ** exponent
-        return max(int_knob(s, "min_epochs", 1), math.ceil(round(steps) * batch / n))
+        return round(int_knob(s, "steps", 0, 0) * (n / smallest) ** exponent)
+
+    def epochs(self, s: dict, n: int, smallest: int, batch: int) -> int:
+        """Epochs of a size-N trial: [study] epochs, else its step budget, at least min_epochs."""
+        if s.get("epochs") is not None:
+            return int_knob(s, "epochs", 1)
+        return max(int_knob(s, "min_epochs", 1), math.ceil(self.budget(s, n, smallest) * batch / n))
 
     def figures(self, runs, out, n_boot=2500, seed=0):
         return plot_scale(runs, Path(out))
@@ -115,10 +119,13 @@ def scale_summary(runs: pd.DataFrame) -> pd.DataFrame:
             v = g[metric].dropna()
             if v.empty:
                 continue
+            conv = g.loc[v.index, "converged"] if "converged" in g else pd.Series(True, index=v.index)
             rows.append({"model": model, "n_train": int(size), "metric": metric, "mean": v.mean(),
                          "std": v.std(), "min": v.min(), "max": v.max(), "n": len(v),
-                         "diverged": int(g.loc[v.index, "diverged"].sum())})
-    return pd.DataFrame(rows, columns=["model", "n_train", "metric", "mean", "std", "min", "max", "n", "diverged"])
+                         "diverged": int(g.loc[v.index, "diverged"].sum()),
+                         "not_converged": int((~conv.fillna(False).astype(bool)).sum())})
+    return pd.DataFrame(rows, columns=["model", "n_train", "metric", "mean", "std", "min", "max", "n", "diverged",
+                                       "not_converged"])
 
 
 def cnn_gaps(summary: pd.DataFrame) -> pd.DataFrame:
@@ -150,10 +157,28 @@ def plot_scale(runs: pd.DataFrame, out: Path) -> list[Path]:
         for ax, metric in zip(axes, metrics):
             _scale_panel(ax, summary[summary["metric"] == metric], metric, styles, labels)
         fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside right center")
-        n = summary.loc[summary["metric"] == "top1_err", "n"]
-        phrase = "one run per point" if n.max() == 1 else seeds_phrase(n, std=False) + ", band: min–max"
-        fig.suptitle(f"Error vs training-set size ({phrase})")
+        fig.suptitle(f"Error vs training-set size: {scale_caption(runs, summary)}")
         return plots.save(fig, summary, out, "scale")
+
+
+def scale_caption(runs: pd.DataFrame, summary: pd.DataFrame) -> str:
+    """What a reader of the figure must know: the data set, the budget rule, the seeds, and
+    what an open marker means."""
+    ok = analysis.finished(runs)
+    data = ", ".join(sorted(set(ok["dataset"].astype(str)))) if "dataset" in ok else "?"
+    budget, cols = "?", ["epochs", "batch_size", "n_train"]
+    if set(cols) <= set(ok.columns) and ok[cols].notna().all().all():
+        steps = [int(e) * num_batches(int(n), int(b), True) for e, b, n in ok[cols].itertuples(index=False)]
+        budget = f"{_span(steps)} steps, {_span([int(e) for e in ok['epochs']])} epochs"
+    n = summary.loc[summary["metric"] == "top1_err", "n"]
+    phrase = "one run per point" if n.max() == 1 else seeds_phrase(n, std=False) + ", band: min–max"
+    open_note = "; open marker: a run there not converged" if summary["not_converged"].sum() else ""
+    return f"{data}, budget {budget}\n({phrase}{open_note})"
+
+
+def _span(values) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
 
 
 def _scale_panel(ax, part, metric, styles, labels) -> None:
@@ -161,6 +186,9 @@ def _scale_panel(ax, part, metric, styles, labels) -> None:
         g = part[part["model"] == model].sort_values("n_train")
         st = styles[model]
         ax.plot(g["n_train"], g["mean"], color=st["color"], marker=st["marker"], label=labels[model])
+        loose = g[g["not_converged"] > 0]  # drawn open: not every run at that point converged
+        ax.scatter(loose["n_train"], loose["mean"], marker=st["marker"], s=40, facecolor="white",
+                   edgecolor=st["color"], zorder=3)
         ax.fill_between(g["n_train"], g["min"], g["max"], color=st["color"], alpha=0.15, lw=0)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(sorted(set(part["n_train"]))))

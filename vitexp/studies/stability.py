@@ -32,6 +32,8 @@ class Stability(Study):
     identity = ("optimizer",)
     needs = ("model", "optimizer", "lr", "wd", "top1_err")
     plot_command = "plot-cdf"
+    bootstrap = True
+    several = "several are concatenated (e.g. an AdamW and an SGD sweep, drawn side by side)"
 
     def out_name(self, spec: dict) -> str:
         return f"{spec['study']['preset']}-{spec['study'].get('optimizer', 'adamw')}"
@@ -54,10 +56,7 @@ class Stability(Study):
                        "less than 4 points from the model's best)"),
                 ("table", analysis.edf_summary(runs).assign(within_4=lambda d: 100 * d["within_4"])
                  .rename(columns={"within_4": "within 4 (%)", "at_chance": "at chance"})),
-                ("h3", f"Best lr and wd by bootstrap ({n_boot} draws of 25% of the runs, seed {seed}): "
-                       f"median and 2.5–97.5% range (blank: fewer than {analysis.MIN_PER_DRAW} runs per draw)"),
-                ("table", analysis.hparam_bands(runs, n_boot=n_boot, seed=seed)[
-                    ["optimizer", "model", "param", "best", "lo", "hi", "n"]])]
+                *_bands_table(runs, n_boot, seed)]
 
     def captions(self, figure: Path) -> str:
         """Said from the figure's own numbers (its CSV): which rows and panels it has."""
@@ -76,6 +75,18 @@ class Stability(Study):
 
     def must_converge(self, runs):
         return best_runs(runs)
+
+
+def _bands_table(runs: pd.DataFrame, n_boot: int, seed: int) -> list[tuple]:
+    """The report's bootstrap table, or a line saying why there is none (too few runs)."""
+    bands = analysis.hparam_bands(runs, n_boot=n_boot, seed=seed)
+    if bands["best"].isna().all():
+        return [("p", f"No bootstrap of the best lr and wd: each draw takes 25% of a model's runs and needs "
+                      f"{analysis.MIN_PER_DRAW}, so a model needs {analysis.MIN_PER_DRAW * 4} runs (these have "
+                      f"{int(bands['n'].max()) if len(bands) else 0} at most).")]
+    return [("h3", f"Best lr and wd by bootstrap ({n_boot} draws of 25% of the runs, seed {seed}): "
+                   f"median and 2.5–97.5% range (blank: fewer than {analysis.MIN_PER_DRAW} runs per draw)"),
+            ("table", bands[["optimizer", "model", "param", "best", "lo", "hi", "n"]])]
 
 
 def best_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -165,36 +176,45 @@ def _save_lrwd(runs, bands, opt, styles, labels, out) -> list[Path]:
             g = ok[ok["model"] == model]
             for i, param in enumerate(("lr", "wd")):
                 band = bands[(bands["model"] == model) & (bands["param"] == param)]
-                rows += _lrwd_panel(axes[2 * block + i][j], g, band, param, opt, model, styles[model], xr[param], ylim)
+                rows += _lrwd_panel(axes[2 * block + i][j], g, band, param, opt, model, styles[model], xr[param], ylim,
+                                    _reference_batch(g) if param == "lr" else None)
                 if j == 0:
                     axes[2 * block + i][j].set_ylabel("top-1 error (%)")
             n_div = int(g["diverged"].sum())
             note = f", {n_div} diverged (× at top)" if n_div else ""
             axes[2 * block][j].set_title(f"{labels[model]}\n{len(g)} runs{note}")
-        fig.suptitle(f"{analysis.OPTIMIZER_NAMES.get(opt, opt)}: error vs lr and wd "
-                     f"(line: bootstrap best, band: 2.5–97.5%)")
+        drawn = bands["best"].notna().any()
+        fig.suptitle(f"{analysis.OPTIMIZER_NAMES.get(opt, opt)}: error vs lr and wd " + (
+            "(line: bootstrap best, band: 2.5–97.5%)" if drawn else
+            f"(too few runs per model for a bootstrap band: it needs {analysis.MIN_PER_DRAW * 4})"))
         table = pd.DataFrame(rows, columns=["optimizer", "model", "param", "element", "value", "top1_err", "diverged"])
         return plots.save(fig, table, out, f"lrwd_{opt}")
 
 
-def _lrwd_panel(ax, g, band, param, opt, model, st, xr, ylim) -> list[dict]:
-    """One model's error vs one hyper-parameter; returns the plotted numbers."""
+def _reference_batch(runs: pd.DataFrame) -> int | None:
+    """The batch size the runs' lr values are given at (they are scaled linearly to the real one)."""
+    if "lr_batch_size" not in runs or runs["lr_batch_size"].isna().all():
+        return None
+    return int(pd.to_numeric(runs["lr_batch_size"], errors="coerce").dropna().iloc[0])
+
+
+def _lrwd_panel(ax, g, band, param, opt, model, st, xr, ylim, ref_batch=None) -> list[dict]:
+    """One model's error vs one hyper-parameter; returns the plotted numbers. The lr is drawn as
+    the runs give it, at the reference batch REF_BATCH (the paper's convention)."""
     pts = g[np.isfinite(g[param]) & (g[param] > 0)]
     good, bad = pts[~pts["diverged"]], pts[pts["diverged"]]
     ax.scatter(good[param], good["top1_err"], s=18, color=st["color"], alpha=0.8, edgecolor="none", marker=st["marker"])
     if len(bad):
         ax.scatter(bad[param], np.full(len(bad), ylim[1]), marker="x", s=22, color="crimson", clip_on=False)
-    rows, xlabel = [], f"{param} (log scale)"
+    name = f"{param} at batch {ref_batch}" if ref_batch else param
+    rows, xlabel = [], f"{name} (log scale)"
     b = band.iloc[0] if len(band) else None
     if b is not None and np.isfinite(b["best"]):
         ax.axvspan(b["lo"], b["hi"], color="0.5", alpha=0.15, lw=0)
         ax.axvline(b["best"], color="k", lw=1.2)
-        xlabel = f"{param}: best {b['best']:.2g}, good [{b['lo']:.2g}, {b['hi']:.2g}]"
+        xlabel = f"{name}: best {b['best']:.2g}, good [{b['lo']:.2g}, {b['hi']:.2g}]"
         rows += [{"optimizer": opt, "model": model, "param": param, "element": e, "value": b[e],
                   "top1_err": np.nan, "diverged": False} for e in ("lo", "best", "hi")]
-    elif b is not None:
-        ax.text(0.5, 0.92, f"too few runs for a bootstrap band\n({int(b['n'])}; needs "
-                           f"{analysis.MIN_PER_DRAW * 4})", ha="center", va="top", transform=ax.transAxes, fontsize=8)
     rows += [{"optimizer": opt, "model": model, "param": param, "element": "run", "value": v, "top1_err": e,
               "diverged": d} for v, e, d in zip(pts[param], pts["top1_err"], pts["diverged"])]
     plots.log_axis(ax, *xr)

@@ -28,6 +28,8 @@ class Tune(Study):
              Knob("epochs", int, "epochs of every trial [preset]"))
     needs = ("model", "optimizer", "lr", "wd", "top1_err")
     plot_command = "plot-tune"
+    bootstrap = True
+    several = "several are concatenated (e.g. the first round of a search and its widened second round)"
 
     def trials(self, spec, base, trial):
         s = spec["study"]

@@ -2,9 +2,12 @@
 pending ones), run it (in process, in worker processes, under torchrun), collect shards.
 
 - presets.py   experiments/*.toml by name
-- plan.py      spec, trial list, shard, pending; folder checks; dry-run table and cost
-- execute.py   the one `run(plan)`: claims, heartbeats, recording, workers, signals
+- plan.py      spec, trial list, shard, pending, start order; folder checks; dry-run table and cost
+- execute.py   the one `run(plan)`: claims, heartbeats, recording, failures, fusing
+- pool.py      worker processes sharing the folder, and the parent watching them
+- torchrun.py  rank 0 runs the study, the other ranks train what it announces
 - collect.py   merge study folders
+- status.py    where a study stands, from its folder alone
 """
 
 from vitexp.sweep.collect import collect

@@ -1,24 +1,21 @@
 """Merge study folders (shards run apart, on machines without a shared file system)
-into one: every trial once, an ok result preferred over a failed one."""
+into one: every trial once, an ok result preferred over a failed one. The inputs are
+only read: a damaged record in one is skipped there, never renamed."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from vitexp.errors import UserError
-from vitexp.fileio import atomic_write, tmp_path
 from vitexp.store import TrialStore
-from vitexp.sweep.execute import runs_table
 from vitexp.sweep.plan import check_folder, identity
-from vitexp.sweep.presets import read_toml
 
 
-def _specs(srcs: list[Path]) -> dict[Path, dict]:
+def _specs(srcs: list[TrialStore]) -> dict[Path, dict]:
     """The study.toml of each source folder that has one, checked to be one study."""
-    specs = {f: read_toml(f / "study.toml", "study file") for f in srcs if (f / "study.toml").exists()}
+    specs = {s.root: spec for s in srcs if (spec := s.read_spec()) is not None}
     idents = {f: identity(s) for f, s in specs.items()}
     kinds = {i["kind"] for i in idents.values()}
     if len(kinds) > 1:
@@ -32,31 +29,37 @@ def _specs(srcs: list[Path]) -> dict[Path, dict]:
 
 def collect(folders: list[str | Path], out: str | Path) -> pd.DataFrame:
     """Merge FOLDERS into OUT (which may be one of them); returns the merged runs table."""
-    out, srcs = Path(out), [Path(f) for f in folders]
-    for f in srcs:
-        if not (f / "trials").is_dir():
-            raise UserError(f"{f} is not a study folder (no trials/); give folders written by a study --out")
+    srcs = [TrialStore(f, create=False, repair=False) for f in folders]
+    for s in srcs:
+        if not s.exists():
+            raise UserError(f"{s.root} is not a study folder (no trials/); give folders written by a study --out")
     specs = _specs(srcs)
+    target = TrialStore(out, create=False)
+    for s in srcs:
+        inside = target.root.resolve().is_relative_to(s.root.resolve())
+        if inside and target.root.resolve() != s.root.resolve():
+            raise UserError(f"--out {out} lies inside the input {s.root}; give a folder outside it (or the input "
+                            f"itself, to merge into it)")
     if specs:
-        check_folder(out, next(iter(specs.values())))
-    store = TrialStore(out)
-    have = store.finished()
-    for f in srcs:
-        if f.resolve() == out.resolve():
+        kind = identity(next(iter(specs.values())))["kind"]
+        for s in srcs:
+            kinds = {str(r.get("study")) for r in s.finished().values()} - {kind}
+            if s.root not in specs and kinds:
+                raise UserError(f"{s.root} holds {', '.join(sorted(kinds))} runs, not a {kind} study; collect "
+                                f"each kind into its own --out")
+        check_folder(target, next(iter(specs.values())))
+    target.create()
+    have = target.finished()
+    for src in srcs:
+        if src.root.resolve() == target.root.resolve():
             continue
-        theirs = TrialStore(f, create=False)
-        for key, row in theirs.finished().items():
+        for key, row in src.finished().items():
             mine = have.get(key)
             if mine is not None and (mine.get("status") == "ok" or row.get("status") != "ok"):
                 continue
-            hist = f / "trials" / f"{key}.history.csv"
-            if hist.exists():  # the history first: the json is the commit point
-                tmp = tmp_path(out / "trials" / hist.name)
-                shutil.copyfile(hist, tmp)
-                tmp.replace(out / "trials" / hist.name)
-            atomic_write(out / "trials" / f"{key}.json", theirs.trial_path(key).read_bytes())
+            target.import_trial(src, key)
             have[key] = row
-        if not (out / "study.toml").exists() and (f / "study.toml").exists():
-            atomic_write(out / "study.toml", (f / "study.toml").read_bytes())
-    store.rebuild()
-    return runs_table(out)
+        if target.read_spec() is None and src.spec_path.exists():
+            target.write_spec(src.spec_path.read_text())
+    target.rebuild()
+    return target.runs()

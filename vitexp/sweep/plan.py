@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from vitexp import studies
+from vitexp import data as vdata
+from vitexp import runtime, studies
 from vitexp.config import TrainConfig
 from vitexp.errors import UserError
 from vitexp.store import TrialStore
-from vitexp.sweep.presets import default_preset, load_preset, read_toml
+from vitexp.sweep.presets import default_preset, load_preset
+from vitexp.ui import trial_images
 
 
 def resolve_spec(kind: str, preset: str | None, study_overrides: dict, train_overrides: dict) -> dict:
@@ -67,32 +69,44 @@ def identity(spec: dict) -> dict:
     return out
 
 
-def check_folder(out: Path, spec: dict | str) -> None:
+def check_folder(store: TrialStore, spec: dict | str) -> None:
     """Refuse a folder that holds another study (another kind, data set or identity key),
     a file in its place, or an unreadable study.toml."""
     mine = identity(spec) if isinstance(spec, dict) else {"kind": spec}
-    kind = mine["kind"]
+    kind, out = mine["kind"], store.root
     if str(out) in ("", "."):
         raise UserError("--out must name a folder for the results, e.g. --out runs/mystudy")
+    long = [p for p in out.parts if len(p.encode()) > 255]
+    if long:
+        raise UserError(f"--out has a name of {len(long[0].encode())} bytes ({long[0][:20]}...); a file system "
+                        f"takes at most 255: give a shorter --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; give a folder for the results")
-    f = out / "study.toml"
-    if f.exists():
-        theirs = identity(read_toml(f, "study file"))
+    spec_there = store.read_spec()
+    if spec_there is not None:
+        theirs = identity(spec_there)
         if theirs["kind"] and theirs["kind"] != kind:
             raise UserError(f"{out} holds a {theirs['kind']} study; give this {kind} study another --out")
         for name in mine:
             if theirs.get(name) is not None and mine[name] is not None and theirs[name] != mine[name]:
                 raise UserError(f"{out} holds a {kind} study with {name} {theirs[name]}, not {mine[name]}; "
                                 f"give this study another --out")
-    elif (out / "runs.csv").exists():
-        try:
-            kinds = set(pd.read_csv(out / "runs.csv", usecols=["study"])["study"])
-        except (ValueError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
-            kinds = set()
-        if kinds - {kind}:
-            raise UserError(f"{out} holds results of another kind ({', '.join(sorted(map(str, kinds)))}); "
-                            f"give this {kind} study another --out")
+    elif store.run_kinds() - {kind}:
+        raise UserError(f"{out} holds results of another kind ({', '.join(sorted(store.run_kinds()))}); "
+                        f"give this {kind} study another --out")
+
+
+def start_order(todo: list[tuple[str, TrainConfig]]) -> list[tuple[str, TrainConfig]]:
+    """Longest first, so the workers end together instead of one running the last long
+    trial alone; among equally long trials the models take turns, so a study stopped
+    early has as many runs of each model (comparable partial EDFs), not all of one."""
+    turns: dict[tuple, int] = {}
+    order = []
+    for i, (key, cfg) in enumerate(todo):
+        group = (cfg.model, trial_images(cfg))
+        turns[group] = turns.get(group, -1) + 1
+        order.append((-trial_images(cfg), turns[group], i))
+    return [todo[i] for *_, i in sorted(order)]
 
 
 def unique(trials: list[TrainConfig]) -> list[tuple[str, TrainConfig]]:
@@ -115,6 +129,7 @@ class Plan:
     out: Path
     shard: tuple[int, int]
     trials: list[tuple[str, TrainConfig]]  # the whole study, in its fixed order
+    store: TrialStore  # its folder, opened for reading (a run creates it)
 
     @cached_property
     def mine(self) -> list[tuple[str, TrainConfig]]:
@@ -122,15 +137,15 @@ class Plan:
         i, n = self.shard
         return self.trials[i::n]
 
-    def done(self) -> dict[str, dict]:
-        """key -> recorded row of every trial the folder has a result for."""
-        if not (self.out / "trials").is_dir():
-            return {}
-        return {k: r for k, r in TrialStore(self.out, create=False).finished().items() if r.get("status") == "ok"}
+    def done(self, records: dict[str, dict] | None = None) -> dict[str, dict]:
+        """key -> recorded row of every trial the folder has a result for (from RECORDS, the
+        folder's records when the caller has just read them)."""
+        records = self.store.finished() if records is None else records
+        return {k: r for k, r in records.items() if r.get("status") == "ok"}
 
-    def pending(self) -> list[tuple[str, TrainConfig]]:
+    def pending(self, records: dict[str, dict] | None = None) -> list[tuple[str, TrainConfig]]:
         """This shard's trials without a result yet: what a run would train."""
-        done = self.done()
+        done = self.done(records)
         return [(k, t) for k, t in self.mine if k not in done]
 
     def complete(self) -> bool:
@@ -139,18 +154,27 @@ class Plan:
         return all(k in done for k, _ in self.trials)
 
 
+def preflight(plan: Plan, todo: list[tuple[str, TrainConfig]]) -> None:
+    """What would make every trial fail, found before anything is written: the device,
+    the data (present, readable, large enough)."""
+    first = todo[0][1]
+    runtime.resolve_device(first.device)
+    sizes = [c.n_train for _, c in todo]
+    vdata.check_data(first.dataset, first.data_dir, None if None in sizes else max(sizes), first.n_test)
+
+
 def make_plan(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1)) -> Plan:
     """Validate the whole study (every trial) and the folder; writes nothing."""
     study = studies.get_study(spec["study"].get("kind"))
     keyed = unique(studies.trials(spec))
-    out = Path(out)
-    check_folder(out, spec)
-    return Plan(spec=spec, study=study, out=out, shard=shard, trials=keyed)
+    store = TrialStore(out, create=False)
+    check_folder(store, spec)
+    return Plan(spec=spec, study=study, out=Path(out), shard=shard, trials=keyed, store=store)
 
 
 def describe(plan: Plan) -> pd.DataFrame:
     """The trial table of a study: one row per trial with its key and status."""
-    done = TrialStore(plan.out, create=False).finished() if (plan.out / "trials").is_dir() else {}
+    done = plan.store.finished()
     rows = []
     for key, t in plan.trials:
         rows.append({"key": key, "model": t.model, "dataset": t.dataset, "n_train": t.n_train,

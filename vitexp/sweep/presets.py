@@ -10,10 +10,11 @@ is a typo and refused with the closest name.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from vitexp import tomlfile
 from vitexp.errors import UserError, unknown
+from vitexp.tomlfile import read_toml
 
 TABLES = ("study", "train", "tuned", "ranges")
 
@@ -38,20 +39,11 @@ def find_preset(name_or_path: str) -> Path:
         return p
     p = experiments_dir() / f"{name_or_path}.toml"
     if not p.exists():
+        if not list_presets():
+            raise UserError(f"unknown preset '{name_or_path}': {experiments_dir()} holds no presets "
+                            f"(set VITEXP_EXPERIMENTS to vitexp's experiments/ folder, or give a .toml path)")
         raise unknown("preset", name_or_path, list_presets())
     return p
-
-
-def read_toml(path: Path, what: str) -> dict:
-    """A TOML file as a dict, or one line saying why it cannot be read."""
-    try:
-        return tomlfile.loads(path.read_text(encoding="utf-8"))
-    except tomlfile.TOMLDecodeError as e:
-        raise UserError(f"{what} {path} is not valid TOML ({' '.join(str(e).split())}); fix the file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path} ({e.strerror}); check the path") from None
 
 
 def load_preset(name_or_path: str, kinds) -> dict:
@@ -67,6 +59,10 @@ def load_preset(name_or_path: str, kinds) -> dict:
         raise UserError(f"preset {path} needs [study] kind = one of {', '.join(kinds)}")
     d.setdefault("train", {})
     d["study"].setdefault("preset", path.stem)
+    name = d["study"]["preset"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"preset {path}: [study] preset must be a plain name (letters, digits, '.', '_', '-'; "
+                        f"it names the default folder runs/NAME), got {name!r}")
     return d
 
 

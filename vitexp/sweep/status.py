@@ -4,25 +4,24 @@ and an ETA from the throughput its finished trials measured."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
 from vitexp.errors import UserError
 from vitexp.store import TrialStore
-from vitexp.sweep.execute import trial_images, trial_label
 from vitexp.sweep.plan import make_plan
-from vitexp.sweep.presets import read_toml
-from vitexp.ui import clock
+from vitexp.ui import clock, trial_images, trial_label
 
 
 def study_status(folder: str | Path) -> list[str]:
     """Lines a user reads: counts, the trials in flight, the failed ones, the ETA."""
-    folder = Path(folder)
-    if not (folder / "study.toml").is_file():
+    spec = TrialStore(folder, create=False).read_spec() if Path(folder).is_dir() else None
+    if spec is None:
         raise UserError(f"{folder} holds no study (no study.toml); give a folder written by a study --out")
-    plan = make_plan(read_toml(folder / "study.toml", "study file"), folder)
-    store = TrialStore(folder, create=False)
-    rows, claims = store.finished(), store.claims()
+    plan = make_plan(spec, folder)
+    store = plan.store
+    rows, claims = store.refresh(), store.claims()
     keys = dict(plan.trials)
     done = [k for k in keys if rows.get(k, {}).get("status") == "ok"]
     failed = [k for k in keys if rows.get(k, {}).get("status") == "failed" and k not in claims]
@@ -32,14 +31,34 @@ def study_status(folder: str | Path) -> list[str]:
              f"{len(failed)} failed, {len(left)} left"]
     for k in running:
         c = claims[k]
-        since = datetime.fromtimestamp(float(c.get("time", 0)), timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        share = float(c.get("images") or 0) / trial_images(keys[k])
-        lines.append(f"  running {trial_label(keys[k].to_dict())}: {share:.0%} on {c.get('host')} pid {c.get('pid')} "
-                     f"since {since}")
+        lines.append(f"  running {trial_label(keys[k].to_dict())}: {_images(c) / trial_images(keys[k]):.0%} on "
+                     f"{c.get('host')} pid {c.get('pid')} since {_since(c)}")
     lines += [f"  failed {trial_label(keys[k].to_dict())}: {rows[k].get('error')}" for k in failed]
-    lines.append(f"ETA {clock(_eta(rows, done, running, left, keys, claims))} "
-                 f"(from the finished trials' throughput, {max(len(running), 1)} process(es) at work)")
+    if running:
+        lines.append(f"ETA {clock(_eta(rows, done, running, left, keys, claims))} (from the finished trials' "
+                     f"throughput, {len(running)} process(es) at work)")
+    elif left or failed:
+        lines.append(f"stopped: {len(left) + len(failed)} trial(s) left; resume with: "
+                     f"vitexp {plan.study.command} --preset {store.spec_path} --out {folder}")
+    else:
+        lines.append(f"finished: all {len(keys)} trials done")
     return lines
+
+
+def _images(claim: dict) -> float:
+    """Training images a claim's heartbeat reports (0 where it reports nothing readable)."""
+    try:
+        v = float(claim.get("images") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return v if math.isfinite(v) and v >= 0 else 0.0
+
+
+def _since(claim: dict) -> str:
+    try:
+        return datetime.fromtimestamp(float(claim.get("time", 0)), timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "an unknown time"
 
 
 def _eta(rows, done, running, left, keys, claims) -> float | None:
@@ -47,6 +66,5 @@ def _eta(rows, done, running, left, keys, claims) -> float | None:
     if not done or seconds <= 0:
         return None
     speed = sum(trial_images(keys[k]) for k in done) / seconds  # training images per second of one process
-    todo = sum(trial_images(keys[k]) for k in left + running) - sum(float(claims[k].get("images") or 0)
-                                                                     for k in running)
+    todo = sum(trial_images(keys[k]) for k in left + running) - sum(_images(claims[k]) for k in running)
     return todo / speed / max(len(running), 1)
