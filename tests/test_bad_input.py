@@ -317,6 +317,8 @@ NEW_CASES = [  # nonsense that once passed or crashed: each one line, exit 2, no
      ["bench", "--model", "vit_p_7mf", "--device", "cpu", "--csv", "{dir}"], ["is a folder"], "same"),
     ("bench-fuse-huge", None, ["bench", "--fuse", "100000", "--device", "cpu", "--csv", "{out}/b.csv"],
      ["--fuse in [1, 64]"], "out"),
+    ("shard-of-zero", None, ["stability", *QUICK, "--shard", "1/0", "--out", "{out}"],
+     ["--shard 1/0: N is the number of shards and must be at least 1, e.g. 0/4"], "out"),
     ("launch-cluster-bogus", None, ["launch", "--shards", "2", "--cluster", "bogus", "--", "stability", *QUICK,
                                     "--out", "{out}"], ["--cluster must be one of slurm, local, debug"], "out"),
     ("launch-fuse-zero", None, ["launch", "--shards", "2", "--cluster", "local", "--", "stability", *QUICK,

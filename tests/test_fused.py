@@ -18,17 +18,24 @@ LOSS_RTOL = 1e-4
 # vmap batches the convolutions and BatchNorm of a CNN into other kernels, whose float sums
 # differ in the last bits from the unbatched ones: a test error may differ by one image
 ONE_IMAGE = 100 / TINY["n_test"]
+# A CNN's members are not bit-equal to their trials: vmap runs each conv as a grouped conv whose
+# float sums go in another order, so the first step's gradients already differ by ~1e-5 relative
+# (measured; its BatchNorm statistics agree to the last bit and its loss to 1e-6: the first-step test),
+# and SGD amplifies that over two epochs to at most 1.6e-3 of the training loss and 3 test images
+# (measured on an AMD EPYC and an Intel Xeon). This is the real tolerance of a fused CNN.
+CNN_LOSS_RTOL = 3e-3
+CNN_IMAGES = 3 * ONE_IMAGE
 
 
 def configs(model, lrs=MEMBERS, **kw):
     return [TrainConfig(model=model, lr=lr, seed=s, subset_seed=s, **{**TINY, **kw}) for lr, s in lrs]
 
 
-def assert_same_history(a: pd.DataFrame, b: pd.DataFrame) -> None:
+def assert_same_history(a: pd.DataFrame, b: pd.DataFrame, cnn: bool = False) -> None:
     assert list(a.epoch) == list(b.epoch)
-    assert ((a.train_loss - b.train_loss).abs() / a.train_loss).max() < LOSS_RTOL
+    assert ((a.train_loss - b.train_loss).abs() / a.train_loss).max() < (CNN_LOSS_RTOL if cnn else LOSS_RTOL)
     for col in ("test_err", "ema_err"):
-        assert (a[col] - b[col]).abs().max() <= ONE_IMAGE + 1e-9, col
+        assert (a[col] - b[col]).abs().max() <= (CNN_IMAGES if cnn else ONE_IMAGE) + 1e-9, col
 
 
 @pytest.mark.slow
@@ -44,7 +51,35 @@ def test_each_member_equals_its_unfused_trial(tmp_path, model, precise_bn):
     runs = pd.read_csv(tmp_path / "fused" / "runs.csv", dtype={"key": str})
     assert sorted(runs.key) == sorted(c.key() for c in cfgs) and set(runs.fused_k) == {3}  # the unfused keys
     for key in runs.key:
-        assert_same_history(one[one.key == key].reset_index(), fused[fused.key == key].reset_index())
+        assert_same_history(one[one.key == key].reset_index(), fused[fused.key == key].reset_index(),
+                            cnn=model.startswith("resnet"))
+
+
+def test_a_fused_cnn_step_equals_the_unfused_one_up_to_the_order_of_float_sums():
+    """Where a fused CNN member parts from its trial: not in BatchNorm (its statistics agree to
+    the last bit, the loss to 1e-6) but in the conv gradients' float sums (~1e-5 relative)."""
+    import torch
+
+    from vitexp.fused import _fused_losses, setup_group
+    from vitexp.trainer import setup_trial
+
+    cfgs = [c.validate().resolved() for c in configs("resnet_7mf", MEMBERS[:2])]
+    g, alone = setup_group(cfgs, None), [setup_trial(c) for c in cfgs]
+    for t in g.members + alone:
+        t.train_loader.set_epoch(0)
+        t.net.train()
+    batches = [next(iter(t.train_loader)) for t in g.members]
+    losses = _fused_losses(g, torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches]))
+    losses.sum().backward()
+    for i, t in enumerate(alone):
+        loss = t.criterion(t.net(batches[i][0]), batches[i][1])
+        loss.backward()
+        assert abs(losses[i].item() - loss.item()) <= 1e-6 * loss.item()
+        member = g.members[i].model
+        for (name, a), b in zip(member.named_buffers(), t.model.buffers()):
+            assert torch.equal(a, b), name
+        for (name, a), b in zip(member.named_parameters(), t.model.parameters()):
+            assert (a.grad - b.grad).abs().max() <= 1e-4 * b.grad.abs().max(), name
 
 
 @pytest.mark.slow

@@ -145,3 +145,121 @@ def test_a_full_disk_mid_trial_keeps_the_checkpoint_and_the_rerun_resumes(monkey
     monkeypatch.setattr(vitexp.trainer, "save_checkpoint", real)
     code, out, err = cli(monkeypatch, capsys, *args)
     assert code == 0 and "resumed from epoch 1 of 3" in err, err
+
+
+def _live(width: int, monkeypatch):
+    """A StudyProgress drawing to a terminal of WIDTH columns, and what it drew."""
+    import io
+
+    from rich.console import Console
+
+    from vitexp import ui
+
+    buf = io.StringIO()
+    monkeypatch.setattr(ui, "console", Console(file=buf, width=width, force_terminal=True, color_system=None))
+    return ui.StudyProgress(9, 900.0, enabled=True), buf
+
+
+def test_the_live_line_keeps_counter_bar_and_eta_at_80_columns(monkeypatch):
+    bar, buf = _live(80, monkeypatch)
+    with bar:
+        bar.start_trial("vit_p_7mf n=1600 sgd lr=2.4 wd=8.9e-05 40ep s0 " * 3, 100.0, 40)
+        bar({"event": "epoch", "epoch": 4, "train_loss": 1.5})
+        bar.progress.refresh()
+        frame = buf.getvalue().split("\r")[-1]
+    line = next(ln for ln in frame.splitlines() if "trials 0/9" in ln).replace("\x1b[2K", "")
+    assert len(line) <= 80 and line.endswith("…"), line  # the trial's name is what gets cut
+    assert line.index("0:00:") - line.index("0/9") >= 16 and " eta " in line, line  # the bar's 16 columns
+
+
+def test_an_interrupted_live_line_is_not_left_behind(monkeypatch):
+    from vitexp.errors import Interrupted
+
+    bar, buf = _live(80, monkeypatch)
+    with pytest.raises(Interrupted):
+        with bar:
+            bar.start_trial("vit_p_7mf n=1600", 100.0, 40)
+            bar.progress.refresh()
+            raise Interrupted(2)
+    assert buf.getvalue().endswith("\x1b[2K")  # the live line erased: the CLI's one line takes its place
+
+
+def test_the_eta_counts_each_trial_at_its_models_measured_speed():
+    """Longest first: a long cheap trial ends; what is left is short but 10x costlier per image.
+    An average over finished trials says 1 s; each trial's cost says 10 s."""
+    from vitexp.ui import Eta
+
+    eta = Eta([("a", 1000.0, 1.0), ("b", 100.0, 10.0)], workers=1)
+    assert eta.seconds(running=500.0, elapsed=5.0) == pytest.approx(5.0 * 600 / 500)  # nothing finished yet
+    eta.finished("a", 1000.0, 10.0)  # 100 images/s, 100 GF-images/s
+    assert eta.seconds(running=0.0, elapsed=10.0) == pytest.approx(10.0)
+    assert eta.seconds(running=50.0, elapsed=15.0) == pytest.approx(5.0)
+    eta.finished("b", 100.0, 12.0)
+    assert eta.seconds(running=0.0, elapsed=22.0) == 0.0
+
+
+def test_a_run_waiting_for_a_claim_held_elsewhere_says_whose_and_when(tmp_path, monkeypatch, capsys):
+    import json
+    import time
+
+    import vitexp.store
+    from vitexp.sweep import execute, make_plan, resolve_spec, run
+
+    spec = resolve_spec("stability", None, {"samples": 1, "epochs": 1, "models": ["vit_p_7mf"]},
+                        {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})
+    plan = make_plan(spec, tmp_path / "st")
+    (key, _), = plan.trials
+    (tmp_path / "st" / "claims").mkdir(parents=True)
+    now = time.time()
+    (tmp_path / "st" / "claims" / key).write_text(json.dumps({"host": "node7", "pid": 42, "time": now, "beat": now}))
+    monkeypatch.setattr(vitexp.store, "STALE_S", 1.5)
+    monkeypatch.setattr(execute, "STALE_S", 1.5)
+    monkeypatch.setattr(execute, "WAIT_S", 0.2)
+    run(plan, workers=1, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("waiting for vit_p_7mf") == 1 and "held by node7 pid 42" in err, err
+    assert "waiting for vit_p_7mf" in (tmp_path / "st" / "log.txt").read_text()
+
+
+def test_redrawn_figures_have_the_same_bytes(tmp_path):
+    from conftest import REPO
+    from vitexp.report import draw
+
+    src = REPO / "results" / "scale_shapes"
+    first = {p.name: p.read_bytes() for p in draw("scale", [src], tmp_path / "a")}
+    second = {p.name: p.read_bytes() for p in draw("scale", [src], tmp_path / "b")}
+    assert first == second
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_an_unreadable_image_is_named_in_one_line_or_left_out(monkeypatch, capsys, tmp_path, skip):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "img" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "img" / split / cls / f"{i}.png")
+    bad = tmp_path / "img" / "train" / "b" / "9.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    args = ["train", "--model", "resnet_7mf", "--dataset", f"imagefolder:{tmp_path / 'img'}", "--image-size", "32",
+            "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--device", "cpu",
+            "--out", tmp_path / "t"] + (["--skip-unreadable"] if skip else [])
+    code, _, err = cli(monkeypatch, capsys, *args)
+    if not skip:
+        assert code == 2 and f"cannot read image {bad}" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "t").exists()
+    else:
+        assert code == 0, err
+        assert f"left out 1 unreadable image file(s): {bad}" in (tmp_path / "t" / "log.txt").read_text()
+
+
+def test_checking_a_large_shapes_request_generates_nothing(monkeypatch):
+    """A dry run of a million shapes checks the count; it does not make 3 GB of images."""
+    from vitexp.data import datasets
+    from vitexp.errors import UserError
+
+    monkeypatch.setattr(datasets, "_shapes", lambda *a: pytest.fail("generated images to check a count"))
+    datasets.check_data("shapes", None, 1_000_000, 1000)
+    with pytest.raises(UserError, match="at most"):
+        datasets.check_data("shapes", None, datasets.SHAPES_MAX + 1, 1000)

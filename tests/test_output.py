@@ -38,6 +38,7 @@ def test_dry_run_prints_whole_predicts_the_time_and_checks_the_folder(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "…" not in p.stdout and "vit_p_7mf" in p.stdout and "vit_c_7mf" in p.stdout
     assert "estimated" in p.stdout and "min on this machine" in p.stdout and "img/s" in p.stdout
+    assert all(len(ln) <= 80 for ln in p.stdout.splitlines() if str(tmp_path) not in ln), p.stdout
     assert not (tmp_path / "s").exists()
     other = tmp_path / "other"
     other.mkdir()

@@ -108,10 +108,13 @@ class TrainConfig:
     data_dir: str | None = _f(None, "where data sets live (default: $VITEXP_DATA or the user cache)")
     sync_bn: bool = _f(False, "SyncBatchNorm for CNNs under torchrun")
     tensorboard: bool = _f(False, "log each epoch to OUT/tensorboard/KEY (pip install 'vitexp[tensorboard]')")
+    skip_unreadable: bool = _f(False, "image folders: leave out image files that cannot be read (each named in "
+                                      "the log) instead of stopping at the first")
     extra: dict = field(default_factory=dict, metadata={"help": "study-specific columns, carried into the row"})
 
     # fields that say where or how fast a trial runs, not what it computes
-    EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "tensorboard", "extra")
+    EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "tensorboard", "skip_unreadable",
+                 "extra")
     # fields added after results were committed: in the key only when set, so trials
     # finished before they existed keep their keys
     KEYED_WHEN_SET = ("precise_bn",)

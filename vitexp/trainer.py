@@ -342,6 +342,10 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
     with tensorboard(cfg, store, progress) as progress:
         train_model(t, ckpt, progress)
     row = finish_trial(t, started, store)
+    skipped = sorted(getattr(t.train_loader, "skipped", set()) | getattr(t.test_loader, "skipped", set()))
+    if skipped and store is not None:
+        store.logger().info("trial %s left out %d unreadable image file(s): %s", t.key, len(skipped),
+                            ", ".join(skipped))
     if own and t.dist.main:
         store.rebuild()
     return row

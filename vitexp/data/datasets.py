@@ -126,10 +126,7 @@ def load_data(name: str, data_dir: str | None = None, image_size: int | None = N
         return _imagefolder(imagefolder_path(name, root), image_size, n_train, n_test, subset_seed)
     info = dataset_info(name)
     if name == "shapes":  # generated natively at the asked size, as many as asked
-        for what, n in (("train", n_train), ("test", n_test)):
-            if (n or 0) > SHAPES_MAX:
-                raise UserError(f"shapes generates at most {SHAPES_MAX} images per split, got --n-{what} {n}; "
-                                f"ask for fewer")
+        _check_shapes(n_train, n_test)
         n_train = n_train or SHAPES_TRAIN
         xtr, ytr, xte, yte, stats = _shapes(max(SHAPES_POOL, n_train), max(SHAPES_TEST, n_test or 0),
                                             image_size or 32)
@@ -278,12 +275,21 @@ def imagefolder_path(name: str, root: Path) -> Path:
 def check_data(name: str, data_dir: str | None = None, n_train: int | None = None, n_test: int | None = None) -> None:
     """Fail now, in one line, where loading would fail in every trial: missing or corrupt
     files, a subset larger than the data (in-memory sets are loaded, and cached; image
-    folders are only looked at)."""
+    folders are only looked at; `shapes` is only counted, never generated here)."""
     root = data_root(data_dir)
     if name.startswith(IMAGEFOLDER):
         imagefolder_path(name, root)
+    elif name == "shapes":  # generating cannot fail: only the counts are checked, nothing is made
+        _check_shapes(n_train, n_test)
     else:
         load_data(name, data_dir, n_train=n_train, n_test=n_test)
+
+
+def _check_shapes(n_train: int | None, n_test: int | None) -> None:
+    for what, n in (("train", n_train), ("test", n_test)):
+        if (n or 0) > SHAPES_MAX:
+            raise UserError(f"shapes generates at most {SHAPES_MAX} images per split, got --n-{what} {n}; "
+                            f"ask for fewer")
 
 
 def _imagefolder(path: Path, image_size: int | None, n_train: int | None, n_test: int | None,

@@ -33,6 +33,9 @@ from vitexp.data.datasets import DataBundle
 from vitexp.seeds import AUGMENT, ORDER, derive_seed
 from vitexp.errors import UserError
 
+UNREADABLE = -1  # the label of an image file that cannot be read is UNREADABLE - its index
+
+
 def epoch_shard(n: int, seed: int, epoch: int, rank: int, world_size: int,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """This rank's indices for this epoch: a strided slice of one shared permutation."""
@@ -114,21 +117,37 @@ class _Transformed(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
-        img, label = self.base[i]
+        try:
+            img, label = self.base[i]
+        except (OSError, SyntaxError, ValueError):  # a damaged file: PIL cannot decode it
+            # told to the main process by a negative label (a worker's exception would arrive
+            # as a traceback): it names the file and stops, or leaves the image out
+            return torch.zeros(()), UNREADABLE - i
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (num_workers=0)
             torch.default_generator.manual_seed(derive_seed(self.seed, epoch, AUGMENT, i))
             return self.transform(img), label
 
 
+def _collate(batch):
+    """torch's collate, with unreadable images (a negative label) taken out of the image stack."""
+    from torch.utils.data import default_collate
+
+    good = [b for b in batch if b[1] >= 0]
+    x = default_collate([b[0] for b in good]) if good else torch.zeros(0)
+    return x, torch.tensor([b[1] for b in good], dtype=torch.long), [UNREADABLE - b[1] for b in batch if b[1] < 0]
+
+
 class FolderLoader:
-    """A DataLoader over an ImageFolder data set, moving batches to the device."""
+    """A DataLoader over an ImageFolder data set, moving batches to the device. An image file
+    that cannot be read stops the run with its name, or (SKIP) is left out and remembered."""
 
     def __init__(self, dataset: Dataset, sampler: _EpochSampler, batch_size: int, *, train: bool,
-                 num_workers: int, device: torch.device):
-        self.sampler, self.device = sampler, device
+                 num_workers: int, device: torch.device, skip: bool = False):
+        self.sampler, self.device, self.dataset, self.skip = sampler, device, dataset, skip
+        self.skipped: set[str] = set()  # files left out so far
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                  pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                                 drop_last=train and len(sampler) >= batch_size)
+                                 drop_last=train and len(sampler) >= batch_size, collate_fn=_collate)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -137,8 +156,22 @@ class FolderLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:  # non_blocking: overlaps the copy of pinned memory with compute
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for x, y, bad in self.loader:  # non_blocking: overlaps the copy of pinned memory with compute
+            for i in bad:
+                path = image_path(self.dataset.base, i)
+                if not self.skip:
+                    raise UserError(f"cannot read image {path} (damaged or not an image); delete or replace it, "
+                                    f"or rerun with --skip-unreadable to leave such files out")
+                self.skipped.add(path)
+            if len(y):
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def image_path(dataset: Dataset, i: int) -> str:
+    """The file of item I of an ImageFolder, or of a Subset of one."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, i = dataset.dataset, dataset.indices[i]
+    return str(dataset.samples[i][0])
 
 
 def folder_transforms(bundle: DataBundle, cfg) -> tuple:
@@ -172,8 +205,8 @@ def make_loaders(bundle: DataBundle, cfg, device: torch.device | str, rank: int 
     t_train, t_test = folder_transforms(bundle, cfg)
     train = FolderLoader(_Transformed(bundle.train_set, t_train, cfg.seed),
                          _EpochSampler(len(bundle.train_set), cfg.seed, rank, world_size),
-                         batch, train=True, num_workers=cfg.num_workers, device=device)
+                         batch, train=True, num_workers=cfg.num_workers, device=device, skip=cfg.skip_unreadable)
     test = FolderLoader(_Transformed(bundle.test_set, t_test, cfg.seed),
                         _EpochSampler(len(bundle.test_set), cfg.seed, shuffle=False),
-                        batch, train=False, num_workers=cfg.num_workers, device=device)
+                        batch, train=False, num_workers=cfg.num_workers, device=device, skip=cfg.skip_unreadable)
     return train, test

@@ -52,8 +52,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
         raise UserError(f"--shard takes I/N, e.g. 0/4, got '{text}'") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise UserError(f"--shard {text}: need 0 <= I < N, e.g. 0/{max(n, 1)} .. {max(n, 1) - 1}/{max(n, 1)}")
+    if n < 1:
+        raise UserError(f"--shard {text}: N is the number of shards and must be at least 1, e.g. 0/4")
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= I < N, e.g. 0/{n} .. {n - 1}/{n}")
     return i, n
 
 
