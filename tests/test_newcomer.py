@@ -263,3 +263,35 @@ def test_checking_a_large_shapes_request_generates_nothing(monkeypatch):
     datasets.check_data("shapes", None, 1_000_000, 1000)
     with pytest.raises(UserError, match="at most"):
         datasets.check_data("shapes", None, datasets.SHAPES_MAX + 1, 1000)
+
+
+def test_damaged_tables_get_one_line_and_a_read_only_finished_study_reruns(monkeypatch, capsys, tmp_path):
+    import errno
+
+    import pandas as pd
+
+    from vitexp.store import TrialStore
+
+    folder, _ = _tiny_stability(tmp_path)
+    hist = pd.read_csv(folder / "history.csv")
+    hist.drop(columns=["ema_err"]).to_csv(folder / "history.csv", index=False)
+    code, out, err = cli(monkeypatch, capsys, "plot-curves", folder, "--out", tmp_path / "f1")
+    assert code == 0 and "curves.png" in out, err  # the test error stands in for the EMA's
+    (folder / "history.csv").write_text("")
+    code, _, err = cli(monkeypatch, capsys, "plot-curves", folder, "--out", tmp_path / "f2")
+    assert code == 2 and "history.csv is empty" in err
+    runs = (folder / "runs.csv").read_text()
+    pd.read_csv(folder / "runs.csv").drop(columns=["key"]).to_csv(folder / "runs.csv", index=False)
+    code, _, err = cli(monkeypatch, capsys, "plot-curves", folder, "--out", tmp_path / "f3")
+    assert code == 2 and "lacks column(s) key" in err
+    (folder / "runs.csv").write_text(runs[:-7])
+    code, _, err = cli(monkeypatch, capsys, "plot-cdf", folder, "--out", tmp_path / "f4")
+    assert code == 2 and "ends mid-row" in err and not (tmp_path / "f4").exists()
+
+    def read_only(self):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(TrialStore, "lock", read_only)
+    code, _, err = cli(monkeypatch, capsys, "stability", "--preset", folder / "study.toml", "--out", folder,
+                       "--no-progress", "--no-plot")
+    assert code == 0, err  # nothing to run: the records are read, nothing is written
