@@ -11,6 +11,7 @@ optimizer; the ratio of the two is what the fast path buys.
 from __future__ import annotations
 
 import dataclasses
+import math
 import resource
 import time
 from datetime import datetime, timezone
@@ -118,10 +119,11 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
         opt.step()
 
     step_net.train()
-    step_s, mem_gb = _timed(step, warmup, steps, dev)
+    step_s, mem_gb, first_s = _timed(step, warmup, steps, dev)
     data_s = _timed(lambda: next(batches), 0, steps, dev)[0]  # the data pipeline alone: its share of a step
-    return _row(cfg, bundle.image_size, "baseline" if baseline else "fast", dev, steps, batch_size / step_s,
-                step_s, data_s, mem_gb, flops)
+    mode = "baseline" if baseline else "compiled" if compile else "fast"
+    return _row(cfg, bundle.image_size, mode, dev, steps, batch_size / step_s, step_s, data_s, mem_gb, flops,
+                first_step_s=round(first_s, 3))
 
 
 def _config(model, dataset, batch_size, steps, dev, amp, compile, image_size, num_workers, data_dir) -> TrainConfig:
@@ -133,11 +135,16 @@ def _config(model, dataset, batch_size, steps, dev, amp, compile, image_size, nu
                        n_train=min(n, size) if size else n, n_test=batch_size).validate().resolved()
 
 
-def _timed(step, warmup: int, steps: int, dev: torch.device) -> tuple[float, float]:
-    """(seconds per step, peak memory in GiB): WARMUP untimed steps (compilation, cuDNN
-    autotuning, the allocator), then STEPS timed ones."""
-    for _ in range(warmup):
+def _timed(step, warmup: int, steps: int, dev: torch.device) -> tuple[float, float, float]:
+    """(seconds per step, peak memory in GiB, seconds of the first step): WARMUP untimed steps
+    (compilation, cuDNN autotuning, the allocator), then STEPS timed ones. The first step
+    says what a compile costs, next to a step."""
+    t0, first = time.perf_counter(), math.nan
+    for i in range(warmup):
         step()
+        if i == 0:
+            sync(dev)
+            first = time.perf_counter() - t0
     sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -147,8 +154,8 @@ def _timed(step, warmup: int, steps: int, dev: torch.device) -> tuple[float, flo
     sync(dev)
     seconds = (time.perf_counter() - t0) / steps
     if dev.type == "cuda":
-        return seconds, torch.cuda.max_memory_allocated(dev) / 2**30
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process peak
+        return seconds, torch.cuda.max_memory_allocated(dev) / 2**30, first
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, first  # KiB -> GiB, process peak
 
 
 def _row(cfg: TrainConfig, image_size: int, mode: str, dev, steps: int, img_s: float, step_s: float,
@@ -201,7 +208,7 @@ def bench_fused(model: str, k: int, dataset: str = "shapes", batch_size: int = 1
         t.net.train()
     rows = []
     for mode, step in (("one-by-one", one_by_one), ("fused", fused_step)):
-        step_s, mem = _timed(step, warmup, steps, dev)
+        step_s, mem, _ = _timed(step, warmup, steps, dev)
         rows.append(_row(base, base.image_size or vdata.dataset_info(dataset).image_size, mode, dev, steps,
                          k * batch_size / step_s, step_s, 0.0, mem, flops, fuse=k,
                          images_per_s_member=batch_size / step_s))
@@ -229,8 +236,17 @@ def print_rows(rows: list[dict], console) -> None:
                   f"{r0['device']}, {r0['threads']} thread(s)")
     for r in rows:
         console.print(f"  {r['mode']}: " + ", ".join(f"{c} {r[c]:.4g}" for c in COLUMNS[1:] if c in r and r[c] == r[c]))
-    if len(rows) > 1 and rows[1]["mode"] == "baseline":
-        console.print(f"fast / baseline throughput: {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}x")
+    if len(rows) > 1 and rows[1]["mode"] == "compiled":
+        eager, comp = rows[0], rows[1]
+        console.print(f"compiled / eager throughput: {comp['images_per_s'] / eager['images_per_s']:.2f}x; "
+                      f"the first compiled step took {comp['first_step_s']:.1f} s (the compile), "
+                      f"an eager one {eager['first_step_s']:.2f} s")
+        saved = (eager["step_ms"] - comp["step_ms"]) / 1e3
+        if saved > 0:
+            console.print(f"break-even: {(comp['first_step_s'] - eager['first_step_s']) / saved:,.0f} steps "
+                          f"(the compile's cost over the seconds each compiled step saves)")
+    if len(rows) > 1 and rows[-1]["mode"] == "baseline":
+        console.print(f"fast / baseline throughput: {rows[0]['images_per_s'] / rows[-1]['images_per_s']:.2f}x")
     if len(rows) > 1 and rows[1]["mode"] == "fused":
         console.print(f"fused / one-by-one throughput (K = {rows[1]['fuse']}): "
                       f"{rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x "

@@ -8,6 +8,7 @@ and SIGTERM exit 130 and 143 after saying how to resume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -174,14 +175,13 @@ def train(out: Path, **kwargs):
     check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
     main = runtime.dist_env().main  # under torchrun only rank 0 reports
     try:
-        with store.undo_on_refusal(), stop_on_signals(), \
+        # only rank 0 writes the folder, and only it undoes what a refusal left
+        with store.undo_on_refusal() if main else contextlib.nullcontext(), stop_on_signals(), \
                 StudyProgress(1, trial_images(cfg), enabled=None if main else False) as bar:
             bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
-            try:
-                row = run_trial(cfg, store=store.create() if main else store, progress=bar)
-            finally:
-                if main and store.exists():
-                    store.rebuild()
+            row = run_trial(cfg, store=store.create() if main else store, progress=bar)
+            if main:
+                store.rebuild()
     finally:
         runtime.close_distributed()
     if main:
@@ -305,10 +305,10 @@ def _dry_run(plan, workers: int | None) -> None:
     speed, k = calibrate(plan, workers)
     cost = estimate_cost(plan, speed)
     console.print(f"to run: {cost['trials_todo']} trials ({cost['trials_done']} done), "
-                  f"{cost['train_images']:,} training images, {cost['train_pflop']:.3g} PFLOP "
-                  f"(forward+backward ~ 3x forward)")
-    console.print(f"estimated {cost['seconds'] / k / 60:.1f} min on this machine with {k} worker process(es), "
-                  f"evaluation not included; measured training img/s per process:")
+                  f"{cost['train_images']:,} training images,")
+    console.print(f"{cost['train_pflop']:.3g} PFLOP (forward+backward ~ 3x forward)")
+    console.print(f"estimated {cost['seconds'] / k / 60:.1f} min on this machine with {k} worker process(es)")
+    console.print("(evaluation not included), from training img/s per process measured here:")
     for m, v in speed.items():
         console.print(f"  {m} {v:.0f}")
 
@@ -415,7 +415,8 @@ def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model nam
               steps: int = typer.Option(30, help="timed steps (after --warmup untimed ones)"),
               warmup: int = typer.Option(5, help="untimed steps first (compilation, autotuning)"),
               device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-              compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model", metavar=""),
+              compile: bool = typer.Option(False, "--compile/--no-compile", metavar="",
+                                           help="also measure the model torch.compiled, beside eager"),
               amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA", metavar=""),
               baseline: bool = typer.Option(False, "--baseline/--no-baseline", metavar="",
                                             help="also measure a plain fp32 DataLoader loop and print the ratio"),
@@ -438,7 +439,9 @@ def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model nam
     if fuse > 1:
         rows = bench_fused(k=fuse, amp=amp, **args)
     else:
-        rows = [bench(**args, compile=compile, amp=amp, num_workers=num_workers)]
+        rows = [bench(**args, compile=False, amp=amp, num_workers=num_workers)]
+        if compile:  # eager and compiled side by side, measured in one run
+            rows.append(bench(**args, compile=True, amp=amp, num_workers=num_workers))
         if baseline:
             rows.append(bench(**args, compile=False, amp=False, baseline=True, num_workers=num_workers))
     for r in rows:

@@ -22,8 +22,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux; empty elsewhere)."""
+    try:
+        line = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
 def device_report() -> dict[str, str]:
-    out = {"cpu threads": str(torch.get_num_threads()), "cuda available": str(torch.cuda.is_available())}
+    flags = cpu_flags()
+    out = {"cpu threads": str(torch.get_num_threads()),
+           "cpu kernels": torch.backends.cpu.get_cpu_capability(),
+           "cpu AMX (bf16)": "yes: bf16 matmuls in hardware" if {"amx_bf16", "amx_tile"} <= flags else "no",
+           "cuda available": str(torch.cuda.is_available())}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
         out["bf16"] = str(torch.cuda.is_bf16_supported())

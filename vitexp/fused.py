@@ -102,7 +102,9 @@ def setup_group(cfgs: list[TrainConfig], store: TrialStore | None) -> Group:
     members = []
     for cfg in cfgs:
         ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
-        members.append(resume(setup_trial(cfg), ckpt))
+        # eager, even with --compile (an execution option: the keys stay): compiling the fused step
+        # (vmap over functional_call) is untested here, and K members' compiled evals cost K compiles
+        members.append(resume(setup_trial(dataclasses.replace(cfg, compile=False)), ckpt))
     model = members[0].model
     return Group(members=members, names=[n for n, _ in model.named_parameters()],
                  buffers=[n for n, _ in model.named_buffers()], frozen=[False] * len(members))

@@ -161,7 +161,7 @@ class TrialStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot make output folder {self.root} ({e.strerror}); pick a writable --out") from None
+            raise UserError(f"cannot write to output folder {self.root} ({e.strerror}); pick a writable --out") from None
         try:
             with self.lock():
                 check()

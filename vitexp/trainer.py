@@ -101,7 +101,7 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     net = model
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
+    if cfg.compile:  # the DDP-wrapped model is compiled, the order torch's DDP + torch.compile notes give
         net = torch.compile(net)
     return model, net, channels_last
 
@@ -163,14 +163,20 @@ def member_step(t: Trial, global_step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool) -> float:
-    """Top-1 error in percent over the whole loader (one host sync at the end)."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool, pad: bool = False) -> float:
+    """Top-1 error in percent over the whole loader (one host sync at the end). PAD: a last,
+    smaller batch is padded to the first's size (and cut after), so that a compiled model sees
+    one shape and is not compiled again for it (eval mode: each image is computed alone)."""
     model.eval()
     wrong = torch.zeros((), device=device, dtype=torch.long)
-    total = 0
+    total, full = 0, None
     for x, y in loader:
+        full = full or len(x)
+        n = len(x)
+        if pad and n < full:
+            x = torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))])
         with runtime.autocast(device, amp):
-            out = model(x)
+            out = model(x)[:n]
         wrong += (out.argmax(1) != y).sum()
         total += y.numel()
     return 100.0 * wrong.item() / max(total, 1)
@@ -196,10 +202,12 @@ def test_epoch(t: Trial, epoch: int) -> tuple[float, float]:
     cfg = t.cfg
     if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
         return math.nan, math.nan
-    if cfg.precise_bn:
+    if cfg.precise_bn:  # eager, on the bare model: a few batches; the compiled net shares its buffers
         for model in [t.model] + ([t.ema.module] if t.ema is not None else []):
             precise_bn(t, model)
-    test_err = evaluate(t.net if t.dist.world == 1 else t.model, t.test_loader, t.device, cfg.amp)
+    # the model through its compiled net (one more graph, for eval mode); the EMA, evaluated as
+    # often, stays eager: compiling a second module costs more than its few test batches gain
+    test_err = evaluate(t.net if t.dist.world == 1 else t.model, t.test_loader, t.device, cfg.amp, pad=cfg.compile)
     ema_err = evaluate(t.ema.module, t.test_loader, t.device, cfg.amp) if t.ema is not None else math.nan
     return test_err, ema_err
 
@@ -279,7 +287,7 @@ def summarise(t: Trial, started: str) -> dict:
         params_m=sum(p.numel() for p in t.model.parameters()) / 1e6, device=runtime.device_name(t.device),
         amp=runtime.amp_enabled(t.device, cfg.amp), data_dir=t.bundle.source, started_at=started, fused_k=1,
         **provenance())
-    if cfg.fewshot and not t.state.diverged:
+    if cfg.fewshot and not t.state.diverged:  # eager even when compiled: once per trial, not worth a compile
         from vitexp.fewshot import fewshot_eval
 
         row.update(fewshot_eval(t.ema.module if t.ema is not None else t.model, t.bundle, cfg, t.device))
@@ -312,6 +320,14 @@ def tensorboard(cfg: TrainConfig, store: TrialStore | None, progress: Progress |
         writer.close()
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (torch._dynamo's own counter):
+    a compiled trial makes two, training and evaluation; more would mean recompiles."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def finish_trial(t: Trial, started: str, store: TrialStore | None, **more) -> dict:
     """A trial's end (also a fused member's): its row (with MORE), recorded by rank 0."""
     row = {**summarise(t, started), **more}
@@ -339,9 +355,10 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
     t = resume(setup_trial(cfg), ckpt)
     if progress is not None and t.state.epoch:
         progress({"event": "resumed", "epoch": t.state.epoch, "epochs": cfg.epochs})
+    graphs = compiled_graphs()
     with tensorboard(cfg, store, progress) as progress:
         train_model(t, ckpt, progress)
-    row = finish_trial(t, started, store)
+    row = finish_trial(t, started, store, **({"compiled_graphs": compiled_graphs() - graphs} if cfg.compile else {}))
     skipped = sorted(getattr(t.train_loader, "skipped", set()) | getattr(t.test_loader, "skipped", set()))
     if skipped and store is not None:
         store.logger().info("trial %s left out %d unreadable image file(s): %s", t.key, len(skipped),
