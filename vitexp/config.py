@@ -102,7 +102,8 @@ class TrainConfig:
     fewshot: list[int] = field(default_factory=list, metadata={"help": "k-shot linear eval of frozen features at the end, e.g. 1,5,10"})
     # execution (do not change the result's meaning; left out of the trial key)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    compile: bool = _f(False, "torch.compile the model (CUDA)")
+    compile: bool | None = _f(None, "torch.compile the model (unset: on the CPU for trials of at least 150 steps, "
+                                    "which earn the compile back; off on a GPU)")
     amp: bool = _f(True, "bf16 autocast on CUDA (never on the CPU)")
     num_workers: int = _f(4, "DataLoader workers (ImageFolder pipeline)")
     data_dir: str | None = _f(None, "where data sets live (default: $VITEXP_DATA or the user cache)")
@@ -186,7 +187,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with lr/wd filled from the model's tuned values, crop_pad from the data set,
-        precise_bn cut to the training images there are, and image_size where the data's own size would not fit the ViT's patches (a 7mf
+        compile decided where unset, precise_bn cut to the training images there are, and image_size where the data's own size would not fit the ViT's patches (a 7mf
         ViT's 8 px patches on 28 px Fashion-MNIST: resized to the model's 32 px)."""
         from vitexp.data.datasets import dataset_info
         from vitexp.models import get_spec, tuned_hparams
@@ -199,8 +200,18 @@ class TrainConfig:
         size, spec = self.image_size, get_spec(self.model)
         if size is None and spec.is_vit and dataset_info(self.dataset).image_size % spec.kwargs["patch"]:
             size = spec.resolution
+        n = self.n_train or dataset_info(self.dataset).n_train
         return dataclasses.replace(self, lr=lr, wd=wd, crop_pad=pad, image_size=size,
-                                   precise_bn=_precise_bn(self.precise_bn, self.n_train or dataset_info(self.dataset).n_train))
+                                   precise_bn=_precise_bn(self.precise_bn, n), compile=self._compile(n))
+
+    def _compile(self, n: int) -> bool:
+        """--compile as asked; unset: on the CPU when the trial has COMPILE_MIN_STEPS steps."""
+        if self.compile is not None:
+            return self.compile
+        import torch
+
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        return bool(on_cpu and n and self.epochs * (n // self.batch_size or 1) >= COMPILE_MIN_STEPS)
 
     def result_fields(self) -> dict:
         """The fields that define the result (everything but execution)."""
@@ -216,6 +227,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# unset --compile: the CPU compiles trials of at least this many steps. Measured on an Intel Xeon,
+# one thread, batch 128 (benchmarks/README.md): a compiled step is 1.16-1.30x faster for the
+# 7 MF models; the compile costs 28-43 s with a cold cache and about 2 s once inductor's cache
+# (kept in $VITEXP_CACHE/inductor, shared by every worker and run) holds the model: break-even
+# 48-91 steps warm, 846-2,079 cold. 150 steps earns it back warm with room to spare.
+COMPILE_MIN_STEPS = 150
 PRECISE_BN_ALL = 8192  # pycls's count; how "every training image" is keyed where that is no more
 
 
