@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from datetime import datetime, timezone
@@ -102,6 +103,8 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:  # the DDP-wrapped model is compiled, the order torch's DDP + torch.compile notes give
+        # a CPU-only machine has no CUDA runtime, and inductor's C++ builder says so on every compile
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         net = torch.compile(net)
     return model, net, channels_last
 
@@ -321,8 +324,9 @@ def tensorboard(cfg: TrainConfig, store: TrialStore | None, progress: Progress |
 
 
 def compiled_graphs() -> int:
-    """Graphs torch.compile has made in this process so far (torch._dynamo's own counter):
-    a compiled trial makes two, training and evaluation; more would mean recompiles."""
+    """Graphs torch.compile has made in this process so far (torch._dynamo's own counter): a
+    compiled trial makes two at most, training and evaluation (none where an earlier trial of
+    the process compiled the same model); more would mean recompiles."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
