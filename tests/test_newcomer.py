@@ -295,3 +295,16 @@ def test_damaged_tables_get_one_line_and_a_read_only_finished_study_reruns(monke
     code, _, err = cli(monkeypatch, capsys, "stability", "--preset", folder / "study.toml", "--out", folder,
                        "--no-progress", "--no-plot")
     assert code == 0, err  # nothing to run: the records are read, nothing is written
+
+
+def test_a_dry_run_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
+    from vitexp import bench
+
+    def oom(cfg, steps):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(bench, "_images_per_s", oom)
+    code, _, err = cli(monkeypatch, capsys, "stability", "--dry-run", "--device", "cpu", "--image-size", "1024",
+                       "--models", "vit_p_7mf", "--out", tmp_path / "o")
+    assert code == 2 and "out of memory timing a few training steps" in err and "--image-size" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -24,6 +24,7 @@ from torch import nn
 from vitexp import data as vdata
 from vitexp import models as vmodels
 from vitexp.config import TrainConfig
+from vitexp.errors import UserError
 from vitexp.optim import build_optimizer
 from vitexp.fileio import atomic_write_csv
 from vitexp.runtime import autocast, device_name, resolve_device, sync
