@@ -176,8 +176,8 @@ class StudyProgress:
         self._update(f"{label} {info}")
 
 
-def study_progress(cfgs: list, workers: int, enabled: bool | None) -> StudyProgress:
-    """The progress of a run of CFGS, its ETA from each trial's images and its model's FLOPs per image."""
+def trial_costs(cfgs: list) -> list[tuple[str, float, float]]:
+    """(model, training images, forward GF per image) of each trial: what an `Eta` counts."""
     from vitexp import models as vmodels
 
     gf = {}
@@ -187,5 +187,10 @@ def study_progress(cfgs: list, workers: int, enabled: bool | None) -> StudyProgr
                 gf[c.model] = vmodels.complexity(c.model, resolution=c.image_size)["gflops"]
             except Exception:  # noqa: BLE001 - a cost it cannot count: the ETA takes it as average
                 gf[c.model] = 1.0
-    trials = [(c.model, trial_images(c), gf[c.model]) for c in cfgs]
+    return [(c.model, trial_images(c), gf[c.model]) for c in cfgs]
+
+
+def study_progress(cfgs: list, workers: int, enabled: bool | None) -> StudyProgress:
+    """The progress of a run of CFGS, its ETA from each trial's images and its model's FLOPs per image."""
+    trials = trial_costs(cfgs)
     return StudyProgress(len(cfgs), sum(i for _, i, _ in trials), enabled, trials=trials, workers=workers)

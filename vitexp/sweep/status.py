@@ -1,6 +1,6 @@
 """`vitexp status DIR`: where a study stands, read from its folder alone (it may be
 running elsewhere): trials done, running (where, since when, how far), failed and left,
-and an ETA from the throughput its finished trials measured."""
+and an ETA from its finished trials' speeds (the progress line's own `Eta`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from vitexp.errors import UserError
 from vitexp.store import TrialStore
 from vitexp.sweep.plan import make_plan
-from vitexp.ui import clock, trial_images, trial_label
+from vitexp.ui import Eta, clock, trial_costs, trial_images, trial_label
 
 
 def study_status(folder: str | Path) -> list[str]:
@@ -35,8 +35,8 @@ def study_status(folder: str | Path) -> list[str]:
                      f"{c.get('host')} pid {c.get('pid')} since {_since(c)}")
     lines += [f"  failed {trial_label(keys[k].to_dict())}: {rows[k].get('error')}" for k in failed]
     if running:
-        lines.append(f"ETA {clock(_eta(rows, done, running, left, keys, claims))} (from the finished trials' "
-                     f"throughput, {len(running)} process(es) at work)")
+        lines.append(f"ETA {clock(_eta(rows, done, running, left, keys, claims))} (each trial at its model's "
+                     f"measured speed, {len(running)} process(es) at work)")
     elif left or failed:
         lines.append(f"stopped: {len(left) + len(failed)} trial(s) left; resume with: "
                      f"vitexp {plan.study.command} --preset {store.spec_path} --out {folder}")
@@ -62,9 +62,12 @@ def _since(claim: dict) -> str:
 
 
 def _eta(rows, done, running, left, keys, claims) -> float | None:
-    seconds = sum(float(rows[k].get("wall_s") or 0) for k in done)
-    if not done or seconds <= 0:
+    """The run's `Eta` (each trial at its model's measured speed), from the finished trials'
+    wall times, shared by the processes at work; None before one has finished."""
+    timed = [k for k in done if float(rows[k].get("wall_s") or 0) > 0]
+    if not timed:
         return None
-    speed = sum(trial_images(keys[k]) for k in done) / seconds  # training images per second of one process
-    todo = sum(trial_images(keys[k]) for k in left + running) - sum(_images(claims[k]) for k in running)
-    return todo / speed / max(len(running), 1)
+    eta = Eta(trial_costs([keys[k] for k in timed + left + running]), workers=max(len(running), 1))
+    for k in timed:
+        eta.finished(keys[k].model, trial_images(keys[k]), float(rows[k]["wall_s"]))
+    return eta.seconds(running=sum(_images(claims[k]) for k in running), elapsed=0.0)
