@@ -59,7 +59,7 @@ def test_close_distributed_leaves_the_process_group():
 # each rank recomputes the BatchNorm statistics of a 1x1 conv + BN on its own shard (rank r:
 # normal images shifted by 3r), then prints them as JSON
 PRECISE_BN_RANK = """
-import json, types
+import json, sys, types
 import torch, torch.distributed as dist
 from torch import nn
 from vitexp import runtime, trainer
@@ -71,7 +71,9 @@ shard = [(torch.randn(4, 1, 3, 3, generator=g) + 3 * d.rank, None) for _ in rang
 t = types.SimpleNamespace(train_loader=shard, cfg=types.SimpleNamespace(precise_bn=16, batch_size=8), dist=d)
 trainer.precise_bn(t, model)
 bn = model[1]
-print(json.dumps({"rank": d.rank, "mean": bn.running_mean.tolist(), "var": bn.running_var.tolist()}))
+# one file per rank: two ranks printing to one pipe can interleave their lines
+with open(f"{sys.argv[1]}/rank{d.rank}.json", "w") as f:
+    f.write(json.dumps({"rank": d.rank, "mean": bn.running_mean.tolist(), "var": bn.running_var.tolist()}))
 runtime.close_distributed()
 """
 
@@ -89,10 +91,10 @@ def test_precise_bn_averages_the_ranks_statistics(tmp_path):
     script.write_text(PRECISE_BN_RANK)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(29500 + os.getpid() % 1000), str(script)],
+                        "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path)],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
-    ranks = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
