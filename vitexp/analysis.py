@@ -14,6 +14,7 @@ Conventions (PAPERS.md section 4):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
@@ -45,6 +46,17 @@ def study_kind(folder: str | Path) -> str | None:
     return str(kind) if kind else None
 
 
+def _define_models(folder) -> None:
+    """The [models.NAME] of FOLDER's study.toml, defined here so figures colour them by their
+    family; a definition this machine cannot build (timm missing) only loses the colour."""
+    from vitexp.sweep.presets import define_models
+
+    spec = TrialStore(folder, create=False).read_spec() if Path(folder).is_dir() else None
+    if isinstance(spec, dict):
+        with contextlib.suppress(UserError):
+            define_models(spec)
+
+
 def fewshot_columns(runs: pd.DataFrame) -> list[str]:
     """The few-shot error columns present, by shot count."""
     return sorted((c for c in runs.columns if FEWSHOT.match(c)), key=lambda c: int(FEWSHOT.match(c)[1]))
@@ -59,6 +71,7 @@ def load_runs(folders, required=("model", "top1_err")) -> pd.DataFrame:
         df = read_runs(folder, required)
         df["source"] = str(folder)
         kind = study_kind(folder)
+        _define_models(folder)
         if "study" not in df:
             df["study"] = kind or "train"
         elif kind:

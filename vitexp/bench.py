@@ -283,7 +283,7 @@ def _images_per_s(cfg: TrainConfig, steps: int) -> float:
     info = vdata.dataset_info(cfg.dataset)
     size = cfg.image_size or info.image_size
     batch = cfg.batch_size if dev.type == "cuda" else min(cfg.batch_size, 32)
-    net = vmodels.build_model(cfg.model, image_size=size, in_chans=info.in_chans,
+    net = vmodels.build_model(cfg.model_spec(), image_size=size, in_chans=info.in_chans,
                               num_classes=info.num_classes).to(dev)
     opt = build_optimizer(net, cfg, dev)
     x = torch.randn(batch, info.in_chans, size, size, device=dev)

@@ -59,7 +59,7 @@ def _config_params(overrides: bool, exclude=()) -> list[inspect.Parameter]:
     hints = typing.get_type_hints(TrainConfig)
     params = []
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra" or f.name in exclude:
+        if f.name in TrainConfig.NOT_OPTIONS or f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
@@ -122,10 +122,17 @@ def models(names: Optional[List[str]] = typer.Argument(None, help="only these mo
            resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=1,
                                                     help="count every model at this input size (default: its own)"),
            classes: int = typer.Option(1000, "--classes", min=1, help="classes of the head the params count"),
-           csv: bool = typer.Option(False, "--csv", help="print CSV to stdout instead of a table", metavar="")) -> None:
+           csv: bool = typer.Option(False, "--csv", help="print CSV to stdout instead of a table", metavar=""),
+           preset: Optional[str] = typer.Option(None, "--preset", help="also the models of this preset's "
+                                                "[models.NAME] tables (a name in experiments/ or a .toml path)")
+           ) -> None:
     """The models and their cost: params (M, with a CLASSES-way head), GF (forward MACs x 1e-9, batch 1), activations (M)."""
     from vitexp.models import complexity_table
 
+    if preset is not None:
+        from vitexp.sweep.presets import read_preset
+
+        read_preset(preset)
     names = [n for arg in names or [] for n in parse_list(arg, str, "names")] or None
     df = complexity_table(resolution, names, num_classes=classes)
     if csv:
@@ -168,7 +175,7 @@ def train(out: Path, **kwargs):
     from vitexp.trainer import run_trial
     from vitexp.ui import StudyProgress, trial_images, trial_label
 
-    cfg = TrainConfig(**_config(kwargs, overrides=False)).validate().resolved()
+    cfg = TrainConfig(**_preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))).validate().resolved()
     store = TrialStore(out, create=False)
     check_folder(store, "train")  # single runs never mix into a study's folder
     done = store.result(cfg.key())
@@ -196,9 +203,31 @@ def train(out: Path, **kwargs):
                       f"in {row['wall_s']:.1f}s -> {out}/runs.csv")
 
 
-app.command("train")(with_params(train, [inspect.Parameter(
-    "out", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(Path("runs/train"), help="results folder"),
-    annotation=Path)] + _config_params(overrides=False)))
+def _preset_model(fields: dict, preset: str | None) -> dict:
+    """FIELDS with the preset's definition of the model ([models.NAME]) and, where --lr or --wd
+    is not given, its [tuned.NAME] values for the optimizer."""
+    if preset is None:
+        return fields
+    from vitexp.studies.base import check_tables
+    from vitexp.sweep.presets import read_preset
+
+    _, tables = read_preset(preset)
+    check_tables(tables)
+    model = fields["model"]
+    lr_wd = tables.get("tuned", {}).get(model, {}).get(fields["optimizer"])
+    if lr_wd is not None:
+        fields["lr"] = float(lr_wd[0]) if fields["lr"] is None else fields["lr"]
+        fields["wd"] = float(lr_wd[1]) if fields["wd"] is None else fields["wd"]
+    return {**fields, "model_def": tables.get("models", {}).get(model, {})}
+
+
+app.command("train")(with_params(train, [
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY,
+                      default=typer.Option(Path("runs/train"), help="results folder"), annotation=Path),
+    inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, **_option(
+        None, ["--preset"], "a preset whose [models.NAME] and [tuned.NAME] tables --model may name "
+                            "(a name in experiments/ or a .toml path)", Optional[str]))]
+    + _config_params(overrides=False)))
 
 
 # --- studies ----------------------------------------------------------------------------------------

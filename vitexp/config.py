@@ -65,7 +65,10 @@ def _f(default, help: str):
 @dataclass
 class TrainConfig:
     # what
-    model: str = _f("vit_c_50mf", "registered model name (`vitexp models`)")
+    model: str = _f("vit_c_50mf", "registered model name (`vitexp models`), a preset's [models.NAME], "
+                                  "or timm:NAME")
+    model_def: dict = field(default_factory=dict, metadata={
+        "help": "the preset's [models.NAME] table of a model vitexp does not ship (set from the preset)"})
     dataset: str = _f("shapes", "shapes | fashion-mnist | cifar10 | cifar100 | svhn | imagefolder:PATH")
     n_train: int | None = _f(None, "class-balanced nested subset of the training set (None: all)")
     n_test: int | None = _f(None, "first n of the fixed test set (None: all)")
@@ -116,9 +119,11 @@ class TrainConfig:
     # fields that say where or how fast a trial runs, not what it computes
     EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "tensorboard", "skip_unreadable",
                  "extra")
+    # fields a preset or a study sets, never an option of their own
+    NOT_OPTIONS = ("extra", "model_def")
     # fields added after results were committed: in the key only when set, so trials
     # finished before they existed keep their keys
-    KEYED_WHEN_SET = ("precise_bn",)
+    KEYED_WHEN_SET = ("precise_bn", "model_def")
 
     def validate(self) -> "TrainConfig":
         """Raise UserError naming the first bad field: its type, then its range (RANGES),
@@ -141,12 +146,14 @@ class TrainConfig:
     def _check_model_and_data(self) -> None:
         """Image size and crop within what the model allows; subset and batch within the data."""
         from vitexp.data.datasets import dataset_info
-        from vitexp.models import get_spec
+        from vitexp.models.registry import check_model
 
-        spec = get_spec(self.model)  # unknown model: the closest names
+        spec = self.model_spec()  # unknown model: the closest names
         info = dataset_info(self.dataset)  # unknown data set: the closest names
         patch = spec.kwargs.get("patch") if spec.is_vit else None
         size = self.image_size
+        if not spec.builtin:  # a preset's or timm's model: can it take these images at all?
+            check_model(spec, size or self._native_size(spec, info), info.in_chans, info.num_classes)
         if patch and size is not None and size % patch:
             raise UserError(f"--image-size {size} is not divisible by {self.model}'s patch size {patch}; "
                             f"use a multiple of {patch}, e.g. {max(patch, size // patch * patch)}")
@@ -190,19 +197,37 @@ class TrainConfig:
         compile decided where unset, precise_bn cut to the training images there are, and image_size where the data's own size would not fit the ViT's patches (a 7mf
         ViT's 8 px patches on 28 px Fashion-MNIST: resized to the model's 32 px)."""
         from vitexp.data.datasets import dataset_info
-        from vitexp.models import get_spec, tuned_hparams
+        from vitexp.models import tuned_hparams
 
+        spec, info = self.model_spec(), dataset_info(self.dataset)
         lr, wd = self.lr, self.wd
         if lr is None or wd is None:
-            tuned_lr, tuned_wd = tuned_hparams(self.model, self.optimizer)
+            tuned_lr, tuned_wd = tuned_hparams(spec.name, self.optimizer)
             lr, wd = tuned_lr if lr is None else lr, tuned_wd if wd is None else wd
         pad = self.crop_pad if self.crop_pad is not None else (0 if self.dataset == "shapes" else 4)
-        size, spec = self.image_size, get_spec(self.model)
-        if size is None and spec.is_vit and dataset_info(self.dataset).image_size % spec.kwargs["patch"]:
+        size = self.image_size
+        if size is None and self._native_size(spec, info) != info.image_size:
             size = spec.resolution
-        n = self.n_train or dataset_info(self.dataset).n_train
+        n = self.n_train or info.n_train
         return dataclasses.replace(self, lr=lr, wd=wd, crop_pad=pad, image_size=size,
                                    precise_bn=_precise_bn(self.precise_bn, n), compile=self._compile(n))
+
+    def model_spec(self):
+        """The model's spec: from `model_def` where the preset defined the model, else the
+        registry's (built-in names, timm:NAME)."""
+        from vitexp.models.registry import spec_of
+
+        return spec_of(self.model, self.model_def)
+
+    @staticmethod
+    def _native_size(spec, info) -> int:
+        """The input size unless --image-size says: the data's own, except where a ViT's patch
+        does not divide it or a timm model was defined with an img_size (the model's then)."""
+        if spec.is_vit and info.image_size % spec.kwargs["patch"]:
+            return spec.resolution
+        if spec.timm is not None and "img_size" in spec.kwargs:
+            return spec.resolution
+        return info.image_size
 
     def _compile(self, n: int) -> bool:
         """--compile as asked; unset: on the CPU when the trial has COMPILE_MIN_STEPS steps."""
@@ -216,7 +241,7 @@ class TrainConfig:
     def result_fields(self) -> dict:
         """The fields that define the result (everything but execution)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.EXECUTION
-                and not (f.name in self.KEYED_WHEN_SET and getattr(self, f.name) == f.default)}
+                and not (f.name in self.KEYED_WHEN_SET and getattr(self, f.name) == _default(f))}
 
     def key(self) -> str:
         """Stable 12-hex trial key: the same config gives the same key on every machine."""
@@ -244,6 +269,10 @@ def _precise_bn(asked: int, n: int | None) -> int:
     if not asked or not n or asked < n:
         return asked
     return PRECISE_BN_ALL if n <= PRECISE_BN_ALL else n
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def config_fields() -> list[str]:

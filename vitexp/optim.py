@@ -11,17 +11,19 @@ from torch.optim.swa_utils import AveragedModel
 from vitexp.config import TrainConfig
 
 # parameters that carry no weight decay besides norms and biases (torchvision ViT names)
-NO_DECAY_NAMES = ("pos_embedding", "class_token")
+NO_DECAY_NAMES = ("pos_embedding", "class_token", "registers")
 
 
 def param_groups(model: nn.Module, wd: float) -> list[dict]:
     """Two groups: decayed weights, and norms/biases/embeddings without decay
     (the paper excludes them; decaying a LayerNorm gain only fights the norm)."""
     decay, no_decay = [], []
+    # a timm model names its own embeddings and tokens (pos_embed, cls_token, reg_token, ...)
+    own = tuple(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else ()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(NO_DECAY_NAMES) else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(NO_DECAY_NAMES + own) else decay).append(p)
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -91,7 +91,7 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     """(model, net, channels_last): the model on the device, seeded by cfg.seed; net wraps it
     for the step (DDP under torchrun, torch.compile on request)."""
     torch.manual_seed(cfg.seed)
-    model = vmodels.build_model(cfg.model, image_size=bundle.image_size, in_chans=bundle.in_chans,
+    model = vmodels.build_model(cfg.model_spec(), image_size=bundle.image_size, in_chans=bundle.in_chans,
                                 num_classes=bundle.num_classes, dropout=cfg.dropout)
     if cfg.sync_bn and d.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

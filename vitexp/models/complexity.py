@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitexp.errors import UserError
 from vitexp.fileio import atomic_write
-from vitexp.models.registry import build_model, get_spec, list_models, unwrap
+from vitexp.models.registry import ModelSpec, build_model, get_spec, list_models, unwrap
 
 _aten = torch.ops.aten
 # counted costs of registered models ($VITEXP_CACHE, else ~/.cache/vitexp)
@@ -97,14 +97,15 @@ class _ActsCounter(TorchDispatchMode):
 
 
 def complexity(name_or_model, resolution: int | None = None, in_chans: int = 3, num_classes: int = 1000) -> dict:
-    """params_m, gflops, acts_m of one image at `resolution` (default: native, or the ViT's own size).
+    """params_m, gflops, acts_m of one image at `resolution` (default: native, or the ViT's own size)
+    of a model given by name, by spec (a trial's `cfg.model_spec()`) or as an object.
 
     A model object is counted on a meta-device copy, so its weights and BN
     statistics stay untouched; in_chans/num_classes then come from the model.
     """
-    if isinstance(name_or_model, str):
-        resolution = resolution or get_spec(name_or_model).resolution
-        return dict(_named(name_or_model, resolution, in_chans, num_classes))
+    if isinstance(name_or_model, (str, ModelSpec)):
+        spec = name_or_model if isinstance(name_or_model, ModelSpec) else get_spec(name_or_model)
+        return dict(_named(spec, resolution or spec.resolution, in_chans, num_classes))
     inner = unwrap(name_or_model)
     resolution = resolution or getattr(inner, "image_size", None)
     if resolution is None:
@@ -115,16 +116,21 @@ def complexity(name_or_model, resolution: int | None = None, in_chans: int = 3, 
 
 
 @functools.lru_cache(maxsize=None)
-def _named(name: str, resolution: int, in_chans: int, num_classes: int) -> tuple:
-    """A registered model's cost never changes: counted once per torch version and
-    architecture, then read from a small cache file (`vitexp models` takes a second, not 16)."""
-    spec = get_spec(name)
-    key = json.dumps([name, resolution, in_chans, num_classes, torch.__version__, spec.family,
-                      sorted((k, str(v)) for k, v in spec.kwargs.items())])
+def _named(spec: ModelSpec, resolution: int, in_chans: int, num_classes: int) -> tuple:
+    """A model's cost never changes: counted once per torch version and architecture (and
+    timm version for a timm model), then read from a small cache file (`vitexp models`
+    takes a second, not 16)."""
+    key = [spec.name, resolution, in_chans, num_classes, torch.__version__, spec.family,
+           sorted((k, str(v)) for k, v in spec.kwargs.items())]
+    if spec.timm is not None:
+        import timm
+
+        key += [spec.timm, timm.__version__]
+    key = json.dumps(key)
     cache = _read_cache()
     if key not in cache:
         with torch.device("meta"):
-            model = build_model(name, resolution, in_chans=in_chans, num_classes=num_classes)
+            model = build_model(spec, resolution, in_chans=in_chans, num_classes=num_classes)
         cache[key] = _count(model, in_chans, resolution)
         with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
             CACHE.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +156,16 @@ def _count(model: torch.nn.Module, in_chans: int, resolution: int) -> dict:
             "acts_m": acts.acts / 1e6}
 
 
+def _shape(spec: ModelSpec) -> dict:
+    """depth and width as the builders take them (a timm model: its depth and embed_dim keywords, where given)."""
+    k = spec.kwargs
+    if spec.timm is not None:
+        return {"depth": k.get("depth", "-"), "width": k.get("embed_dim", "-")}
+    depth = k["depth"] if spec.is_vit else sum(k.get("depths") or k["layers"])
+    width = k["width"] if spec.is_vit else k["widths"][-1] if "widths" in k else 2048  # ResNet: 512 x 4
+    return {"depth": depth, "width": width}
+
+
 def complexity_table(resolution: int | None = None, names=None, num_classes: int = 1000) -> pd.DataFrame:
     """One row per model (default: all registered), each at its native resolution unless
     given; params count a NUM_CLASSES-way head."""
@@ -157,9 +173,6 @@ def complexity_table(resolution: int | None = None, names=None, num_classes: int
     for name in names or list_models():
         spec = get_spec(name)
         res = resolution or spec.resolution
-        k = spec.kwargs
-        depth = k["depth"] if spec.is_vit else sum(k.get("depths") or k["layers"])
-        width = k["width"] if spec.is_vit else k["widths"][-1] if "widths" in k else 2048  # ResNet: 512 x 4
-        rows.append({"model": name, "family": spec.family, "resolution": res, **complexity(name, res, num_classes=num_classes),
-                     "depth": depth, "width": width})
+        rows.append({"model": name, "family": spec.family, "resolution": res,
+                     **complexity(spec, res, num_classes=num_classes), **_shape(spec)})
     return pd.DataFrame(rows)

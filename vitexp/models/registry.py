@@ -1,36 +1,54 @@
 """The model registry: every model a study can name, with its tuned (lr, wd).
 
-Two sets: [EC]'s models exactly as in PAPERS.md section 2 (224 px class; the
+Two built-in sets: [EC]'s models exactly as in PAPERS.md section 2 (224 px class; the
 RegNetYs at their own resolutions), and a small family for 28-32 px data named,
 like the paper's, by forward cost (mega-MACs at 32 px): ViT_P, its ViT_C twin with
-one block fewer, and CNNs (RegNetY, ResNet) of the same cost.
+one block fewer, and CNNs (RegNetY, ResNet) of the same cost. Beyond them, models a
+preset defines in a [models.NAME] table (`define`: vitexp's own builders or a timm
+model) and `timm:NAME` for any timm model at its defaults (vitexp/models/timm_models.py).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from vitexp.config import OPTIMIZERS
 from vitexp.errors import UserError, unknown
 from vitexp.models.cnn import build_regnety, build_resnet
 from vitexp.models.vit import build_vit
 
-FAMILIES = ("vit_p", "vit_c", "regnety", "resnet")
+# model families: the figures' colours, the claims, and the names [ranges.FAMILY] takes
+FAMILIES = ("vit_p", "vit_c", "regnety", "resnet", "cnn", "other")
+BUILDER_FAMILIES = ("vit_p", "vit_c", "regnety", "resnet")  # the families vitexp's own builders build
+# the keywords of vitexp's builders a [models.NAME] table may give, (required, optional)
+BUILDER_KEYS = {"vit": (("width", "depth", "heads", "mlp", "patch"), ("stem", "registers")),
+                "resnet": (("layers",), ("widths",)),
+                "regnety": (("depths", "widths", "group_width"), ("stem_width",))}
+TABLE_KEYS = ("family", "builder", "timm", "resolution")  # a [models.NAME] table's own keys; the rest: builder keywords
+DEFAULT_RESOLUTION = 32  # a preset's vitexp-built model without `resolution`: the small family's
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str  # vit_p | vit_c | regnety | resnet
+    family: str  # one of FAMILIES
     resolution: int  # native input size in px
-    kwargs: dict = field(hash=False)  # architecture, passed to the family's builder
+    kwargs: dict = field(hash=False)  # architecture, passed to the family's builder (or timm.create_model)
     tuned: dict = field(hash=False)  # optimizer -> (lr at batch 2048, wd)
+    timm: str | None = None  # the timm model it is built as (None: vitexp's builders)
 
     @property
     def is_vit(self) -> bool:
-        return self.family in ("vit_p", "vit_c")
+        """Built by vitexp as a torchvision ViT (patch-size rules, position embeddings)."""
+        return self.timm is None and self.family in ("vit_p", "vit_c")
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in _BUILTIN
 
 
 # [EC] Table 4 (tuned at 50 epochs), lr at batch 2048
@@ -107,6 +125,72 @@ _add("regnety_200mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(12
 _add("resnet_200mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(44, 88, 176))
 
 
+_BUILTIN = frozenset(_SPECS)
+
+
+def define(name: str, table) -> ModelSpec:
+    """The spec of a preset's [models.NAME] table: `timm = "<timm name>"` plus timm.create_model
+    keywords, or (`builder = "vitexp"`, the default) a `family` of BUILDER_FAMILIES plus that
+    builder's keywords and an optional `resolution`. Registered under NAME in this process, so
+    every command that read the preset can name it; the trial config carries the table itself
+    (TrainConfig.model_def), so worker processes and the trial key never depend on this."""
+    where = f"[models.{name}]"
+    if name in _BUILTIN:
+        raise UserError(f"{where} redefines the built-in model '{name}'; give the preset's model another name")
+    if name.startswith("timm:") or not name or any(c in name for c in " ,/"):
+        raise UserError(f"{where}: a model name is letters, digits, '_', '-' or '.', got '{name}'")
+    if not isinstance(table, dict):
+        raise UserError(f"{where} must be a table of keywords, e.g. {{timm = \"convit_tiny\", embed_dim = 16}}")
+    builder = table.get("builder", "timm" if "timm" in table else "vitexp")
+    if builder not in ("vitexp", "timm"):
+        raise unknown(f"builder in {where}", str(builder), ("vitexp", "timm"))
+    kwargs = {k: _tuples(v) for k, v in table.items() if k not in TABLE_KEYS}
+    family = table.get("family", "other" if builder == "timm" else None)
+    if builder == "timm":
+        from vitexp.models.timm_models import timm_spec
+
+        if family not in FAMILIES:
+            raise unknown(f"family in {where}", str(family), FAMILIES)
+        if "resolution" in table:
+            raise UserError(f"{where}: a timm model's resolution is its img_size keyword; "
+                            f"give img_size = {table['resolution']} instead of resolution")
+        return _register(timm_spec(name, table.get("timm"), family, kwargs))
+    if family not in BUILDER_FAMILIES:
+        raise UserError(f"{where} needs family = one of {', '.join(BUILDER_FAMILIES)} (it picks vitexp's "
+                        f"builder), got {family!r}; or give timm = \"<timm model name>\"")
+    required, optional = BUILDER_KEYS["vit" if family in ("vit_p", "vit_c") else family]
+    bad = sorted(set(kwargs) - set(required) - set(optional))
+    if bad:
+        raise unknown(f"keyword of vitexp's {family} builder in {where}", bad[0], required + optional + TABLE_KEYS)
+    missing = [k for k in required if k not in kwargs]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(missing)}: vitexp's {family} builder needs "
+                        f"{', '.join(required)}")
+    if family in ("vit_p", "vit_c"):
+        kwargs["conv_stem"] = family == "vit_c"
+    resolution = table.get("resolution", DEFAULT_RESOLUTION)
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= 1024:
+        raise UserError(f"{where} resolution must be a whole number of px in [8, 1024], got {resolution!r}")
+    return _register(ModelSpec(name, family, resolution, kwargs, {}))
+
+
+def _tuples(v):
+    """TOML arrays as the builders' tuples (a stem is a tuple of (channels, stride) pairs)."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def _register(spec: ModelSpec) -> ModelSpec:
+    """NAME -> SPEC in this process; the same name defined again replaces it (a report over
+    several study folders reads each folder's own definitions in turn)."""
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def spec_of(name: str, definition: dict | None = None) -> ModelSpec:
+    """The spec of a trial's model: its definition where the preset gave one, else the name's."""
+    return define(name, definition) if definition else get_spec(name)
+
+
 def level_models(level: str) -> list[str]:
     """The registered models of one small-family level, e.g. '25mf'."""
     return [name for name in _SPECS if name.endswith(f"_{level}")]
@@ -117,6 +201,10 @@ def list_models() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
+    if name.startswith("timm:"):
+        from vitexp.models.timm_models import timm_spec
+
+        return timm_spec(name, name[len("timm:"):], "other", {})
     if name not in _SPECS:
         raise unknown("model", name, list_models())
     return _SPECS[name]
@@ -124,27 +212,62 @@ def get_spec(name: str) -> ModelSpec:
 
 def tuned_hparams(name: str, optimizer: str) -> tuple[float, float]:
     """(lr at batch 2048, wd) tuned for this model and optimizer."""
-    tuned = get_spec(name).tuned
-    if optimizer not in tuned:
-        raise unknown("optimizer", optimizer, tuned)
-    return tuned[optimizer]
-
-
-def build_model(name: str, image_size: int | None = None, in_chans: int = 3, num_classes: int = 1000,
-                patch_size: int | None = None, dropout: float = 0.0) -> nn.Module:
-    """A fresh model; image_size None means the model's native resolution."""
     spec = get_spec(name)
+    if optimizer in spec.tuned:
+        return spec.tuned[optimizer]
+    if optimizer in OPTIMIZERS:  # a known optimizer this model has no values for
+        raise UserError(f"{name} has no tuned (lr, wd) for {optimizer}; give --lr and --wd, a [tuned.{name}] "
+                        f"table in the preset ({optimizer} = [LR, WD]), or find them with `vitexp tune`")
+    raise unknown("optimizer", optimizer, spec.tuned)
+
+
+def build_model(name: str | ModelSpec, image_size: int | None = None, in_chans: int = 3, num_classes: int = 1000,
+                patch_size: int | None = None, dropout: float = 0.0) -> nn.Module:
+    """A fresh model (from its name or its spec); image_size None means the model's native resolution."""
+    spec = name if isinstance(name, ModelSpec) else get_spec(name)
     common = dict(image_size=image_size or spec.resolution, in_chans=in_chans, num_classes=num_classes,
                   dropout=dropout)
     if not spec.is_vit and patch_size is not None:
-        raise UserError(f"patch size applies to ViTs only; '{name}' is a CNN")
+        raise UserError(f"patch size applies to vitexp's ViTs only; '{spec.name}' is not one")
     try:
+        if spec.timm is not None:
+            from vitexp.models.timm_models import build_timm
+
+            return build_timm(spec, **common)
         if spec.is_vit:
             return build_vit(**spec.kwargs, **common, patch_size=patch_size)
         builder = build_regnety if spec.family == "regnety" else build_resnet
         return builder(**spec.kwargs, **common)
     except UserError as e:
-        raise UserError(f"{name}: {e}") from None
+        raise UserError(f"{spec.name}: {e}") from None
+    except TypeError as e:  # a preset's keyword the builder does not take
+        raise UserError(f"{spec.name}: {e}; fix the keywords in [models.{spec.name}]") from None
+
+
+def check_model(spec: ModelSpec, image_size: int, in_chans: int, num_classes: int) -> None:
+    """A defined model built on the meta device and run once on a batch of the data's
+    shape: a definition that cannot build, cannot take these images, or does not output
+    (batch, classes) is refused here, before any folder is written (no compute, no memory)."""
+    _probe(spec, image_size, in_chans, num_classes)
+
+
+@functools.lru_cache(maxsize=256)
+def _probe(spec: ModelSpec, image_size: int, in_chans: int, num_classes: int) -> None:
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(spec, image_size, in_chans=in_chans, num_classes=num_classes)
+    what = f"{in_chans}-channel {image_size} px images"
+    try:
+        out = model.train()(torch.empty(2, in_chans, image_size, image_size, device="meta"))
+    except Exception as e:  # noqa: BLE001 -- whatever the forward raises, the definition cannot take the data
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {spec.name} cannot take {what} ({first}); set its image size (img_size, "
+                        f"resolution or --image-size) or patch size to fit the data") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"model {spec.name} outputs {got} for a batch of 2 {what}, not (2, {num_classes}) "
+                        f"logits; give a classifier (num_classes is set by vitexp)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -161,9 +284,11 @@ def is_vit(model_or_name) -> bool:
 
 def features(model: nn.Module, x):
     """The penultimate features (B, D): the input of the classifier, i.e. a ViT's
-    class token after the final norm, a CNN's globally pooled features."""
+    class token after the final norm, a CNN's globally pooled features (a timm model's
+    `get_classifier()` input, its pre-logits)."""
     inner = unwrap(model)
-    head = inner.heads if isinstance(inner, VisionTransformer) else inner.fc
+    head = (inner.heads if isinstance(inner, VisionTransformer) else
+            inner.get_classifier() if hasattr(inner, "get_classifier") else inner.fc)
     seen = []
     hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import torch
 from torch import nn
 from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer, interpolate_embeddings
 
@@ -42,18 +43,43 @@ def conv_stem_configs(width: int, patch_size: int, stem: tuple | None = None) ->
     return [ConvStemConfig(c, 3, s) for c, s in stem[start:]]
 
 
+class RegisterViT(VisionTransformer):
+    """torchvision's ViT with register tokens (Darcet et al. 2024, "Vision Transformers
+    Need Registers"): learnable tokens appended after the position embeddings are added
+    (a register has no position), carried through every block and dropped at the output,
+    so the class token alone feeds the head. torchvision has no registers; timm's ViT has,
+    but building this one on torchvision's keeps everything else identical to ViT_P."""
+
+    def __init__(self, *args, registers: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        # random, not zero like the class token: identical registers would get identical
+        # gradients and stay one token repeated
+        self.registers = nn.Parameter(torch.empty(1, registers, self.hidden_dim).normal_(std=0.02))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._process_input(x)
+        n = x.shape[0]
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1) + self.encoder.pos_embedding
+        x = torch.cat([x, self.registers.expand(n, -1, -1)], dim=1)
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
+        return self.heads(x[:, 0])
+
+
 def build_vit(*, width: int, depth: int, heads: int, mlp: int, patch: int, conv_stem: bool,
-              stem: tuple | None = None, image_size: int, in_chans: int, num_classes: int, patch_size: int | None,
-              dropout: float) -> VisionTransformer:
-    """A class-token ViT; `patch_size` overrides the model's own patch. `dropout` is
-    torchvision's (on the embeddings, the attention output and in the MLP, as in [ViT]);
-    attention-weight dropout stays off, as in [ViT]'s models."""
+              stem: tuple | None = None, registers: int = 0, image_size: int, in_chans: int, num_classes: int,
+              patch_size: int | None, dropout: float) -> VisionTransformer:
+    """A class-token ViT (with REGISTERS register tokens: RegisterViT); `patch_size` overrides
+    the model's own patch. `dropout` is torchvision's (on the embeddings, the attention output
+    and in the MLP, as in [ViT]); attention-weight dropout stays off, as in [ViT]'s models."""
     p = patch_size or patch
     if image_size % p:
         raise UserError(f"image size {image_size} is not divisible by the patch size {p}; "
                         f"use an image size that is a multiple of {p} (or another patch size)")
-    model = VisionTransformer(image_size, p, depth, heads, width, mlp, dropout=dropout, num_classes=num_classes,
-                              conv_stem_configs=conv_stem_configs(width, p, stem) if conv_stem else None)
+    if isinstance(registers, bool) or not isinstance(registers, int) or not 0 <= registers <= 1024:
+        raise UserError(f"registers must be a whole number in [0, 1024], got {registers!r}")
+    cls, extra = (RegisterViT, {"registers": registers}) if registers else (VisionTransformer, {})
+    model = cls(image_size, p, depth, heads, width, mlp, dropout=dropout, num_classes=num_classes,
+                conv_stem_configs=conv_stem_configs(width, p, stem) if conv_stem else None, **extra)
     if in_chans != 3:
         _set_in_chans(model, in_chans)
     return model

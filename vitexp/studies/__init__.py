@@ -22,10 +22,12 @@ def trials(spec: dict) -> list[TrainConfig]:
     """Every trial of the study, resolved, in a fixed order (shards slice this order)."""
     study = get_study(spec["study"].get("kind"))
     s, base = check_spec(spec, study)
+    defined = spec.get("models", {})
 
     def trial(**kw) -> TrainConfig:
         extra = {"study": study.kind, "preset": s.get("preset", ""), **kw.pop("extra", {})}
-        return dataclasses.replace(base, extra=extra, **kw).validate().resolved()
+        model_def = defined.get(kw.get("model", base.model), {})  # the key covers a defined model's table
+        return dataclasses.replace(base, extra=extra, model_def=model_def, **kw).validate().resolved()
 
     return study.trials(spec, base, trial)
 

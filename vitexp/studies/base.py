@@ -258,13 +258,20 @@ def check_spec(spec: dict, study: Study) -> tuple[dict, TrainConfig]:
     bad = sorted(set(spec["train"]) - set(config_fields()))
     if bad:
         raise unknown("[train] field", bad[0], config_fields())
+    if "model_def" in spec["train"]:
+        raise UserError("[train] model_def is set from the preset's [models.NAME] tables; define the model "
+                        "there and list its NAME in [study] models")
     models = s.get("models")
     if isinstance(models, str) or not isinstance(models, (list, tuple)):
         raise UserError(f"[study] models must be a list of model names, got {models!r}")
     if not models:
         raise UserError("the study has no models; give --models or set [study] models in the preset")
     _check_length(models, "models")
+    from vitexp.sweep.presets import define_models
+
+    defined = define_models(spec)  # a spec read back from a study folder defines its models here
     for m in models:
         vmodels.get_spec(str(m))  # unknown model: one line with the closest names
     check_tables(spec)
-    return s, TrainConfig(**{**spec["train"], "model": str(models[0])}).validate()
+    first = str(models[0])
+    return s, TrainConfig(**{**spec["train"], "model": first, "model_def": defined.get(first, {})}).validate()

@@ -197,8 +197,8 @@ def estimate_cost(plan: Plan, images_per_s: dict[str, float] | None = None) -> d
     info = dataset_info(plan.spec["train"].get("dataset", "shapes"))
     flops, images, seconds = 0.0, 0, 0.0
     for model, grp in todo.groupby("model"):
-        size = next(t.image_size for k, t in plan.trials if t.model == model) or info.image_size
-        fwd = 2e9 * vmodels.complexity(model, resolution=size, in_chans=info.in_chans,
+        first = next(t for k, t in plan.trials if t.model == model)
+        fwd = 2e9 * vmodels.complexity(first.model_spec(), resolution=first.image_size or info.image_size, in_chans=info.in_chans,
                                        num_classes=info.num_classes)["gflops"]
         n = float((grp.n_train.fillna(info.n_train).astype(float) * grp.epochs).sum())
         images += int(n)

@@ -1,10 +1,11 @@
 """Study presets: TOML files in experiments/, one per figure and scale.
 
 A preset has the tables [study] (kind, models, seeds and the kind's own knobs),
-[train] (TrainConfig defaults for every trial) and optional [tuned.MODEL] (lr/wd per
-optimizer, overriding the model zoo's tuned values) and [ranges.MODEL_OR_FAMILY]
-(lr/wd sampling ranges of the stability study and the tuning search). Any other table
-is a typo and refused with the closest name.
+[train] (TrainConfig defaults for every trial) and optional [models.NAME] (a model
+vitexp does not ship: timm's or vitexp's own builders with other keywords; see
+`registry.define`), [tuned.MODEL] (lr/wd per optimizer, overriding the model zoo's
+tuned values) and [ranges.MODEL_OR_FAMILY] (lr/wd sampling ranges of the stability
+study and the tuning search). Any other table is a typo and refused with the closest name.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from vitexp.errors import UserError, unknown
 from vitexp.tomlfile import read_toml
 
-TABLES = ("study", "train", "tuned", "ranges")
+TABLES = ("study", "train", "models", "tuned", "ranges")
 
 
 def experiments_dir() -> Path:
@@ -46,8 +47,9 @@ def find_preset(name_or_path: str) -> Path:
     return p
 
 
-def load_preset(name_or_path: str, kinds) -> dict:
-    """The preset's tables, checked for shape: known tables, a [study] table naming one of KINDS."""
+def read_preset(name_or_path: str) -> tuple[Path, dict]:
+    """(path, tables) of a preset, checked for shape (known tables), its [models.NAME] defined
+    in this process so that every command given the preset can name them."""
     path = find_preset(name_or_path)
     d = read_toml(path, "preset")
     for name, table in d.items():
@@ -55,6 +57,23 @@ def load_preset(name_or_path: str, kinds) -> dict:
             raise unknown(f"table [{name}] in preset {path}", name, TABLES)
         if not isinstance(table, dict):
             raise UserError(f"preset {path}: [{name}] must be a table, got {table!r}")
+    define_models(d)
+    return path, d
+
+
+def define_models(spec: dict) -> dict:
+    """NAME -> table of a spec's [models.NAME] tables, each defined in this process."""
+    from vitexp.models.registry import define
+
+    tables = spec.get("models", {})
+    for name, table in tables.items():
+        define(name, table)
+    return tables
+
+
+def load_preset(name_or_path: str, kinds) -> dict:
+    """The preset's tables, checked for shape: known tables, a [study] table naming one of KINDS."""
+    path, d = read_preset(name_or_path)
     if d.get("study", {}).get("kind") not in kinds:
         raise UserError(f"preset {path} needs [study] kind = one of {', '.join(kinds)}")
     d.setdefault("train", {})
