@@ -16,6 +16,14 @@ from vitexp.errors import UserError, unknown
 from vitexp.models.registry import FAMILIES, ModelSpec
 
 DEFAULT_RESOLUTION = 224  # a timm model without img_size or a pretrained config: ImageNet's
+# `init` of a [models.NAME] table (vitexp's keyword, not timm's): "timm" keeps timm's init;
+# "torchvision" re-initialises as vitexp's own ViTs are (torchvision's): xavier-uniform Linear
+# weights, zero biases, a zero head. timm draws Linear weights at a fixed std of 0.02, made for
+# widths of 192 and more; at a 7 MF ViT's width 64 that is 4.4x below xavier, and SGD does not
+# train such a model: timm's ViT at ViT_P-7MF's geometry stayed at chance (loss 2.29) after 300
+# SGD steps on shapes where the same model at xavier init reached loss 1.06 (README "Models of
+# your own"). Comparing a timm model with ViT_P then compares architectures, not inits.
+INITS = ("timm", "torchvision")
 
 
 def _timm(name: str):
@@ -47,6 +55,9 @@ def build_timm(spec: ModelSpec, *, image_size: int, in_chans: int, num_classes: 
     """timm.create_model with the definition's keywords; a keyword timm rejects is one line."""
     timm = _timm(spec.name)
     kwargs = dict(spec.kwargs)
+    init = kwargs.pop("init", "timm")
+    if init not in INITS:
+        raise unknown(f"init in [models.{spec.name}]", str(init), INITS)
     if "img_size" in kwargs:
         kwargs["img_size"] = image_size
     try:
@@ -55,6 +66,8 @@ def build_timm(spec: ModelSpec, *, image_size: int, in_chans: int, num_classes: 
     except (TypeError, ValueError, AssertionError, KeyError) as e:
         raise UserError(f"timm cannot build {spec.timm} with {kwargs or 'its defaults'}: {e or type(e).__name__}; "
                         f"fix the keywords in [models.{spec.name}]") from None
+    if init == "torchvision":
+        _torchvision_init(model)
     # some timm models size a buffer at their first forward (ConViT's rel_indices); one forward
     # here gives them their shape before the EMA copies them. In eval mode without gradients it
     # draws no random numbers and updates no statistics. A model that cannot take the input at
@@ -62,3 +75,20 @@ def build_timm(spec: ModelSpec, *, image_size: int, in_chans: int, num_classes: 
     with torch.no_grad(), contextlib.suppress(Exception):
         model.eval()(torch.zeros(1, in_chans, image_size, image_size))
     return model.train()
+
+
+def _torchvision_init(model: nn.Module) -> None:
+    """torchvision's ViT init on a timm model (see INITS); a module with an init of its own
+    that carries the model's idea (ConViT's GPSA: `local_init`, its locality prior) redoes it,
+    as timm itself does after its generic init."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+    for m in model.modules():
+        if hasattr(m, "local_init"):
+            m.local_init()
