@@ -118,7 +118,7 @@ def _print_paths(paths) -> None:
 # --- models -------------------------------------------------------------------------------------
 @app.command()
 def models(names: Optional[List[str]] = typer.Argument(None, help="only these models, space- or comma-separated "
-                                                                  "(default: all registered)"),
+                                                                  "(default: the built-in ones and the preset's)"),
            resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=1,
                                                     help="count every model at this input size (default: its own)"),
            classes: int = typer.Option(1000, "--classes", min=1, help="classes of the head the params count"),
@@ -129,11 +129,13 @@ def models(names: Optional[List[str]] = typer.Argument(None, help="only these mo
     """The models and their cost: params (M, with a CLASSES-way head), GF (forward MACs x 1e-9, batch 1), activations (M)."""
     from vitexp.models import complexity_table
 
+    names = [n for arg in names or [] for n in parse_list(arg, str, "names")] or None
     if preset is not None:
+        from vitexp.models import list_models
         from vitexp.sweep.presets import read_preset
 
-        read_preset(preset)
-    names = [n for arg in names or [] for n in parse_list(arg, str, "names")] or None
+        defined = list(read_preset(preset)[1].get("models", {}))
+        names = names or list_models(defined=False) + defined
     df = complexity_table(resolution, names, num_classes=classes)
     if csv:
         sys.stdout.write(df.to_csv(index=False))
@@ -204,21 +206,14 @@ def train(out: Path, **kwargs):
 
 
 def _preset_model(fields: dict, preset: str | None) -> dict:
-    """FIELDS with the preset's definition of the model ([models.NAME]) and, where --lr or --wd
-    is not given, its [tuned.NAME] values for the optimizer."""
+    """FIELDS with the preset's definition of the model ([models.NAME]; its [tuned.NAME] values
+    fill --lr and --wd where not given)."""
     if preset is None:
         return fields
-    from vitexp.studies.base import check_tables
     from vitexp.sweep.presets import read_preset
 
     _, tables = read_preset(preset)
-    check_tables(tables)
-    model = fields["model"]
-    lr_wd = tables.get("tuned", {}).get(model, {}).get(fields["optimizer"])
-    if lr_wd is not None:
-        fields["lr"] = float(lr_wd[0]) if fields["lr"] is None else fields["lr"]
-        fields["wd"] = float(lr_wd[1]) if fields["wd"] is None else fields["wd"]
-    return {**fields, "model_def": tables.get("models", {}).get(model, {})}
+    return {**fields, "model_def": tables.get("models", {}).get(fields["model"], {})}
 
 
 app.command("train")(with_params(train, [
@@ -411,11 +406,20 @@ def plot_curves_cmd(dirs: List[Path] = typer.Argument(..., help="study folders")
 
 @app.command("collect")
 def collect_cmd(folders: List[Path] = typer.Argument(..., help="study folders to merge (e.g. shards)"),
-                out: Path = typer.Option(..., "--out", help="merged folder")):
+                out: Path = typer.Option(..., "--out", help="merged folder"),
+                preset: Optional[str] = typer.Option(None, "--preset", help="only the trials of this preset's "
+                                                     "study, which OUT then holds: start a new study from the "
+                                                     "trials it shares with finished ones")):
     """Merge study folders (shards run on different machines) into one."""
     from vitexp import sweep
 
-    runs = sweep.collect(folders, out)
+    spec = None
+    if preset is not None:
+        from vitexp.sweep.presets import load_preset
+        from vitexp.studies import STUDIES
+
+        spec = load_preset(preset, list(STUDIES))
+    runs = sweep.collect(folders, out, spec)
     console.print(f"collected {len(runs)} trials into {out}/runs.csv")
 
 
@@ -442,7 +446,7 @@ def report_cmd(dirs: List[Path] = typer.Argument(..., help="study folders (of an
 
 # --- bench -------------------------------------------------------------------------------------------
 @app.command("bench")
-def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model name"),
+def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model name, a preset's (--preset) or timm:NAME"),
               dataset: str = typer.Option("shapes", help="data set (in-memory ones are benched on the device)"),
               batch_size: int = typer.Option(256, help="batch size"),
               steps: int = typer.Option(30, help="timed steps (after --warmup untimed ones)"),
@@ -457,11 +461,17 @@ def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model nam
               num_workers: int = typer.Option(8, help="DataLoader workers of the baseline"),
               data_dir: Optional[str] = typer.Option(None, help="where data sets live"),
               fuse: int = typer.Option(1, help="K > 1: K trials one by one vs fused into one batched model"),
-              csv: Path = typer.Option(Path("runs/bench.csv"), help="append the rows here")):
+              csv: Path = typer.Option(Path("runs/bench.csv"), help="append the rows here"),
+              preset: Optional[str] = typer.Option(None, "--preset", help="a preset whose [models.NAME] "
+                                                   "--model may name (a name in experiments/ or a .toml path)")):
     """Training throughput, data/compute split, peak memory, FLOPs per image, TFLOP/s and MFU."""
     from vitexp.bench import append_row, bench, bench_fused, print_rows
 
     from vitexp.sweep.execute import MAX_FUSE
+    from vitexp.sweep.presets import read_preset
+
+    if preset is not None:
+        read_preset(preset)
 
     if steps <= 0 or warmup < 0 or batch_size <= 0 or not 1 <= fuse <= MAX_FUSE:
         raise UserError(f"--steps and --batch-size must be positive, --warmup >= 0, --fuse in [1, {MAX_FUSE}]")

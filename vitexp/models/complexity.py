@@ -156,7 +156,7 @@ def _count(model: torch.nn.Module, in_chans: int, resolution: int) -> dict:
             "acts_m": acts.acts / 1e6}
 
 
-def _shape(spec: ModelSpec) -> dict:
+def _depth_width(spec: ModelSpec) -> dict:
     """depth and width as the builders take them (a timm model: its depth and embed_dim keywords, where given)."""
     k = spec.kwargs
     if spec.timm is not None:
@@ -167,12 +167,12 @@ def _shape(spec: ModelSpec) -> dict:
 
 
 def complexity_table(resolution: int | None = None, names=None, num_classes: int = 1000) -> pd.DataFrame:
-    """One row per model (default: all registered), each at its native resolution unless
+    """One row per model (default: the built-in ones), each at its native resolution unless
     given; params count a NUM_CLASSES-way head."""
     rows = []
-    for name in names or list_models():
+    for name in names or list_models(defined=False):
         spec = get_spec(name)
         res = resolution or spec.resolution
         rows.append({"model": name, "family": spec.family, "resolution": res,
-                     **complexity(spec, res, num_classes=num_classes), **_shape(spec)})
+                     **complexity(spec, res, num_classes=num_classes), **_depth_width(spec)})
     return pd.DataFrame(rows)

@@ -10,7 +10,9 @@ model) and `timm:NAME` for any timm model at its defaults (vitexp/models/timm_mo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -126,15 +128,18 @@ _add("resnet_200mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(44, 
 
 
 _BUILTIN = frozenset(_SPECS)
+_DEFINED: dict[str, str] = {}  # NAME -> the [models.NAME] table it was defined from (canonical JSON)
 
 
-def define(name: str, table) -> ModelSpec:
+def define(name: str, table, tuned: dict | None = None) -> ModelSpec:
     """The spec of a preset's [models.NAME] table: `timm = "<timm name>"` plus timm.create_model
     keywords, or (`builder = "vitexp"`, the default) a `family` of BUILDER_FAMILIES plus that
-    builder's keywords and an optional `resolution`. Registered under NAME in this process, so
-    every command that read the preset can name it; the trial config carries the table itself
-    (TrainConfig.model_def), so worker processes and the trial key never depend on this."""
+    builder's keywords and an optional `resolution`; TUNED: the preset's [tuned.NAME] (optimizer ->
+    (lr, wd)). Registered under NAME in this process, so every command that read the preset can
+    name it; the trial config carries the table itself (TrainConfig.model_def), so worker
+    processes and the trial key never depend on this."""
     where = f"[models.{name}]"
+    _DEFINED.pop(name, None)
     if name in _BUILTIN:
         raise UserError(f"{where} redefines the built-in model '{name}'; give the preset's model another name")
     if name.startswith("timm:") or not name or any(c in name for c in " ,/"):
@@ -154,7 +159,8 @@ def define(name: str, table) -> ModelSpec:
         if "resolution" in table:
             raise UserError(f"{where}: a timm model's resolution is its img_size keyword; "
                             f"give img_size = {table['resolution']} instead of resolution")
-        return _register(timm_spec(name, table.get("timm"), family, kwargs))
+        return _register(dataclasses.replace(timm_spec(name, table.get("timm"), family, kwargs), tuned=tuned or {}),
+                         table)
     if family not in BUILDER_FAMILIES:
         raise UserError(f"{where} needs family = one of {', '.join(BUILDER_FAMILIES)} (it picks vitexp's "
                         f"builder), got {family!r}; or give timm = \"<timm model name>\"")
@@ -171,7 +177,7 @@ def define(name: str, table) -> ModelSpec:
     resolution = table.get("resolution", DEFAULT_RESOLUTION)
     if isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= 1024:
         raise UserError(f"{where} resolution must be a whole number of px in [8, 1024], got {resolution!r}")
-    return _register(ModelSpec(name, family, resolution, kwargs, {}))
+    return _register(ModelSpec(name, family, resolution, kwargs, tuned or {}), table)
 
 
 def _tuples(v):
@@ -179,16 +185,27 @@ def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
-def _register(spec: ModelSpec) -> ModelSpec:
+def _register(spec: ModelSpec, table: dict) -> ModelSpec:
     """NAME -> SPEC in this process; the same name defined again replaces it (a report over
     several study folders reads each folder's own definitions in turn)."""
     _SPECS[spec.name] = spec
+    _DEFINED[spec.name] = _canonical(table)
     return spec
 
 
 def spec_of(name: str, definition: dict | None = None) -> ModelSpec:
-    """The spec of a trial's model: its definition where the preset gave one, else the name's."""
-    return define(name, definition) if definition else get_spec(name)
+    """The spec of a trial's model: its definition where the preset gave one (the registered
+    spec where this process defined it so, with the preset's tuned values), else the name's."""
+    if not definition:
+        return get_spec(name)
+    known = _SPECS.get(name)
+    if known is not None and _DEFINED.get(name) == _canonical(definition):
+        return known
+    return define(name, definition)
+
+
+def _canonical(table: dict) -> str:
+    return json.dumps(table, sort_keys=True, default=str)
 
 
 def level_models(level: str) -> list[str]:
@@ -196,8 +213,9 @@ def level_models(level: str) -> list[str]:
     return [name for name in _SPECS if name.endswith(f"_{level}")]
 
 
-def list_models() -> list[str]:
-    return list(_SPECS)
+def list_models(defined: bool = True) -> list[str]:
+    """The built-in models, then (with DEFINED) those this process defined from presets."""
+    return [n for n in _SPECS if defined or n in _BUILTIN]
 
 
 def get_spec(name: str) -> ModelSpec:

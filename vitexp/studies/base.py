@@ -227,15 +227,25 @@ def check_tables(spec: dict) -> None:
         for model, per_opt in t.items():
             if model not in allowed:
                 raise unknown(f"[{table}] model{' or family' if table == 'ranges' else ''}", model, sorted(allowed))
+            if table == "tuned":
+                check_tuned(model, per_opt)
+                continue
             if not isinstance(per_opt, dict):
                 raise UserError(f"[{table}.{model}] must hold one entry per optimizer, got {per_opt!r}")
             for opt, v in per_opt.items():
                 if opt not in OPTIMIZERS:
                     raise unknown(f"optimizer in [{table}.{model}]", opt, OPTIMIZERS)
-                if table == "ranges":
-                    range_pair(v, f"[ranges.{model}.{opt}]")
-                else:
-                    _check_tuned(v, f"[tuned.{model}] {opt}", opt)
+                range_pair(v, f"[ranges.{model}.{opt}]")
+
+
+def check_tuned(model: str, per_opt) -> None:
+    """A [tuned.MODEL] table: known optimizers, each [LR, WD] with a finite lr > 0 and wd >= 0."""
+    if not isinstance(per_opt, dict):
+        raise UserError(f"[tuned.{model}] must hold one entry per optimizer, got {per_opt!r}")
+    for opt, v in per_opt.items():
+        if opt not in OPTIMIZERS:
+            raise unknown(f"optimizer in [tuned.{model}]", opt, OPTIMIZERS)
+        _check_tuned(v, f"[tuned.{model}] {opt}", opt)
 
 
 def _check_tuned(v, where: str, opt: str) -> None:

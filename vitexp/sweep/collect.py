@@ -11,6 +11,7 @@ import pandas as pd
 from vitexp.errors import UserError
 from vitexp.store import TrialStore
 from vitexp.sweep.plan import check_folder, identity
+from vitexp.tomlfile import dumps
 
 
 def _specs(srcs: list[TrialStore]) -> dict[Path, dict]:
@@ -27,39 +28,49 @@ def _specs(srcs: list[TrialStore]) -> dict[Path, dict]:
     return specs
 
 
-def collect(folders: list[str | Path], out: str | Path) -> pd.DataFrame:
-    """Merge FOLDERS into OUT (which may be one of them); returns the merged runs table."""
+def collect(folders: list[str | Path], out: str | Path, spec: dict | None = None) -> pd.DataFrame:
+    """Merge FOLDERS into OUT (which may be one of them); returns the merged runs table. With
+    SPEC (a preset's), only the trials of that study, and OUT holds that study: a new study
+    starts from the trials it shares with finished ones (same key: the same trial)."""
     srcs = [TrialStore(f, create=False, repair=False) for f in folders]
     for s in srcs:
         if not s.exists():
             raise UserError(f"{s.root} is not a study folder (no trials/); give folders written by a study --out")
     specs = _specs(srcs)
+    if spec is not None:
+        from vitexp import studies
+        from vitexp.sweep.plan import unique
+
+        wanted = {key for key, _ in unique(studies.trials(spec))}
+    study_spec = spec if spec is not None else next(iter(specs.values()), None)
     target = TrialStore(out, create=False)
     for s in srcs:
         inside = target.root.resolve().is_relative_to(s.root.resolve())
         if inside and target.root.resolve() != s.root.resolve():
             raise UserError(f"--out {out} lies inside the input {s.root}; give a folder outside it (or the input "
                             f"itself, to merge into it)")
-    if specs:
-        kind = identity(next(iter(specs.values())))["kind"]
+    if study_spec is not None:
+        kind = identity(study_spec)["kind"]
         for s in srcs:
             kinds = {str(r.get("study")) for r in s.finished().values()} - {kind}
-            if s.root not in specs and kinds:
+            if (spec is not None or s.root not in specs) and kinds:
                 raise UserError(f"{s.root} holds {', '.join(sorted(kinds))} runs, not a {kind} study; collect "
                                 f"each kind into its own --out")
-        check_folder(target, next(iter(specs.values())))
+        check_folder(target, study_spec)
     target.create()
     have = target.finished()
     for src in srcs:
         if src.root.resolve() == target.root.resolve():
             continue
         for key, row in src.finished().items():
+            if spec is not None and key not in wanted:
+                continue
             mine = have.get(key)
             if mine is not None and (mine.get("status") == "ok" or row.get("status") != "ok"):
                 continue
             target.import_trial(src, key)
             have[key] = row
-        if target.read_spec() is None and src.spec_path.exists():
-            target.write_spec(src.spec_path.read_text())
+        if target.read_spec() is None and (spec is not None or src.spec_path.exists()):
+            target.write_spec(dumps(spec) if spec is not None else src.spec_path.read_text())
     target.rebuild()
     return target.runs()

@@ -62,12 +62,17 @@ def read_preset(name_or_path: str) -> tuple[Path, dict]:
 
 
 def define_models(spec: dict) -> dict:
-    """NAME -> table of a spec's [models.NAME] tables, each defined in this process."""
+    """NAME -> table of a spec's [models.NAME] tables, each defined in this process with its
+    [tuned.NAME] values (checked first)."""
     from vitexp.models.registry import define
+    from vitexp.studies.base import check_tuned
 
     tables = spec.get("models", {})
+    tuned = spec.get("tuned", {})
     for name, table in tables.items():
-        define(name, table)
+        per_opt = tuned.get(name, {}) if isinstance(tuned, dict) else {}
+        check_tuned(name, per_opt)
+        define(name, table, {opt: (float(v[0]), float(v[1])) for opt, v in per_opt.items()})
     return tables
 
 
