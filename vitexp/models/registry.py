@@ -234,7 +234,8 @@ def tuned_hparams(name: str, optimizer: str) -> tuple[float, float]:
     if optimizer in spec.tuned:
         return spec.tuned[optimizer]
     if optimizer in OPTIMIZERS:  # a known optimizer this model has no values for
-        raise UserError(f"{name} has no tuned (lr, wd) for {optimizer}; give --lr and --wd, a [tuned.{name}] "
+        table = f'"{name}"' if ":" in name else name  # a TOML key with a colon is quoted
+        raise UserError(f"{name} has no tuned (lr, wd) for {optimizer}; give --lr and --wd, a [tuned.{table}] "
                         f"table in the preset ({optimizer} = [LR, WD]), or find them with `vitexp tune`")
     raise unknown("optimizer", optimizer, spec.tuned)
 

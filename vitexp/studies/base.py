@@ -225,7 +225,7 @@ def check_tables(spec: dict) -> None:
         if not isinstance(t, dict):
             raise UserError(f"[{table}] of the preset must hold one table per model, got {t!r}")
         for model, per_opt in t.items():
-            if model not in allowed:
+            if model not in allowed and not model.startswith("timm:"):
                 raise unknown(f"[{table}] model{' or family' if table == 'ranges' else ''}", model, sorted(allowed))
             if table == "tuned":
                 check_tuned(model, per_opt)
