@@ -86,7 +86,7 @@ def test_status_tells_done_running_failed_left(study, tmp_path):
     out, _ = study
     p = run_cli("status", out)
     assert p.returncode == 0, p.stderr
-    assert "stability study" in p.stdout and "4 trials: 4 done, 0 running, 0 failed, 0 left" in p.stdout
+    assert "stability study" in p.stdout and "4 trials: 4 done (4 with kept weights), 0 running, 0 failed, 0 left" in p.stdout
     p = run_cli("status", tmp_path)
     assert p.returncode == 2 and "holds no study" in p.stderr
 

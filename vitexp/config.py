@@ -112,13 +112,16 @@ class TrainConfig:
     data_dir: str | None = _f(None, "where data sets live (default: $VITEXP_DATA or the user cache)")
     sync_bn: bool = _f(False, "SyncBatchNorm for CNNs under torchrun")
     tensorboard: bool = _f(False, "log each epoch to OUT/tensorboard/KEY (pip install 'vitexp[tensorboard]')")
+    keep_weights: bool | None = _f(None, "write the evaluated weights at their best evaluation (the EMA's "
+                                         "when --ema) to OUT/weights/KEY.pt (unset: for models of at most "
+                                         "10M parameters)")
     skip_unreadable: bool = _f(False, "image folders: leave out image files that cannot be read (each named in "
                                       "the log) instead of stopping at the first")
     extra: dict = field(default_factory=dict, metadata={"help": "study-specific columns, carried into the row"})
 
     # fields that say where or how fast a trial runs, not what it computes
-    EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "tensorboard", "skip_unreadable",
-                 "extra")
+    EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "tensorboard", "keep_weights",
+                 "skip_unreadable", "extra")
     # fields a preset or a study sets, never an option of their own
     NOT_OPTIONS = ("extra", "model_def")
     # fields added after results were committed: in the key only when set, so trials
@@ -252,6 +255,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# unset --keep-weights: kept for models of at most this many parameters (40 MB in float32): every
+# small-family model but the 50-200 MF RegNetYs; the paper-scale ones only when asked
+KEEP_WEIGHTS_MAX_PARAMS = 10_000_000
 # unset --compile: the CPU compiles trials of at least this many steps. Measured on an Intel Xeon,
 # one thread, batch 128 (benchmarks/README.md): a compiled step is 1.16-1.30x faster for the
 # 7 MF models; the compile costs 28-43 s with a cold cache and about 2 s once inductor's cache

@@ -46,6 +46,7 @@ HISTORY = "history.csv"
 SPEC = "study.toml"
 LOG = "log.txt"
 TRIALS = "trials"
+WEIGHTS = "weights"
 CORRUPT_SUFFIX = ".corrupt"
 # a claim's heartbeat is renewed this often while its trial runs; one older than STALE_S
 # belongs to a process that is gone (killed, preempted, its node lost), on any host
@@ -222,6 +223,14 @@ class TrialStore:
     def checkpoint_path(self, key: str) -> Path:
         return self.root / "checkpoints" / f"{key}.pt"
 
+    def weights_path(self, key: str) -> Path:
+        """A finished trial's kept weights (the evaluated model at its best evaluation)."""
+        return self.root / WEIGHTS / f"{key}.pt"
+
+    def kept_weights(self) -> set[str]:
+        """The keys whose weights this folder keeps."""
+        return {p.stem for p in (self.root / WEIGHTS).glob("*.pt")}
+
     def result(self, key: str) -> dict | None:
         return self._row(self.trial_path(key))
 
@@ -371,9 +380,14 @@ class TrialStore:
         return removed
 
     # -- recording ------------------------------------------------------------
-    def record(self, key: str, row: dict, history: list[dict] | None = None) -> None:
-        """Write one finished trial's own files (history first: the json is the commit
-        point); the tables follow when the run ends (`rebuild`)."""
+    def record(self, key: str, row: dict, history: list[dict] | None = None, weights: dict | None = None) -> None:
+        """Write one finished trial's own files (its kept weights and history first: the json
+        is the commit point); the tables follow when the run ends (`rebuild`)."""
+        if weights is not None:
+            import torch
+
+            self.weights_path(key).parent.mkdir(exist_ok=True)
+            atomic_write(self.weights_path(key), lambda f: torch.save(weights, f))
         if history is not None:
             atomic_write_csv(self.history_path(key), pd.DataFrame(history))
         atomic_write(self.trial_path(key), json.dumps({k: _jsonable(v) for k, v in row.items()}, sort_keys=True))
@@ -381,10 +395,13 @@ class TrialStore:
             self.checkpoint_path(key).unlink()
 
     def import_trial(self, src: TrialStore, key: str) -> None:
-        """Copy another folder's finished trial here, byte for byte (history first: the json is
-        the commit point); SRC is only read."""
-        if src.history_path(key).exists():
-            atomic_write(self.history_path(key), src.history_path(key).read_bytes())
+        """Copy another folder's finished trial here, byte for byte (its kept weights and history
+        first: the json is the commit point); SRC is only read."""
+        for mine, theirs in ((self.weights_path(key), src.weights_path(key)),
+                             (self.history_path(key), src.history_path(key))):
+            if theirs.exists():
+                mine.parent.mkdir(exist_ok=True)
+                atomic_write(mine, theirs.read_bytes())
         atomic_write(self.trial_path(key), src.trial_path(key).read_bytes())
 
     def runs(self) -> pd.DataFrame:

@@ -39,7 +39,7 @@ from torch.optim.swa_utils import update_bn
 from vitexp import data as vdata
 from vitexp import models as vmodels
 from vitexp import rows, runtime
-from vitexp.config import TrainConfig
+from vitexp.config import KEEP_WEIGHTS_MAX_PARAMS, TrainConfig
 from vitexp.errors import UserError
 from vitexp.optim import EMA, build_optimizer, build_scheduler
 from vitexp.seeds import EPOCH, derive_seed
@@ -84,6 +84,8 @@ class Trial:
     mixer: Callable | None
     criterion: nn.Module
     channels_last: bool
+    keep_weights: bool = False  # write the evaluated weights at their best evaluation when the trial ends
+    best: dict | None = None  # those weights (a CPU copy of the state dict), while keep_weights
     state: TrialState = dataclasses.field(default_factory=TrialState)
 
 
@@ -120,11 +122,15 @@ def setup_trial(cfg: TrainConfig) -> Trial:
     model, net, channels_last = setup_model(cfg, bundle, device, d)
     train_loader, test_loader = vdata.make_loaders(bundle, cfg, device, d.rank, d.world)
     opt = build_optimizer(model, cfg, device)
+    keep = cfg.keep_weights
+    if keep is None:
+        keep = sum(p.numel() for p in model.parameters()) <= KEEP_WEIGHTS_MAX_PARAMS
     return Trial(cfg=cfg, key=cfg.key(), device=device, dist=d, bundle=bundle, model=model, net=net,
                  ema=EMA(model, cfg.ema_decay, EMA_EVERY) if cfg.ema else None, opt=opt,
                  sched=build_scheduler(opt, cfg, len(train_loader)), train_loader=train_loader,
                  test_loader=test_loader, mixer=vdata.batch_mixer(cfg, bundle.num_classes),
-                 criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), channels_last=channels_last)
+                 criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), channels_last=channels_last,
+                 keep_weights=keep)
 
 
 def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float:
@@ -218,7 +224,8 @@ def test_epoch(t: Trial, epoch: int) -> tuple[float, float]:
 def save_checkpoint(t: Trial, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(
         {"model": t.model.state_dict(), "opt": t.opt.state_dict(), "sched": t.sched.state_dict(),
-         "ema": t.ema.state_dict() if t.ema is not None else None, "state": dataclasses.asdict(t.state)}, f))
+         "ema": t.ema.state_dict() if t.ema is not None else None, "state": dataclasses.asdict(t.state),
+         "best": t.best}, f))
 
 
 def load_checkpoint(t: Trial, path: Path) -> None:
@@ -229,6 +236,28 @@ def load_checkpoint(t: Trial, path: Path) -> None:
     if t.ema is not None:
         t.ema.load_state_dict(saved["ema"])
     t.state = TrialState(**saved["state"])
+    t.best = saved.get("best")  # checkpoints written before weights were kept have none
+
+
+def keep_best(t: Trial, err: float) -> None:
+    """A CPU copy of the evaluated model's weights (the EMA's when cfg.ema: what top1_err
+    measures, BatchNorm statistics included) when ERR is its best evaluation so far; the first
+    of equal bests, as `top1_err`'s best_epoch."""
+    col = "ema_err" if t.cfg.ema else "test_err"
+    earlier = [e for _, e in rows.evaluated(t.state.history, col)]
+    if t.keep_weights and math.isfinite(err) and (not earlier or err < min(earlier)):
+        evaluated = t.ema.module if t.ema is not None else t.model
+        t.best = {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}
+
+
+def kept_weights(t: Trial, row: dict) -> dict | None:
+    """What `weights/KEY.pt` holds: the best evaluated weights and what they are (None: not kept)."""
+    if not t.keep_weights or t.best is None or t.state.diverged:
+        return None
+    b = t.bundle
+    return {"state_dict": t.best, "key": t.key, "model": t.cfg.model, "model_def": t.cfg.model_def,
+            "evaluated": "ema" if t.cfg.ema else "model", "epoch": row["best_epoch"], "top1_err": row["top1_err"],
+            "dataset": t.cfg.dataset, "image_size": b.image_size, "in_chans": b.in_chans, "num_classes": b.num_classes}
 
 
 def resume(t: Trial, ckpt: Path | None) -> Trial:
@@ -254,6 +283,7 @@ def end_epoch(t: Trial, epoch: int, train_loss: float, train_s: float, images: i
         return None
     e0 = time.perf_counter()
     test_err, ema_err = test_epoch(t, epoch)
+    keep_best(t, ema_err if t.cfg.ema else test_err)
     seconds = train_s + time.perf_counter() - e0
     row = {"key": t.key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err, "ema_err": ema_err,
            "lr": t.sched.get_last_lr()[0], "seconds": seconds, "images_per_s": images / train_s}
@@ -336,7 +366,7 @@ def finish_trial(t: Trial, started: str, store: TrialStore | None, **more) -> di
     """A trial's end (also a fused member's): its row (with MORE), recorded by rank 0."""
     row = {**summarise(t, started), **more}
     if store is not None and t.dist.main:
-        store.record(t.key, row, t.state.history)
+        store.record(t.key, row, t.state.history, kept_weights(t, row))
     return row
 
 

@@ -27,8 +27,9 @@ def study_status(folder: str | Path) -> list[str]:
     failed = [k for k in keys if rows.get(k, {}).get("status") == "failed" and k not in claims]
     running = [k for k in keys if k in claims]
     left = [k for k in keys if k not in done and k not in failed and k not in running]
-    lines = [f"{plan.study.kind} study in {folder}: {len(keys)} trials: {len(done)} done, {len(running)} running, "
-             f"{len(failed)} failed, {len(left)} left"]
+    kept = len(store.kept_weights() & set(done))
+    lines = [f"{plan.study.kind} study in {folder}: {len(keys)} trials: {len(done)} done ({kept} with kept weights), "
+             f"{len(running)} running, {len(failed)} failed, {len(left)} left"]
     for k in running:
         c = claims[k]
         lines.append(f"  running {trial_label(keys[k].to_dict())}: {_images(c) / trial_images(keys[k]):.0%} on "

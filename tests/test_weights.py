@@ -1,0 +1,76 @@
+"""Weights that outlive the trial: `weights/KEY.pt` holds the evaluated model (the EMA) at its
+best evaluation, the same after a kill and resume, written for small models unless asked not
+to, counted by `status`, carried by `collect`."""
+
+import pytest
+import torch
+
+import vitexp.trainer as trainer
+from vitexp.config import TrainConfig
+from vitexp.store import TrialStore
+from vitexp.sweep import collect
+from vitexp.trainer import run_trial
+
+# lr high enough that the test error moves between epochs, so "the best evaluation" is a choice
+CFG = TrainConfig(model="vit_c_7mf", dataset="shapes", n_train=256, n_test=100, batch_size=64, epochs=4,
+                  device="cpu", lr=0.2, wd=0.05, warmup_epochs=0.0, ema_decay=0.9)
+
+
+class Kill(Exception):
+    pass
+
+
+def test_kept_weights_are_the_ema_at_its_best_evaluation(tmp_path, monkeypatch):
+    snapshots = {}
+    evaluate = trainer.test_epoch
+
+    def spy(t, epoch):
+        errs = evaluate(t, epoch)
+        snapshots[epoch + 1] = {k: v.clone() for k, v in t.ema.module.state_dict().items()}
+        return errs
+
+    monkeypatch.setattr(trainer, "test_epoch", spy)
+    row = run_trial(CFG, out=tmp_path)
+    kept = torch.load(TrialStore(tmp_path).weights_path(CFG.key()), weights_only=False)
+    assert kept["epoch"] == row["best_epoch"] and kept["top1_err"] == row["top1_err"] and kept["evaluated"] == "ema"
+    want = snapshots[row["best_epoch"]]
+    assert kept["state_dict"].keys() == want.keys()
+    assert all(torch.equal(kept["state_dict"][k], want[k]) for k in want)
+    # what a fine-tune or a teacher needs to rebuild it
+    assert (kept["model"], kept["image_size"], kept["in_chans"], kept["num_classes"]) == ("vit_c_7mf", 32, 3, 10)
+
+
+def test_a_killed_trial_keeps_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    run_trial(CFG, out=tmp_path / "whole")
+
+    def die_after_epoch_3(ev):
+        if ev["event"] == "epoch" and ev["epoch"] == 3:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run_trial(CFG, out=tmp_path / "killed", progress=die_after_epoch_3)
+    run_trial(CFG, out=tmp_path / "killed")
+    a, b = (torch.load(TrialStore(tmp_path / d).weights_path(CFG.key()), weights_only=False)["state_dict"]
+            for d in ("whole", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weights_are_kept_for_small_models_unless_asked_not_to(tmp_path, monkeypatch):
+    run_trial(TrainConfig(**{**CFG.to_dict(), "keep_weights": False, "epochs": 1}), out=tmp_path / "off")
+    assert not TrialStore(tmp_path / "off").kept_weights()
+    monkeypatch.setattr(trainer, "KEEP_WEIGHTS_MAX_PARAMS", 1000)  # as if the model were paper-scale
+    run_trial(TrainConfig(**{**CFG.to_dict(), "epochs": 1}), out=tmp_path / "big")
+    assert not TrialStore(tmp_path / "big").kept_weights()
+    one_epoch = TrainConfig(**{**CFG.to_dict(), "epochs": 1, "keep_weights": True})
+    run_trial(one_epoch, out=tmp_path / "asked")
+    assert TrialStore(tmp_path / "asked").kept_weights() == {one_epoch.key()}
+    # an execution option: the key does not see it
+    assert TrainConfig(**{**CFG.to_dict(), "keep_weights": True}).key() == CFG.key()
+
+
+def test_collect_carries_the_weights(tmp_path):
+    run_trial(TrainConfig(**{**CFG.to_dict(), "epochs": 1}), out=tmp_path / "a")
+    src = TrialStore(tmp_path / "a")
+    collect([tmp_path / "a"], tmp_path / "merged")
+    (key,) = src.kept_weights()
+    assert TrialStore(tmp_path / "merged").weights_path(key).read_bytes() == src.weights_path(key).read_bytes()
