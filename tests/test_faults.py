@@ -491,6 +491,7 @@ def test_doctor_parts():
 
     v = doctor.versions()
     assert torch.__version__.startswith(v["torch"]) and "python" in v
+    assert v["timm"] == __import__("timm").__version__  # an optional extra, installed by the test extra
     assert doctor.device_report()["cuda available"] in ("True", "False")
     step = doctor.tiny_step("cpu")
     assert step["status"] == "ok" and step["finite"] == "True" and step["device"] == "cpu"

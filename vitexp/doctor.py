@@ -10,15 +10,16 @@ from importlib import metadata
 import torch
 
 PACKAGES = ("vitexp", "torch", "torchvision", "typer", "pandas", "matplotlib", "rich", "numpy")
+OPTIONAL = {"timm": "timm", "submitit": "slurm", "tensorboard": "tensorboard"}  # package -> vitexp's extra
 
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for p in PACKAGES:
+    for p in PACKAGES + tuple(OPTIONAL):
         try:
             out[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
-            out[p] = "MISSING"
+            out[p] = f"not installed (optional: pip install 'vitexp[{OPTIONAL[p]}]')" if p in OPTIONAL else "MISSING"
     return out
 
 
