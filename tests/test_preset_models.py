@@ -272,3 +272,16 @@ def test_train_takes_a_presets_model_and_tuned_values(tmp_path):
 def test_unknown_preset_model_name_in_train_is_one_line():
     with pytest.raises(UserError, match="unknown model 'my_convitt'"):
         TrainConfig(model="my_convitt").validate()
+
+
+@pytest.mark.parametrize("preset", ["scale_shapes_priors", "scale_fashion-mnist_cpu_priors"])
+def test_the_soft_prior_models_cost_what_their_level_costs(preset):
+    """The studies compare models of one cost level: each defined model within 12% of the
+    level's ViT_P in forward GF, as the built-in 7 MF models are."""
+    from vitexp.sweep.presets import read_preset
+
+    _, tables = read_preset(preset)
+    level = complexity("vit_p_7mf", 32, num_classes=10)["gflops"]
+    assert tables["models"]
+    for name in tables["models"]:
+        assert abs(complexity(name, 32, num_classes=10)["gflops"] / level - 1) <= 0.12, name
