@@ -256,7 +256,7 @@ class TrainConfig:
 
 
 # unset --keep-weights: kept for models of at most this many parameters (40 MB in float32): every
-# small-family model but the 50-200 MF RegNetYs; the paper-scale ones only when asked
+# small-family model but the 200 MF RegNetY; the paper-scale ones only when asked
 KEEP_WEIGHTS_MAX_PARAMS = 10_000_000
 # unset --compile: the CPU compiles trials of at least this many steps. Measured on an Intel Xeon,
 # one thread, batch 128 (benchmarks/README.md): a compiled step is 1.16-1.30x faster for the
