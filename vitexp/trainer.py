@@ -242,10 +242,10 @@ def load_checkpoint(t: Trial, path: Path) -> None:
 def keep_best(t: Trial, err: float) -> None:
     """A CPU copy of the evaluated model's weights (the EMA's when cfg.ema: what top1_err
     measures, BatchNorm statistics included) when ERR is its best evaluation so far; the first
-    of equal bests, as `top1_err`'s best_epoch."""
+    of equal bests, as `top1_err`'s best_epoch. Rank 0 only: it alone writes them."""
     col = "ema_err" if t.cfg.ema else "test_err"
     earlier = [e for _, e in rows.evaluated(t.state.history, col)]
-    if t.keep_weights and math.isfinite(err) and (not earlier or err < min(earlier)):
+    if t.keep_weights and t.dist.main and math.isfinite(err) and (not earlier or err < min(earlier)):
         evaluated = t.ema.module if t.ema is not None else t.model
         t.best = {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}
 
