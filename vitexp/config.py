@@ -153,7 +153,7 @@ class TrainConfig:
 
         spec = self.model_spec()  # unknown model: the closest names
         info = dataset_info(self.dataset)  # unknown data set: the closest names
-        patch = spec.kwargs.get("patch") if spec.is_vit else None
+        patch = spec.patch(self.image_size)
         size = self.image_size
         if not spec.builtin:  # a preset's or timm's model: can it take these images at all?
             check_model(spec, size or self._native_size(spec, info), info.in_chans, info.num_classes)
@@ -226,7 +226,7 @@ class TrainConfig:
     def _native_size(spec, info) -> int:
         """The input size unless --image-size says: the data's own, except where a ViT's patch
         does not divide it or a timm model was defined with an img_size (the model's then)."""
-        if spec.is_vit and info.image_size % spec.kwargs["patch"]:
+        if spec.is_vit and info.image_size % spec.patch(info.image_size):
             return spec.resolution
         if spec.timm is not None and "img_size" in spec.kwargs:
             return spec.resolution

@@ -36,7 +36,8 @@ RC = {
     "savefig.dpi": 150, "savefig.bbox": "tight", "pdf.fonttype": 42,
 }
 # colour group -> (colour map, marker); the registry's CNN families share one group
-COLOURS = {"vit_p": ("Blues", "o"), "vit_c": ("Oranges", "s"), "cnn": ("Greys", "^"), "other": ("Greens", "D")}
+COLOURS = {"vit_p": ("Blues", "o"), "vit_c": ("Oranges", "s"), "hybrid": ("Purples", "v"), "cnn": ("Greys", "^"),
+           "other": ("Greens", "D")}
 OPT_LINES = {"adamw": "-", "sgd": "--"}
 CSV_DIGITS = 12  # significant digits of a figure table's floats: past them, float noise (11.700000000000001)
 CURVE_LINES = ["-", "--", ":", "-."]  # one per value of the field that tells a model's curves apart
@@ -50,7 +51,7 @@ def style():
 
 
 def family(model: str) -> str:
-    """The colour group of a model: vit_p | vit_c | cnn (RegNetY, ResNet), from the
+    """The colour group of a model: vit_p | vit_c | hybrid | cnn (RegNetY, ResNet), from the
     registry; other for a model vitexp does not know."""
     try:
         fam = vmodels.get_spec(model).family

@@ -61,9 +61,9 @@ class SmallResNet(nn.Module):
     CNN baseline is a ResNet, and at 32 px this one keeps the full resolution in its
     first stage, which is what lets it learn `shapes` from a few hundred images."""
 
-    def __init__(self, layers: tuple, widths: tuple, in_chans: int, num_classes: int):
+    def __init__(self, layers: tuple, widths: tuple, in_chans: int, num_classes: int, stem_stride: int = 1):
         super().__init__()
-        self.stem = Conv2dNormActivation(in_chans, widths[0], kernel_size=3, stride=1)
+        self.stem = Conv2dNormActivation(in_chans, widths[0], kernel_size=3, stride=stem_stride)
         blocks, c_in = [], widths[0]
         for i, (depth, width) in enumerate(zip(layers, widths)):
             for j in range(depth):
@@ -82,6 +82,29 @@ class SmallResNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
+def resnet_stages(layers: tuple, widths: tuple | None, in_chans: int, image_size: int,
+                  stem_stride: int = 1) -> tuple[nn.Module, int, int]:
+    """(stem and the first len(LAYERS) stages of a ResNet, their output channels, their stride):
+    the CNN half of a hybrid ([ViT] Sec. 3.1). WIDTHS: the CIFAR ResNet's stages (SmallResNet,
+    stem stride STEM_STRIDE); None: torchvision's bottleneck ResNet-50 stages ([ViT]'s R50
+    with stage 4 removed; BatchNorm where [ViT] has GroupNorm and weight standardisation)."""
+    if widths is not None:
+        net = SmallResNet(layers, widths, in_chans, 1, stem_stride)
+        return nn.Sequential(net.stem, net.blocks), widths[len(layers) - 1], stages_stride(layers, widths, stem_stride,
+                                                                                         image_size)
+    net = build_resnet(layers=tuple(layers) + (1,) * (4 - len(layers)), image_size=image_size, in_chans=in_chans,
+                       num_classes=1, dropout=0.0)
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4][:len(layers)]
+    return (nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages), 64 * 2 ** (len(layers) + 1),
+            stages_stride(layers, widths, stem_stride, image_size))
+
+
+def stages_stride(layers: tuple, widths: tuple | None, stem_stride: int, image_size: int) -> int:
+    """The stride of `resnet_stages`: a hybrid's token grid is the image size over it."""
+    stem = stem_stride if widths is not None else 1 if image_size <= SMALL_INPUT else 4  # R50: conv1 + max-pool
+    return stem * 2 ** (len(layers) - 1)
 
 
 def _head_dropout(model, dropout: float):

@@ -20,14 +20,15 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from vitexp.config import OPTIMIZERS
 from vitexp.errors import UserError, unknown
-from vitexp.models.cnn import build_regnety, build_resnet
-from vitexp.models.vit import build_vit
+from vitexp.models.cnn import build_regnety, build_resnet, stages_stride
+from vitexp.models.vit import build_hybrid, build_vit
 
 # model families: the figures' colours, the claims, and the names [ranges.FAMILY] takes
-FAMILIES = ("vit_p", "vit_c", "regnety", "resnet", "cnn", "other")
-BUILDER_FAMILIES = ("vit_p", "vit_c", "regnety", "resnet")  # the families vitexp's own builders build
+FAMILIES = ("vit_p", "vit_c", "hybrid", "regnety", "resnet", "cnn", "other")
+BUILDER_FAMILIES = ("vit_p", "vit_c", "hybrid", "regnety", "resnet")  # the families vitexp's own builders build
 # the keywords of vitexp's builders a [models.NAME] table may give, (required, optional)
 BUILDER_KEYS = {"vit": (("width", "depth", "heads", "mlp", "patch"), ("stem", "registers")),
+                "hybrid": (("layers", "width", "depth", "heads", "mlp"), ("widths", "stem_stride")),
                 "resnet": (("layers",), ("widths",)),
                 "regnety": (("depths", "widths", "group_width"), ("stem_width",))}
 TABLE_KEYS = ("family", "builder", "timm", "resolution")  # a [models.NAME] table's own keys; the rest: builder keywords
@@ -45,8 +46,18 @@ class ModelSpec:
 
     @property
     def is_vit(self) -> bool:
-        """Built by vitexp as a torchvision ViT (patch-size rules, position embeddings)."""
-        return self.timm is None and self.family in ("vit_p", "vit_c")
+        """Built by vitexp as a torchvision ViT, hybrids included (patch-size rules, position embeddings)."""
+        return self.timm is None and self.family in ("vit_p", "vit_c", "hybrid")
+
+    def patch(self, image_size: int | None = None) -> int | None:
+        """The pixels one token covers at IMAGE_SIZE (default: native): a ViT's patch, a hybrid's
+        CNN stride; None for other models."""
+        if not self.is_vit:
+            return None
+        if self.family != "hybrid":
+            return self.kwargs["patch"]
+        k = self.kwargs
+        return stages_stride(k["layers"], k.get("widths"), k.get("stem_stride", 1), image_size or self.resolution)
 
     @property
     def builtin(self) -> bool:
@@ -125,6 +136,21 @@ _add("resnet_50mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(22, 4
 _vit_twins("200mf", 32, 4, 192, 8, 3, 576, _SMALL_VIT_P, _SMALL_VIT_C)
 _add("regnety_200mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(128, 256, 640, 1536), group_width=16)
 _add("resnet_200mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(44, 88, 176))
+# Hybrids ([ViT] Sec. 3.1): the CIFAR ResNet's first stages (stem stride 2 at 32 px), a 1x1 projection,
+# then the level's ViT body, fewer blocks to match its cost; the CNN's stride gives the ViT_P twin's token
+# grid (7mf: 4x4 from 3 stages, stride 8; 25-200mf: 8x8 from 2 stages, stride 4), as [ViT]'s R50 hybrid
+# keeps ViT-B/16's 14x14. Until their own searches: the ViT_C values of their level.
+_add("hybrid_7mf", "hybrid", 32, _VIT_C_7MF, layers=(1, 1, 1), widths=(16, 32, 64), stem_stride=2,
+     width=64, depth=5, heads=1, mlp=192)
+_add("hybrid_25mf", "hybrid", 32, _SMALL_VIT_C, layers=(1, 2), widths=(16, 32), stem_stride=2,
+     width=64, depth=7, heads=1, mlp=192)
+_add("hybrid_50mf", "hybrid", 32, _SMALL_VIT_C, layers=(1, 2), widths=(24, 48), stem_stride=2,
+     width=96, depth=7, heads=2, mlp=288)
+_add("hybrid_200mf", "hybrid", 32, _SMALL_VIT_C, layers=(1, 2), widths=(48, 96), stem_stride=2,
+     width=192, depth=7, heads=3, mlp=576)
+# [ViT]'s R50+ViT-B/16: ResNet-50 stages 1-3 with stage 3 at 9 blocks (the 4th stage's moved there; BatchNorm
+# where [ViT] has GroupNorm + weight standardisation), stride 16, then ViT-B (18GF ViT_P's values, not tuned)
+_add("hybrid_r50_vit_b16", "hybrid", 224, _VIT_18GF, layers=(3, 4, 9), width=768, depth=12, heads=12, mlp=3072)
 
 
 _BUILTIN = frozenset(_SPECS)
@@ -253,6 +279,8 @@ def build_model(name: str | ModelSpec, image_size: int | None = None, in_chans: 
             from vitexp.models.timm_models import build_timm
 
             return build_timm(spec, **common)
+        if spec.family == "hybrid":
+            return build_hybrid(**spec.kwargs, **common, patch_size=patch_size)
         if spec.is_vit:
             return build_vit(**spec.kwargs, **common, patch_size=patch_size)
         builder = build_regnety if spec.family == "regnety" else build_resnet

@@ -85,6 +85,30 @@ def build_vit(*, width: int, depth: int, heads: int, mlp: int, patch: int, conv_
     return model
 
 
+def build_hybrid(*, layers: tuple, widths: tuple | None = None, stem_stride: int = 1, width: int, depth: int,
+                 heads: int, mlp: int, image_size: int, in_chans: int, num_classes: int,
+                 patch_size: int | None, dropout: float) -> VisionTransformer:
+    """[ViT]'s hybrid (Sec. 3.1): the first stages of a ResNet (`resnet_stages`), their feature
+    map projected to the width by a 1x1 conv (a patch of 1 feature pixel) and read as tokens
+    by the same Transformer as the ViTs (class token, position embeddings). The whole CNN is
+    the torchvision ViT's `conv_proj`, so everything else (heads, position embeddings and their
+    interpolation) is the ViTs'."""
+    from vitexp.models.cnn import resnet_stages
+
+    if patch_size is not None:
+        raise UserError("a hybrid's token grid is its ResNet's stride; it takes no --patch-size")
+    backbone, channels, stride = resnet_stages(layers, widths, in_chans, image_size, stem_stride)
+    if image_size % stride:
+        raise UserError(f"image size {image_size} is not divisible by the hybrid's CNN stride {stride}; "
+                        f"use a multiple of {stride}")
+    model = VisionTransformer(image_size, stride, depth, heads, width, mlp, dropout=dropout, num_classes=num_classes)
+    proj = nn.Conv2d(channels, width, 1)
+    nn.init.trunc_normal_(proj.weight, std=math.sqrt(1 / channels))  # torchvision's patch-projection init
+    nn.init.zeros_(proj.bias)
+    model.conv_proj = nn.Sequential(OrderedDict(cnn=backbone, proj=proj))
+    return model
+
+
 def _set_in_chans(model: VisionTransformer, in_chans: int) -> None:
     """Replace the first conv (torchvision hard-codes 3 input channels), initialised as torchvision does."""
     if isinstance(model.conv_proj, nn.Conv2d):
