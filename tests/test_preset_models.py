@@ -214,7 +214,7 @@ BAD = [  # (id, [models] table of my_convit or extra preset text, needles)
     ("builder-lacks-keys", '{ family = "vit_p", width = 64 }', ["lacks depth, heads, mlp, patch"]),
     ("builder-unknown-keyword", '{ family = "resnet", layers = [1, 1], colour = 2 }',
      ["unknown keyword of vitexp's resnet builder in [models.my_convit] 'colour'"]),
-    ("family-unknown", '{ family = "vit_x", width = 64 }', ["needs family = one of vit_p, vit_c, regnety, resnet"]),
+    ("family-unknown", '{ family = "vit_x", width = 64 }', ["needs family = one of vit_p, vit_c, hybrid, regnety, resnet"]),
     ("redefines-a-built-in", None, ["redefines the built-in model 'vit_p_7mf'"]),
     ("init-unknown", '{ timm = "convit_tiny", img_size = 32, patch_size = 8, init = "jax" }',
      ["unknown init in [models.my_convit] 'jax'", "torchvision"]),

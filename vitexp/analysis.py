@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vitexp.data.datasets import DATASETS
+from vitexp.data.datasets import DATASETS, split_classes
 from vitexp.errors import UserError
 from vitexp.rows import DIVERGED_ERR
 from vitexp.store import TrialStore, read_runs
@@ -190,8 +190,13 @@ def edf_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def chance_err(dataset) -> float:
     """Top-1 error (%) of guessing, for a named data set (NaN where the classes are unknown)."""
-    info = DATASETS.get(dataset)
-    return 100.0 * (1 - 1 / info.num_classes) if info else math.nan
+    try:
+        base, classes = split_classes(str(dataset))
+    except UserError:
+        return math.nan
+    info = DATASETS.get(base)
+    k = len(classes) if classes else info.num_classes if info else None
+    return 100.0 * (1 - 1 / k) if k else math.nan
 
 
 def edf_summary(runs: pd.DataFrame) -> pd.DataFrame:

@@ -225,6 +225,66 @@ app.command("train")(with_params(train, [
     + _config_params(overrides=False)))
 
 
+# --- finetune -------------------------------------------------------------------------------------
+@app.command()
+def finetune(source: str = typer.Option(..., "--from", help="the finished trial to start from: DIR:KEY, DIR (a "
+                                        "folder of one finished trial, e.g. a `vitexp train` folder) or "
+                                        "DIR/weights/KEY.pt"),
+             dataset: str = typer.Option(..., "--dataset", help="the target data set (e.g. fashion-mnist:5-9)"),
+             image_size: Optional[int] = typer.Option(None, "--image-size", help="fine-tune at this size (default: "
+                                                      "the source's; a ViT's position embeddings are interpolated)"),
+             n_train: Optional[int] = typer.Option(None, "--n-train", help="class-balanced subset of the target's "
+                                                   "training images (None: all)"),
+             n_test: Optional[int] = typer.Option(None, "--n-test", help="first n of the target's test set"),
+             steps: int = typer.Option(500, "--steps", help="optimisation steps (a fixed number, [ViT] App. B.1.1)"),
+             lr: Optional[str] = typer.Option(None, "--lr", help="comma-separated lrs at batch 512 to choose from on "
+                                              "the held-out split [default: 0.001,0.003,0.01,0.03]"),
+             holdout: float = typer.Option(0.1, "--holdout", help="fraction of the target's training images held "
+                                           "out to choose the lr"),
+             batch_size: int = typer.Option(128, "--batch-size", help="batch size (the lr scales linearly from 512)"),
+             seed: int = typer.Option(0, "--seed", help="data order, augmentation, the held-out split"),
+             model: Optional[str] = typer.Option(None, "--model", help="check the source is this model"),
+             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+             data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where data sets live"),
+             out: Path = typer.Option(Path("runs/finetune"), "--out", help="results folder"),
+             progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", metavar="",
+                                                     help="live progress [default: on a terminal]")) -> None:
+    """Fine-tune a finished trial's weights on a target data set ([ViT] App. B.1.1): zero head,
+    position embeddings interpolated, SGD; the lr chosen on held-out training images."""
+    from vitexp.config import TrainConfig
+    from vitexp.data import check_data
+    from vitexp.errors import stop_on_signals
+    from vitexp.finetune import FINETUNE_LRS, chosen, plan_finetune, stage_source
+    from vitexp.store import TrialStore
+    from vitexp.sweep.plan import check_folder
+    from vitexp.trainer import run_trial
+    from vitexp.ui import StudyProgress, trial_images, trial_label
+
+    lrs = parse_list(lr, float, "lr") or list(FINETUNE_LRS)
+    base = TrainConfig(dataset=dataset, image_size=image_size, n_train=n_train, n_test=n_test, seed=seed,
+                       subset_seed=seed, batch_size=batch_size, device=device, data_dir=data_dir)
+    src, cfgs = plan_finetune(source, base, steps, lrs, holdout, model)
+    store = TrialStore(out, create=False)
+    check_folder(store, "finetune")
+    check_data(dataset, data_dir, n_train, n_test)
+    rows = []
+    with store.undo_on_refusal(), stop_on_signals(), \
+            StudyProgress(len(cfgs), sum(trial_images(c) for c in cfgs), enabled=progress) as bar:
+        store.create()
+        stage_source(src, store.root)
+        for cfg in cfgs:
+            bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
+            rows.append(run_trial(cfg, store=store, progress=bar))
+            bar.end_trial(f"lr {cfg.lr:g}: val_err {rows[-1].get('val_err', float('nan')):.2f}%", trial_images(cfg),
+                          rows[-1])
+        store.rebuild()
+    best = chosen(rows)
+    console.print(f"{best['model']} from {src.key} ({src.dataset}, {src.image_size} px) -> {dataset} at "
+                  f"{best['image_size']} px: lr {best['finetune_lr']:g} chosen on {holdout:.0%} held out "
+                  f"(val_err {best.get('val_err', float('nan')):.2f}%), test error {best['last_err']:.2f}% -> "
+                  f"{out}/runs.csv")
+
+
 # --- studies ----------------------------------------------------------------------------------------
 def _default_study(kind: str) -> dict:
     """The [study] table of KIND's default preset (empty where it cannot be read)."""

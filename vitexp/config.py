@@ -44,6 +44,7 @@ RANGES = {
     "dropout": (0.0, 1.0, False, "in [0, 1)"),
     "ema_decay": (1e-12, 1.0, False, "in (0, 1)"),
     "precise_bn": (0, 1 << 40, True, "a number of training images (0: off), e.g. 8192"),
+    "holdout": (0.0, 1.0, False, "a fraction in [0, 1) (0: off), e.g. 0.1"),
     "seed": (0, SEED_MAX, False, "in [0, 2**63)"),
     "subset_seed": (0, SEED_MAX, False, "in [0, 2**63)"),
     "n_train": (1, 1 << 40, True, "positive"),
@@ -103,6 +104,12 @@ class TrainConfig:
     precise_bn: int = _f(0, "before each evaluation, recompute BatchNorm statistics of the model and its EMA "
                          "on this many training images (pycls: 8192); 0 = off")
     fewshot: list[int] = field(default_factory=list, metadata={"help": "k-shot linear eval of frozen features at the end, e.g. 1,5,10"})
+    fewshot_data: str | None = _f(None, "the data set of the few-shot eval (its training images give the shots, its "
+                                        "test images the error; at this trial's image size); None: the trial's own")
+    holdout: float = _f(0.0, "hold out this fraction of the training images (class-balanced) and report the final "
+                             "model's error on them as val_err: a split to choose hyper-parameters on; 0 = off")
+    init_from: dict = field(default_factory=dict, metadata={
+        "help": "the finished trial whose weights this one starts from (set by `vitexp finetune` and the transfer study)"})
     # execution (do not change the result's meaning; left out of the trial key)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     compile: bool | None = _f(None, "torch.compile the model (unset: on the CPU for trials of at least 150 steps, "
@@ -123,10 +130,10 @@ class TrainConfig:
     EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "tensorboard", "keep_weights",
                  "skip_unreadable", "extra")
     # fields a preset or a study sets, never an option of their own
-    NOT_OPTIONS = ("extra", "model_def")
+    NOT_OPTIONS = ("extra", "model_def", "init_from")
     # fields added after results were committed: in the key only when set, so trials
     # finished before they existed keep their keys
-    KEYED_WHEN_SET = ("precise_bn", "model_def")
+    KEYED_WHEN_SET = ("precise_bn", "model_def", "fewshot_data", "holdout", "init_from")
 
     def validate(self) -> "TrainConfig":
         """Raise UserError naming the first bad field: its type, then its range (RANGES),
@@ -169,9 +176,14 @@ class TrainConfig:
             raise UserError(f"--n-train {self.n_train} is fewer images than {self.dataset}'s {info.num_classes} "
                             f"classes; use at least {info.num_classes}")
         n = self.n_train or info.n_train
-        if n and self.fewshot and max(self.fewshot) > n // info.num_classes:
+        shots = dataset_info(self.fewshot_data) if self.fewshot_data else None  # unknown: the closest names
+        if shots is not None and shots.in_chans != info.in_chans:
+            raise UserError(f"--fewshot-data {self.fewshot_data} has {shots.in_chans}-channel images, {self.dataset} "
+                            f"{info.in_chans}-channel ones; give a data set of the same kind")
+        pool, classes = (shots.n_train, shots.num_classes) if shots is not None else (n, info.num_classes)
+        if pool and self.fewshot and max(self.fewshot) > pool // classes:
             raise UserError(f"--fewshot {max(self.fewshot)} needs {max(self.fewshot)} training images per class; "
-                            f"{n} images of {info.num_classes} classes give {n // info.num_classes}: "
+                            f"{pool} images of {classes} classes give {pool // classes}: "
                             f"use fewer shots or a larger --n-train")
         if n and self.batch_size > n:
             raise UserError(f"--batch-size {self.batch_size} is larger than the training set ({n} images); "

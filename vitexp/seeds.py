@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 # tags of the streams (the first key), so two streams of one (seed, epoch) never meet
-ORDER, AUGMENT, EPOCH, FEWSHOT = 0, 1, 2, 3
+ORDER, AUGMENT, EPOCH, FEWSHOT, HOLDOUT = 0, 1, 2, 3, 4
 
 
 def derive_seed(*keys: int) -> int:

@@ -39,6 +39,7 @@ from torch.optim.swa_utils import update_bn
 from vitexp import data as vdata
 from vitexp import models as vmodels
 from vitexp import rows, runtime
+from vitexp.rows import DIVERGED_ERR
 from vitexp.config import KEEP_WEIGHTS_MAX_PARAMS, TrainConfig
 from vitexp.errors import UserError
 from vitexp.optim import EMA, build_optimizer, build_scheduler
@@ -84,17 +85,27 @@ class Trial:
     mixer: Callable | None
     criterion: nn.Module
     channels_last: bool
+    source: Path | None = None  # the weights a fine-tune started from
     keep_weights: bool = False  # write the evaluated weights at their best evaluation when the trial ends
     best: dict | None = None  # those weights (a CPU copy of the state dict), while keep_weights
     state: TrialState = dataclasses.field(default_factory=TrialState)
 
 
-def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device, d: runtime.Dist):
-    """(model, net, channels_last): the model on the device, seeded by cfg.seed; net wraps it
-    for the step (DDP under torchrun, torch.compile on request)."""
+def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device, d: runtime.Dist,
+                source: Path | None = None):
+    """(model, net, channels_last): the model on the device, seeded by cfg.seed, or starting
+    from the SOURCE weights where cfg.init_from says (a fine-tune); net wraps it for the step
+    (DDP under torchrun, torch.compile on request)."""
     torch.manual_seed(cfg.seed)
     model = vmodels.build_model(cfg.model_spec(), image_size=bundle.image_size, in_chans=bundle.in_chans,
                                 num_classes=bundle.num_classes, dropout=cfg.dropout)
+    if cfg.init_from:
+        from vitexp.finetune import load_source, read_weights
+
+        if source is None or not source.exists():
+            raise FileNotFoundError(f"no weights of source trial {cfg.init_from['key']} at {source}: it failed, "
+                                    f"diverged or kept none")
+        load_source(model, read_weights(source))
     if cfg.sync_bn and d.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -111,15 +122,16 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     return model, net, channels_last
 
 
-def setup_trial(cfg: TrainConfig) -> Trial:
-    """Device, data, model, EMA, optimizer and schedule of a resolved config."""
+def setup_trial(cfg: TrainConfig, source: Path | None = None) -> Trial:
+    """Device, data, model, EMA, optimizer and schedule of a resolved config (SOURCE: the
+    weights a fine-tune starts from)."""
     d, device = runtime.init_distributed(runtime.resolve_device(cfg.device))
     if cfg.batch_size % d.world:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the world size {d.world}; "
                         f"use a multiple of {d.world}")
     bundle = vdata.load_data(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                             n_train=cfg.n_train, n_test=cfg.n_test, subset_seed=cfg.subset_seed)
-    model, net, channels_last = setup_model(cfg, bundle, device, d)
+                             n_train=cfg.n_train, n_test=cfg.n_test, subset_seed=cfg.subset_seed, holdout=cfg.holdout)
+    model, net, channels_last = setup_model(cfg, bundle, device, d, source)
     train_loader, test_loader = vdata.make_loaders(bundle, cfg, device, d.rank, d.world)
     opt = build_optimizer(model, cfg, device)
     keep = cfg.keep_weights
@@ -130,7 +142,7 @@ def setup_trial(cfg: TrainConfig) -> Trial:
                  sched=build_scheduler(opt, cfg, len(train_loader)), train_loader=train_loader,
                  test_loader=test_loader, mixer=vdata.batch_mixer(cfg, bundle.num_classes),
                  criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), channels_last=channels_last,
-                 keep_weights=keep)
+                 keep_weights=keep, source=source)
 
 
 def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float:
@@ -260,6 +272,12 @@ def kept_weights(t: Trial, row: dict) -> dict | None:
             "dataset": t.cfg.dataset, "image_size": b.image_size, "in_chans": b.in_chans, "num_classes": b.num_classes}
 
 
+def source_path(cfg: TrainConfig, store: TrialStore | None) -> Path | None:
+    """Where a fine-tune's source weights are: in its own folder (`vitexp finetune` and the
+    transfer study put them there)."""
+    return store.weights_path(cfg.init_from["key"]) if cfg.init_from and store is not None else None
+
+
 def resume(t: Trial, ckpt: Path | None) -> Trial:
     """T at the checkpoint a killed run left, if any; an unreadable checkpoint (damaged, or
     from another version of the code) is set aside and the trial starts afresh."""
@@ -269,7 +287,7 @@ def resume(t: Trial, ckpt: Path | None) -> Trial:
         load_checkpoint(t, ckpt)
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, training from scratch is right
         set_aside(ckpt, f"{type(e).__name__}: {str(e)[:80]}")
-        return setup_trial(t.cfg)
+        return setup_trial(t.cfg, t.source)
     return t
 
 
@@ -320,10 +338,18 @@ def summarise(t: Trial, started: str) -> dict:
         params_m=sum(p.numel() for p in t.model.parameters()) / 1e6, device=runtime.device_name(t.device),
         amp=runtime.amp_enabled(t.device, cfg.amp), data_dir=t.bundle.source, started_at=started, fused_k=1,
         **provenance())
+    evaluated = t.ema.module if t.ema is not None else t.model
+    if t.bundle.val_x is not None:  # the final model on the held-out images: what chooses hyper-parameters
+        val = vdata.loaders.InMemoryLoader(t.bundle.val_x.to(t.device), t.bundle.val_y.to(t.device), t.bundle,
+                                           cfg.batch_size, train=False)
+        row["val_err"] = DIVERGED_ERR if t.state.diverged else evaluate(evaluated, val, t.device, cfg.amp)
     if cfg.fewshot and not t.state.diverged:  # eager even when compiled: once per trial, not worth a compile
         from vitexp.fewshot import fewshot_eval
 
-        row.update(fewshot_eval(t.ema.module if t.ema is not None else t.model, t.bundle, cfg, t.device))
+        shots = t.bundle
+        if cfg.fewshot_data:  # the shots and the test images of another data set, at this trial's size
+            shots = vdata.load_data(cfg.fewshot_data, data_dir=cfg.data_dir, image_size=t.bundle.image_size)
+        row.update(fewshot_eval(evaluated, shots, cfg, t.device))
     return row
 
 
@@ -386,7 +412,7 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     provenance()  # read now: the commit of the code this process runs
     ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
-    t = resume(setup_trial(cfg), ckpt)
+    t = resume(setup_trial(cfg, source_path(cfg, store)), ckpt)
     if progress is not None and t.state.epoch:
         progress({"event": "resumed", "epoch": t.state.epoch, "epochs": cfg.epochs})
     graphs = compiled_graphs()

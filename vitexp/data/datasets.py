@@ -8,6 +8,7 @@ the fixed test slice are applied here, once, so every loader sees final data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import os
@@ -21,8 +22,10 @@ import torch.nn.functional as F
 from vitexp.data.shapes import make_shapes
 from vitexp.data.subsets import balanced_subset
 from vitexp.errors import UserError, unknown
+from vitexp.seeds import HOLDOUT, derive_seed
 
 IMAGEFOLDER = "imagefolder:"  # prefix of "imagefolder:PATH"
+CLASSES = ":"  # "fashion-mnist:0-4": that data set's classes 0..4 only, relabelled 0..4 (a transfer source or target)
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -83,6 +86,8 @@ class DataBundle:
     train_set: torch.utils.data.Dataset | None = None  # yields (PIL image, int)
     test_set: torch.utils.data.Dataset | None = None
     source: str = ""  # where the images came from (a folder, or "generated")
+    val_x: torch.Tensor | None = None  # the held-out part of the training images (load_data's holdout)
+    val_y: torch.Tensor | None = None
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -115,25 +120,36 @@ def data_root(data_dir: str | None) -> Path:
 
 
 def load_data(name: str, data_dir: str | None = None, image_size: int | None = None,
-              n_train: int | None = None, n_test: int | None = None, subset_seed: int = 0) -> DataBundle:
+              n_train: int | None = None, n_test: int | None = None, subset_seed: int = 0,
+              holdout: float = 0.0) -> DataBundle:
     """Load a data set by name, with an optional nested subset, test slice and resize.
 
+    name: a data set of DATASETS, "imagefolder:PATH", or "NAME:CLASSES" (split_classes).
     n_train: class-balanced nested subset (balanced_subset with subset_seed).
     n_test: the first n_test of the fixed test set (never depends on subset_seed).
+    holdout: this fraction of the (sub)set, class-balanced, held out of training as a
+    validation split (val_x, val_y) for choosing hyper-parameters without the test set.
     """
     root = data_root(data_dir)
     if name.startswith(IMAGEFOLDER):
+        if holdout:
+            raise UserError("--holdout needs an in-memory data set, not an image folder; drop --holdout")
         return _imagefolder(imagefolder_path(name, root), image_size, n_train, n_test, subset_seed)
     info = dataset_info(name)
-    if name == "shapes":  # generated natively at the asked size, as many as asked
+    base, classes = split_classes(name)
+    if base == "shapes":  # generated natively at the asked size, as many as asked
         _check_shapes(n_train, n_test)
-        n_train = n_train or SHAPES_TRAIN
-        xtr, ytr, xte, yte, stats = _shapes(max(SHAPES_POOL, n_train), max(SHAPES_TEST, n_test or 0),
-                                            image_size or 32)
+        n_train = n_train or SHAPES_TRAIN * info.num_classes // DATASETS[base].num_classes
+        # a class selection keeps about this share of the generated images (drawn uniformly: 10% spare)
+        grow = 1.0 if classes is None else 1.1 * DATASETS[base].num_classes / info.num_classes
+        xtr, ytr, xte, yte, stats = _shapes(max(SHAPES_POOL, round(n_train * grow)),
+                                            max(SHAPES_TEST, round((n_test or 0) * grow)), image_size or 32)
         source = "generated"
     else:
-        xtr, ytr, xte, yte, source = _LOADERS[name](root)
+        xtr, ytr, xte, yte, source = _LOADERS[base](root)
         stats = info.stats
+    if classes is not None:
+        (xtr, ytr), (xte, yte) = _select(xtr, ytr, classes), _select(xte, yte, classes)
     for what, n, have in (("train", n_train, len(ytr)), ("test", n_test, len(yte))):
         if n is not None and n > have:
             raise UserError(f"--n-{what} {n} is larger than {name}'s {what} set ({have} images)")
@@ -142,11 +158,61 @@ def load_data(name: str, data_dir: str | None = None, image_size: int | None = N
         xtr, ytr = xtr[idx], ytr[idx]
     if n_test is not None:
         xte, yte = xte[:n_test], yte[:n_test]
+    xva = yva = None
+    if holdout:
+        xtr, ytr, xva, yva = _hold_out(xtr, ytr, holdout, subset_seed)
     if image_size is not None and image_size != xtr.shape[-1]:
         xtr, xte = _resize(xtr, image_size), _resize(xte, image_size)
+        xva = _resize(xva, image_size) if xva is not None else None
     return DataBundle(name=name, num_classes=info.num_classes,
                       in_chans=xtr.shape[1], image_size=xtr.shape[-1], mean=stats[0], std=stats[1],
-                      train_x=xtr, train_y=ytr, test_x=xte, test_y=yte, source=source)
+                      train_x=xtr, train_y=ytr, test_x=xte, test_y=yte, source=source, val_x=xva, val_y=yva)
+
+
+def split_classes(name: str) -> tuple[str, tuple[int, ...] | None]:
+    """("fashion-mnist", (0, 1, 2, 3, 4)) from "fashion-mnist:0-4" (ranges and commas: "0-2,7");
+    (name, None) without a selection. Two data sets that select disjoint classes share no image,
+    which makes a transfer source and target of one data set."""
+    if name.startswith(IMAGEFOLDER) or CLASSES not in name:
+        return name, None
+    base, text = name.split(CLASSES, 1)
+    if base not in DATASETS:
+        raise unknown("dataset", base, tuple(DATASETS) + (IMAGEFOLDER + "PATH",))
+    k = DATASETS[base].num_classes
+    try:
+        classes = []
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            classes += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        classes = []
+    if len(classes) < 2 or len(set(classes)) != len(classes) or not all(0 <= c < k for c in classes):
+        raise UserError(f"dataset {name}: after ':' give two or more distinct classes of {base}'s 0-{k - 1}, "
+                        f"as ranges or a list, e.g. {base}:0-4 or {base}:0,2,4")
+    return base, tuple(classes)
+
+
+def _select(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of CLASSES, their labels renumbered 0.. in the order CLASSES lists them."""
+    lut = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
+    lut[list(classes)] = torch.arange(len(classes))
+    keep = lut[y] >= 0
+    return x[keep], lut[y[keep]]
+
+
+def _hold_out(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, ...]:
+    """(train_x, train_y, val_x, val_y): a class-balanced FRACTION (at least one image a class)
+    held out of X, chosen by the nested-subset rule from its own seed stream."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--holdout must be a fraction in (0, 1), got {fraction}")
+    k = int(y.max()) + 1
+    n = max(k, round(fraction * len(y)))
+    if n >= len(y):
+        raise UserError(f"--holdout {fraction} of {len(y)} images leaves nothing to train on; hold out less")
+    val = balanced_subset(y, n, derive_seed(HOLDOUT, seed))
+    train = torch.ones(len(y), dtype=torch.bool)
+    train[val] = False
+    return x[train], y[train], x[val], y[val]
 
 
 # --- in-memory data sets: each returns uint8 (N,C,H,W) / int64 (N,) train and test
@@ -279,7 +345,7 @@ def check_data(name: str, data_dir: str | None = None, n_train: int | None = Non
     root = data_root(data_dir)
     if name.startswith(IMAGEFOLDER):
         imagefolder_path(name, root)
-    elif name == "shapes":  # generating cannot fail: only the counts are checked, nothing is made
+    elif split_classes(name)[0] == "shapes":  # generating cannot fail: only the counts are checked, nothing is made
         _check_shapes(n_train, n_test)
     else:
         load_data(name, data_dir, n_train=n_train, n_test=n_test)
@@ -322,17 +388,23 @@ def _imagefolder(path: Path, image_size: int | None, n_train: int | None, n_test
 
 def dataset_info(name: str) -> DatasetInfo:
     """What vitexp knows of a data set by name, without loading it (imagefolder:
-    ImageNet-like defaults, 224 px and 1000 classes, n_train unknown = 0)."""
+    ImageNet-like defaults, 224 px and 1000 classes, n_train unknown = 0; a class selection:
+    its classes and their share of the training images, the data set being balanced)."""
     if name.startswith(IMAGEFOLDER):
         return DatasetInfo(1000, 3, IMAGEFOLDER_SIZE, 0, (IMAGENET_MEAN, IMAGENET_STD), "train/ and val/ folders")
-    if name not in DATASETS:
+    base, classes = split_classes(name)
+    if base not in DATASETS:
         raise unknown("dataset", name, tuple(DATASETS) + (IMAGEFOLDER + "PATH",))
-    return DATASETS[name]
+    info = DATASETS[base]
+    if classes is None:
+        return info
+    return dataclasses.replace(info, num_classes=len(classes), n_train=info.n_train * len(classes) // info.num_classes)
 
 
 def locate(name: str, data_dir: str | None = None) -> str:
     """Where a data set is found, or one line on how to get it (loads nothing big)."""
     root = data_root(data_dir)
+    name = split_classes(name)[0]
     if name == "shapes":
         return "built in (generated)"
     if name == "fashion-mnist":

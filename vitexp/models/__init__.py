@@ -7,6 +7,7 @@ from vitexp.models.registry import (
     FAMILIES,
     ModelSpec,
     build_model,
+    classifier,
     features,
     get_spec,
     is_vit,
@@ -14,7 +15,7 @@ from vitexp.models.registry import (
     tuned_hparams,
     unwrap,
 )
-from vitexp.models.vit import conv_stem_configs, resize_pos_embed
+from vitexp.models.vit import conv_stem_configs, interpolate_pos_embed, resize_pos_embed
 
-__all__ = ["FAMILIES", "ModelSpec", "build_model", "complexity", "complexity_table", "flop_counter", "conv_stem_configs", "features",
-           "get_spec", "is_vit", "list_models", "resize_pos_embed", "tuned_hparams", "unwrap"]
+__all__ = ["FAMILIES", "ModelSpec", "build_model", "classifier", "complexity", "complexity_table", "flop_counter", "conv_stem_configs", "features",
+           "get_spec", "interpolate_pos_embed", "is_vit", "list_models", "resize_pos_embed", "tuned_hparams", "unwrap"]

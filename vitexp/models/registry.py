@@ -144,8 +144,8 @@ _add("hybrid_7mf", "hybrid", 32, _VIT_C_7MF, layers=(1, 1, 1), widths=(16, 32, 6
      width=64, depth=5, heads=1, mlp=192)
 _add("hybrid_25mf", "hybrid", 32, _SMALL_VIT_C, layers=(1, 2), widths=(16, 32), stem_stride=2,
      width=64, depth=7, heads=1, mlp=192)
-_add("hybrid_50mf", "hybrid", 32, _SMALL_VIT_C, layers=(1, 2), widths=(24, 48), stem_stride=2,
-     width=96, depth=7, heads=2, mlp=288)
+_add("hybrid_50mf", "hybrid", 32, _SMALL_VIT_C, layers=(2, 2), widths=(24, 48), stem_stride=2,
+     width=96, depth=6, heads=2, mlp=288)
 _add("hybrid_200mf", "hybrid", 32, _SMALL_VIT_C, layers=(1, 2), widths=(48, 96), stem_stride=2,
      width=192, depth=7, heads=3, mlp=576)
 # [ViT]'s R50+ViT-B/16: ResNet-50 stages 1-3 with stage 3 at 9 blocks (the 4th stage's moved there; BatchNorm
@@ -329,13 +329,18 @@ def is_vit(model_or_name) -> bool:
     return isinstance(unwrap(model_or_name), VisionTransformer)
 
 
+def classifier(model: nn.Module) -> nn.Module:
+    """The head: a ViT's `heads`, a timm model's `get_classifier()`, a CNN's `fc`."""
+    inner = unwrap(model)
+    return (inner.heads if isinstance(inner, VisionTransformer) else
+            inner.get_classifier() if hasattr(inner, "get_classifier") else inner.fc)
+
+
 def features(model: nn.Module, x):
     """The penultimate features (B, D): the input of the classifier, i.e. a ViT's
     class token after the final norm, a CNN's globally pooled features (a timm model's
     `get_classifier()` input, its pre-logits)."""
-    inner = unwrap(model)
-    head = (inner.heads if isinstance(inner, VisionTransformer) else
-            inner.get_classifier() if hasattr(inner, "get_classifier") else inner.fc)
+    head = classifier(model)
     seen = []
     hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     try:

@@ -11,8 +11,9 @@ import math
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer, interpolate_embeddings
+from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
 
 from vitexp.errors import UserError
 
@@ -123,9 +124,28 @@ def _set_in_chans(model: VisionTransformer, in_chans: int) -> None:
         first[0] = nn.Conv2d(in_chans, old.out_channels, 3, old.stride, padding=1, bias=False)
 
 
+def interpolate_pos_embed(pe: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """Position embeddings (1, PREFIX + h*w, D) of a square h x w token grid resized to GRID,
+    the PREFIX tokens' (class token) untouched ([ViT] Sec. 3.2). Bilinear with half-pixel
+    centres (align_corners=False): the geometry of resizing the images themselves, and a
+    linear interpolation never overshoots the learned values, which bicubic (timm's, and
+    torchvision's with corners aligned) can at the 4x4-8x8 grids of the small models;
+    big_vision, the ViT authors' code, also interpolates linearly (scipy's zoom, order 1)."""
+    head, grid_part = pe[:, :prefix], pe[:, prefix:]
+    side = math.isqrt(grid_part.shape[1])
+    if side * side != grid_part.shape[1]:
+        raise UserError(f"position embeddings of {grid_part.shape[1]} tokens are not a square grid")
+    if (side, side) == tuple(grid):
+        return pe.clone()
+    d = grid_part.shape[-1]
+    image = grid_part.reshape(1, side, side, d).permute(0, 3, 1, 2)
+    image = F.interpolate(image.float(), size=tuple(grid), mode="bilinear", align_corners=False).to(pe.dtype)
+    return torch.cat([head, image.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d)], dim=1)
+
+
 def resize_pos_embed(model: nn.Module, image_size: int) -> None:
-    """Resize a ViT's position embeddings in place for `image_size` ([ViT]: 2D
-    interpolation of the grid part, class token untouched) so forward works there."""
+    """Resize a ViT's position embeddings in place for `image_size` (`interpolate_pos_embed`)
+    so forward works there."""
     from vitexp.models.registry import unwrap
 
     vit = unwrap(model)
@@ -135,7 +155,8 @@ def resize_pos_embed(model: nn.Module, image_size: int) -> None:
         raise UserError(f"image size {image_size} is not divisible by the patch size {vit.patch_size}; "
                         f"use a multiple of {vit.patch_size}")
     old = vit.encoder.pos_embedding
-    state = interpolate_embeddings(image_size, vit.patch_size, OrderedDict({"encoder.pos_embedding": old.detach()}))
-    vit.encoder.pos_embedding = nn.Parameter(state["encoder.pos_embedding"].clone(), requires_grad=old.requires_grad)
+    side = image_size // vit.patch_size
+    vit.encoder.pos_embedding = nn.Parameter(interpolate_pos_embed(old.detach(), (side, side)),
+                                             requires_grad=old.requires_grad)
     vit.image_size = image_size
     vit.seq_length = vit.encoder.pos_embedding.shape[1]

@@ -1,4 +1,4 @@
-"""Study kinds: one module each (scale, stability, optimizer, tune), registered by
+"""Study kinds: one module each (scale, stability, optimizer, tune, transfer), registered by
 name. `trials(spec)` is the one way from a resolved preset to its trial configs.
 
 - base.py       the Study interface and what every kind shares (checks, samplers)
@@ -15,6 +15,7 @@ from vitexp.studies import scale  # noqa: F401, I001
 from vitexp.studies import stability  # noqa: F401
 from vitexp.studies import optimizer  # noqa: F401
 from vitexp.studies import tune  # noqa: F401
+from vitexp.studies import transfer  # noqa: F401
 from vitexp.studies.base import Knob, Study, check_spec, log_uniform, sampling_range
 from vitexp.studies.registry import STUDIES, get_study, register
 

@@ -139,10 +139,14 @@ def run_trials(store: TrialStore, todo: list[tuple[str, TrainConfig]], seen: dic
     left = [(k, c) for k, c in todo if seen.get(k, {}).get("status") != "ok"]
     told: set[tuple] = set()
     while left:
+        pending = {k for k, _ in left}
+        waiting = [(k, c) for k, c in left if _source_pending(store, c, pending)]
+        ready = [t for t in left if t not in waiting]
         if fuse > 1:
-            held = [t for g in groups(left, fuse) for t in run_fused(store, g, seen, bar)]
+            held = [t for g in groups(ready, fuse) for t in run_fused(store, g, seen, bar)]
         else:
-            held = [(k, c) for k, c in left if not run_one(store, k, c, seen.get(k), bar, on_start)]
+            held = [(k, c) for k, c in ready if not run_one(store, k, c, seen.get(k), bar, on_start)]
+        held += waiting
         if held and len(held) == len(left):
             _say_who_holds(store, held, bar, told)
             time.sleep(WAIT_S)
@@ -152,6 +156,15 @@ def run_trials(store: TrialStore, todo: list[tuple[str, TrainConfig]], seen: dic
                 bar.end_trial(trial_summary(trial_label(c.to_dict()), now[k]) + " (another process)",
                               trial_images(c), now[k])
         left = [(k, c) for k, c in held if now[k] == seen.get(k)]
+
+
+def _source_pending(store: TrialStore, cfg: TrainConfig, pending: set[str]) -> bool:
+    """A fine-tune waits while its source trial is still to run here or held by another
+    process; a source nobody runs lets it start (and fail, saying why)."""
+    src = cfg.init_from.get("key") if cfg.init_from else None
+    if src is None or store.result(src) is not None:
+        return False
+    return src in pending or store.claim_of(src) is not None
 
 
 def _say_who_holds(store: TrialStore, held: list[tuple[str, TrainConfig]], bar: StudyProgress, told: set) -> None:

@@ -99,15 +99,16 @@ def check_folder(store: TrialStore, spec: dict | str) -> None:
 
 
 def start_order(todo: list[tuple[str, TrainConfig]]) -> list[tuple[str, TrainConfig]]:
-    """Longest first, so the workers end together instead of one running the last long
-    trial alone; among equally long trials the models take turns, so a study stopped
-    early has as many runs of each model (comparable partial EDFs), not all of one."""
+    """Trials that start from another's weights after every trial that does not; then longest
+    first, so the workers end together instead of one running the last long trial alone;
+    among equally long trials the models take turns, so a study stopped early has as many
+    runs of each model (comparable partial EDFs), not all of one."""
     turns: dict[tuple, int] = {}
     order = []
     for i, (key, cfg) in enumerate(todo):
         group = (cfg.model, trial_images(cfg))
         turns[group] = turns.get(group, -1) + 1
-        order.append((-trial_images(cfg), turns[group], i))
+        order.append((bool(cfg.init_from), -trial_images(cfg), turns[group], i))
     return [todo[i] for *_, i in sorted(order)]
 
 
