@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from vitexp import analysis, plots
+from vitexp.data.datasets import split_classes
 from vitexp.errors import UserError
 from vitexp.finetune import FINETUNE_LRS, HOLDOUT, Source, check_target, finetune_fields, source_columns
 from vitexp.studies.base import Knob, Study, int_knob, ints, seeds_phrase, tuned
@@ -59,9 +60,9 @@ class Transfer(Study):
         if not isinstance(target, str) or not target:
             raise UserError("the transfer study has no target; give --target (e.g. fashion-mnist:0,2,4,6,8) or set "
                             "[study] target")
-        if target == base.dataset:
-            raise UserError(f"--target {target} is the source data set itself; transfer to other images, e.g. "
-                            f"other classes (fashion-mnist:0-4 -> fashion-mnist:5-9)")
+        if _share_images(base.dataset, target):
+            raise UserError(f"--target {target} shares images with the source data set {base.dataset}; transfer to "
+                            f"other images: other classes (fashion-mnist:0-4 -> fashion-mnist:5-9) or another data set")
         if not s.get("sizes"):
             raise UserError("the transfer study has no sizes; give --sizes 1000,3000,... or set [study] sizes")
         sizes = ints(s["sizes"], "sizes")
@@ -134,6 +135,12 @@ class Transfer(Study):
         pre = ok[ok["role"] == "pretrain"]
         largest = pre[pre["size"] == pre.groupby("model")["size"].transform("max")]
         return pd.concat([largest, chosen(ok)])
+
+
+def _share_images(source: str, target: str) -> bool:
+    """Do two data sets hold an image in common (one data set, overlapping class selections)?"""
+    (sb, sc), (tb, tc) = split_classes(source), split_classes(target)
+    return sb == tb and (sc is None or tc is None or bool(set(sc) & set(tc)))
 
 
 def _floats(v, name: str) -> list[float]:
