@@ -5,7 +5,8 @@ failing or slow stage does not stop the next:
 
 - env          GPU, memory, versions; `vitexp doctor`
 - correctness  a short `vitexp train` of every model family (small levels, and one 224 px
-               paper model) with the defaults (bf16, fused optimizer, channels_last CNNs);
+               paper model) with the defaults (bf16, fused optimizer, channels_last CNNs),
+               a fine-tune of one at twice its resolution;
                once compiled, once under torchrun (NCCL), a killed-then-resumed run, and a
                longer small ViT_C run that must land far below chance
 - speed        `vitexp bench` against its baseline, with and without --compile
@@ -128,12 +129,17 @@ def _last_json(log: str) -> dict:
 def correctness_stage(c: Check, cap: float) -> None:
     tiny = ["--dataset", "shapes", "--n-train", "256" if c.smoke else "2048", "--n-test", "128", "--epochs",
             "1" if c.smoke else "2", "--batch-size", "64", "--device", c.device]
-    each = cap / 9
-    for model in ("vit_p_7mf", "vit_c_7mf", "regnety_25mf", "resnet_7mf", "vit_c_1gf"):
+    each = cap / 11
+    for model in ("vit_p_7mf", "vit_c_7mf", "hybrid_7mf", "regnety_25mf", "resnet_7mf", "vit_c_1gf"):
         extra = ["--n-train", "64", "--n-test", "32", "--batch-size", "32"] if model.endswith("gf") else []
         out = c.work / "train" / model
         c.cmd("correctness", f"train {model}", ["train", "--model", model, *tiny, *extra, "--out", out], each,
               ok=finite_run(out))
+    out = c.work / "finetune"  # the kept weights of the ViT_P run, at twice the resolution (interpolated embeddings)
+    c.cmd("correctness", "finetune at 64 px", ["finetune", "--from", c.work / "train" / "vit_p_7mf", "--dataset",
+                                               "shapes:5-9", "--n-train", "500", "--n-test", "128", "--image-size", "64",
+                                               "--steps", "20", "--lr", "0.03", "--device", c.device, "--out", out],
+          each, ok=finite_run(out))
     if c.smoke:
         c.skip("correctness", "train --compile", "torch.compile is checked on a GPU only")
     else:

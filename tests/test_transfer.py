@@ -204,3 +204,15 @@ def test_a_toy_transfer_study_runs_end_to_end(tmp_path):
     table = pd.read_csv(out / "figures" / "transfer.csv")
     assert set(table["metric"]) == {"finetune_32_err", "finetune_64_err", "fewshot2_err"}
     assert (table["n"] == 1).all() and math.isfinite(table["mean"].max())
+
+
+def test_a_shard_holds_its_finetunes_sources():
+    from vitexp.sweep import make_plan, resolve_spec
+
+    spec = resolve_spec("transfer", "transfer_shapes", {"sizes": [400, 800, 1600]}, {})
+    shards = [make_plan(spec, "/tmp/never-written", (i, 3)).mine for i in range(3)]
+    assert sum(map(len, shards)) == len(make_plan(spec, "/tmp/never-written").trials)
+    for mine in shards:
+        keys = {k for k, _ in mine}
+        assert all(c.init_from["key"] in keys for _, c in mine if c.init_from)
+        assert len(mine) > 0

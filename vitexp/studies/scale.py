@@ -82,12 +82,8 @@ class Scale(Study):
         out = []
         for metric in dict.fromkeys(summary["metric"]):
             part = summary[summary["metric"] == metric]
-            cell = [f"{m:.2f}" if n == 1 or not math.isfinite(s) else f"{m:.2f} ± {s:.2f}"
-                    for m, s, n in zip(part["mean"], part["std"], part["n"])]
-            wide = part.assign(cell=cell).pivot(index="model", columns="n_train", values="cell")
-            wide = wide.reindex(plots.model_order(wide.index)).reset_index()
-            wide.columns = ["model"] + [f"n={c}" for c in wide.columns[1:]]
-            out += [("h3", f"{metric} (%) by training-set size: {seeds_phrase(part['n'])}"), ("table", wide)]
+            out += [("h3", f"{metric} (%) by training-set size: {seeds_phrase(part['n'])}"),
+                    ("table", size_table(part, "n_train"))]
         gaps = cnn_gaps(summary)
         if not gaps.empty:
             out += [("h3", "Gap to the CNN: mean top-1 error minus the CNN's (points)"), ("table", gaps)]
@@ -181,23 +177,39 @@ def _span(values) -> str:
     return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
 
 
-def _scale_panel(ax, part, metric, styles, labels) -> None:
+def size_table(part: pd.DataFrame, size: str) -> pd.DataFrame:
+    """One summary metric as a table: a row per model, a column per SIZE, cells mean ± std."""
+    cell = [f"{m:.2f}" if n == 1 or not math.isfinite(s) else f"{m:.2f} ± {s:.2f}"
+            for m, s, n in zip(part["mean"], part["std"], part["n"])]
+    wide = part.assign(cell=cell).pivot(index="model", columns=size, values="cell")
+    wide = wide.reindex(plots.model_order(wide.index)).reset_index()
+    wide.columns = ["model"] + [f"n={c}" for c in wide.columns[1:]]
+    return wide
+
+
+def size_panel(ax, part: pd.DataFrame, size: str, styles: dict, labels: dict) -> None:
+    """Error vs SIZE (log x), a line per model: mean, band min-max, open markers where a run
+    there did not converge."""
     for model in plots.model_order(part["model"]):
-        g = part[part["model"] == model].sort_values("n_train")
+        g = part[part["model"] == model].sort_values(size)
         st = styles[model]
-        ax.plot(g["n_train"], g["mean"], color=st["color"], marker=st["marker"], label=labels[model])
+        ax.plot(g[size], g["mean"], color=st["color"], marker=st["marker"], label=labels[model])
         loose = g[g["not_converged"] > 0]  # drawn open: not every run at that point converged
-        ax.scatter(loose["n_train"], loose["mean"], marker=st["marker"], s=40, facecolor="white",
+        ax.scatter(loose[size], loose["mean"], marker=st["marker"], s=40, facecolor="white",
                    edgecolor=st["color"], zorder=3)
-        ax.fill_between(g["n_train"], g["min"], g["max"], color=st["color"], alpha=0.15, lw=0)
+        ax.fill_between(g[size], g["min"], g["max"], color=st["color"], alpha=0.15, lw=0)
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator(sorted(set(part["n_train"]))))
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(part[size]))))
     ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: plots.count_label(v)))
     ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_ylabel("top-1 error (%)")
+
+
+def _scale_panel(ax, part, metric, styles, labels) -> None:
+    size_panel(ax, part, "n_train", styles, labels)
     ax.set_xlabel("training images")
     k = analysis.FEWSHOT.match(metric)
     ax.set_title(f"{k[1]}-shot linear probe (frozen features)" if k else "test error")
-    ax.set_ylabel("top-1 error (%)")
 
 
 STUDY = register(Scale())

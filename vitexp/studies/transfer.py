@@ -14,9 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib as mpl
 import pandas as pd
-from matplotlib.ticker import FixedLocator, NullLocator
 
 from vitexp import analysis, plots
 from vitexp.data.datasets import split_classes
@@ -25,6 +23,7 @@ from vitexp.finetune import FINETUNE_LRS, HOLDOUT, Source, check_target, finetun
 from vitexp.studies.base import Knob, Study, int_knob, ints, seeds_phrase, tuned
 from vitexp.studies.registry import register
 from vitexp.studies.scale import STUDY as SCALE
+from vitexp.studies.scale import size_panel, size_table
 
 
 class Transfer(Study):
@@ -107,13 +106,8 @@ class Transfer(Study):
         out = []
         for metric in dict.fromkeys(summary["metric"]):
             part = summary[summary["metric"] == metric]
-            cell = [f"{m:.2f}" if n == 1 or not math.isfinite(s) else f"{m:.2f} ± {s:.2f}"
-                    for m, s, n in zip(part["mean"], part["std"], part["n"])]
-            wide = part.assign(cell=cell).pivot(index="model", columns="size", values="cell")
-            wide = wide.reindex(plots.model_order(wide.index)).reset_index()
-            wide.columns = ["model"] + [f"n={c}" for c in wide.columns[1:]]
             out += [("h3", f"{_metric_title(metric)} (%) by pre-training size: {seeds_phrase(part['n'])}"),
-                    ("table", wide)]
+                    ("table", size_table(part, "size"))]
         lrs = chosen_lrs(runs)
         if not lrs.empty:
             out += [("h3", "Fine-tuning lr chosen on the held-out images (batch 512), per seed"), ("table", lrs)]
@@ -256,19 +250,7 @@ def plot_transfer(runs: pd.DataFrame, out: Path) -> list[Path]:
         for ax in axes[len(metrics):]:
             ax.set_visible(False)
         for ax, metric in zip(axes, metrics):
-            part = summary[summary["metric"] == metric]
-            for model in plots.model_order(part["model"]):
-                g = part[part["model"] == model].sort_values("size")
-                st = styles[model]
-                ax.plot(g["size"], g["mean"], color=st["color"], marker=st["marker"], label=labels[model])
-                loose = g[g["not_converged"] > 0]
-                ax.scatter(loose["size"], loose["mean"], marker=st["marker"], s=40, facecolor="white",
-                           edgecolor=st["color"], zorder=3)
-                ax.fill_between(g["size"], g["min"], g["max"], color=st["color"], alpha=0.15, lw=0)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(FixedLocator(sorted(set(part["size"]))))
-            ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: plots.count_label(v)))
-            ax.xaxis.set_minor_locator(NullLocator())
+            size_panel(ax, summary[summary["metric"] == metric], "size", styles, labels)
             ax.set_xlabel("pre-training images")
             ax.set_ylabel("target top-1 error (%)")
             ax.set_title(_metric_title(metric))

@@ -136,9 +136,14 @@ class Plan:
 
     @cached_property
     def mine(self) -> list[tuple[str, TrainConfig]]:
-        """This shard's trials: a round-robin slice of the fixed order (disjoint, balanced)."""
+        """This shard's trials: a round-robin slice of the fixed order (disjoint, balanced), where
+        a trial that starts from another's weights goes with that one (it waits for it)."""
         i, n = self.shard
-        return self.trials[i::n]
+        shard_of: dict[str, int] = {}
+        for j, (key, cfg) in enumerate(self.trials):
+            source = cfg.init_from.get("key") if cfg.init_from else None
+            shard_of[key] = shard_of.get(source, j % n)
+        return [(k, t) for k, t in self.trials if shard_of[k] == i]
 
     def done(self, records: dict[str, dict] | None = None) -> dict[str, dict]:
         """key -> recorded row of every trial the folder has a result for (from RECORDS, the
