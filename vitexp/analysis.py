@@ -188,6 +188,18 @@ def edf_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+TAUGHT = " taught by "  # a distilled arm's name: "vit_p_7mf taught by resnet_7mf"
+
+
+def arms(runs: pd.DataFrame) -> pd.DataFrame:
+    """RUNS with each distilled student's model named as its arm (TAUGHT), so that tables and
+    figures show it beside the same model trained plainly."""
+    if "teacher_model" not in runs or runs["teacher_model"].isna().all():
+        return runs
+    taught = runs["teacher_model"].notna()
+    return runs.assign(model=runs["model"].where(~taught, runs["model"] + TAUGHT + runs["teacher_model"].astype(str)))
+
+
 def chance_err(dataset) -> float:
     """Top-1 error (%) of guessing, for a named data set (NaN where the classes are unknown)."""
     try:

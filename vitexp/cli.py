@@ -177,7 +177,15 @@ def train(out: Path, **kwargs):
     from vitexp.trainer import run_trial
     from vitexp.ui import StudyProgress, trial_images, trial_label
 
-    cfg = TrainConfig(**_preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))).validate().resolved()
+    teacher = kwargs.pop("teacher")  # a trial to find, not the config's teacher table
+    fields = _preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))
+    if teacher is not None:
+        from vitexp.distill import teacher_columns
+        from vitexp.finetune import find_source, stage_source
+
+        teacher = find_source(teacher, "--teacher")
+        fields.update(teacher=teacher.init_from(), extra={**fields.get("extra", {}), **teacher_columns(teacher)})
+    cfg = TrainConfig(**fields).validate().resolved()
     store = TrialStore(out, create=False)
     check_folder(store, "train")  # single runs never mix into a study's folder
     done = store.result(cfg.key())
@@ -192,7 +200,11 @@ def train(out: Path, **kwargs):
         with store.undo_on_refusal() if main else contextlib.nullcontext(), stop_on_signals(), \
                 StudyProgress(1, trial_images(cfg), enabled=None if main else False) as bar:
             bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
-            row = run_trial(cfg, store=store.create() if main else store, progress=bar)
+            if main:
+                store.create()
+                if teacher is not None:
+                    stage_source(teacher, store.root)
+            row = run_trial(cfg, store=store, progress=bar)
             if main:
                 store.rebuild()
     finally:
@@ -221,7 +233,10 @@ app.command("train")(with_params(train, [
                       default=typer.Option(Path("runs/train"), help="results folder"), annotation=Path),
     inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, **_option(
         None, ["--preset"], "a preset whose [models.NAME] and [tuned.NAME] tables --model may name "
-                            "(a name in experiments/ or a .toml path)", Optional[str]))]
+                            "(a name in experiments/ or a .toml path)", Optional[str])),
+    inspect.Parameter("teacher", inspect.Parameter.KEYWORD_ONLY, **_option(
+        None, ["--teacher"], "a finished trial (DIR:KEY, DIR or DIR/weights/KEY.pt) whose kept weights teach this "
+                             "ViT through DeiT's distillation token (--distillation hard|soft)", Optional[str]))]
     + _config_params(overrides=False)))
 
 

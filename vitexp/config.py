@@ -23,6 +23,7 @@ from vitexp.errors import UserError
 
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("none", "autoaugment", "randaugment")
+DISTILLATIONS = ("hard", "soft")
 SEED_MAX = 2**63
 MAX_IMAGE, MIN_IMAGE = 1024, 8  # px: beyond what the models or memory allow
 # field -> (low, high, high included, in words): the range every numeric field must lie in
@@ -45,6 +46,8 @@ RANGES = {
     "ema_decay": (1e-12, 1.0, False, "in (0, 1)"),
     "precise_bn": (0, 1 << 40, True, "a number of training images (0: off), e.g. 8192"),
     "holdout": (0.0, 1.0, False, "a fraction in [0, 1) (0: off), e.g. 0.1"),
+    "distill_tau": (1e-3, 1e3, True, "a positive temperature, e.g. 3"),
+    "distill_alpha": (0.0, 1.0, True, "in [0, 1]"),
     "seed": (0, SEED_MAX, False, "in [0, 2**63)"),
     "subset_seed": (0, SEED_MAX, False, "in [0, 2**63)"),
     "n_train": (1, 1 << 40, True, "positive"),
@@ -108,6 +111,12 @@ class TrainConfig:
                                         "test images the error; at this trial's image size); None: the trial's own")
     holdout: float = _f(0.0, "hold out this fraction of the training images (class-balanced) and report the final "
                              "model's error on them as val_err: a split to choose hyper-parameters on; 0 = off")
+    teacher: dict = field(default_factory=dict, metadata={
+        "help": "the finished trial whose weights teach this ViT through a distillation token (set by --teacher)"})
+    distillation: str = _f("hard", "with a teacher: hard (DeiT: the teacher's argmax as the distillation head's label) "
+                                   "| soft (KL to the teacher's softened outputs)")
+    distill_tau: float = _f(3.0, "soft distillation's temperature (DeiT: 3)")
+    distill_alpha: float = _f(0.1, "soft distillation's weight of the KL term (DeiT: 0.1; hard: 1/2 each)")
     init_from: dict = field(default_factory=dict, metadata={
         "help": "the finished trial whose weights this one starts from (set by `vitexp finetune` and the transfer study)"})
     # execution (do not change the result's meaning; left out of the trial key)
@@ -130,10 +139,11 @@ class TrainConfig:
     EXECUTION = ("device", "compile", "amp", "num_workers", "data_dir", "sync_bn", "tensorboard", "keep_weights",
                  "skip_unreadable", "extra")
     # fields a preset or a study sets, never an option of their own
-    NOT_OPTIONS = ("extra", "model_def", "init_from")
+    NOT_OPTIONS = ("extra", "model_def", "init_from", "teacher")
     # fields added after results were committed: in the key only when set, so trials
     # finished before they existed keep their keys
-    KEYED_WHEN_SET = ("precise_bn", "model_def", "fewshot_data", "holdout", "init_from")
+    KEYED_WHEN_SET = ("precise_bn", "model_def", "fewshot_data", "holdout", "init_from", "teacher", "distillation",
+                      "distill_tau", "distill_alpha")
 
     def validate(self) -> "TrainConfig":
         """Raise UserError naming the first bad field: its type, then its range (RANGES),
@@ -145,7 +155,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be {what}, got {v}")
         if any(k <= 0 for k in self.fewshot):
             raise UserError(f"--fewshot shots must be positive, got {self.fewshot}")
-        for name, choices in (("optimizer", OPTIMIZERS), ("augment", AUGMENTS)):
+        for name, choices in (("optimizer", OPTIMIZERS), ("augment", AUGMENTS), ("distillation", DISTILLATIONS)):
             if getattr(self, name) not in choices:
                 from vitexp.errors import unknown
 
@@ -162,6 +172,8 @@ class TrainConfig:
         info = dataset_info(self.dataset)  # unknown data set: the closest names
         patch = spec.patch(self.image_size)
         size = self.image_size
+        if self.teacher:
+            self._check_teacher(spec, size or self._native_size(spec, info))
         if not spec.builtin:  # a preset's or timm's model: can it take these images at all?
             check_model(spec, size or self._native_size(spec, info), info.in_chans, info.num_classes)
         if patch and size is not None and size % patch:
@@ -188,6 +200,19 @@ class TrainConfig:
         if n and self.batch_size > n:
             raise UserError(f"--batch-size {self.batch_size} is larger than the training set ({n} images); "
                             f"use at most {n}")
+
+    def _check_teacher(self, spec, size: int) -> None:
+        """A distilled student is a ViT, taught on its own data at its own image size."""
+        t = self.teacher
+        if not spec.is_vit:
+            raise UserError(f"{self.model} cannot be a distilled student: only vitexp's ViTs and hybrids have a "
+                            f"distillation token; give a ViT as --model and the CNN as --teacher")
+        if t.get("dataset") != self.dataset:
+            raise UserError(f"--teacher {t.get('key')} was trained on {t.get('dataset')}, not {self.dataset}; give a "
+                            f"teacher of the student's data set and classes")
+        if t.get("image_size") != size:
+            raise UserError(f"--teacher {t.get('key')} saw {t.get('image_size')} px images, the student {size} px; "
+                            f"give --image-size {t.get('image_size')} or a teacher trained at {size} px")
 
     def _check_types(self) -> None:
         """Presets and notebooks can pass anything: say which field has the wrong type."""
@@ -226,6 +251,11 @@ class TrainConfig:
         n = self.n_train or info.n_train
         return dataclasses.replace(self, lr=lr, wd=wd, crop_pad=pad, image_size=size,
                                    precise_bn=_precise_bn(self.precise_bn, n), compile=self._compile(n))
+
+    def needs(self) -> list[str]:
+        """The keys of the trials whose kept weights this one reads (its fine-tuning source,
+        its teacher): it runs after them."""
+        return [d["key"] for d in (self.init_from, self.teacher) if d]
 
     def model_spec(self):
         """The model's spec: from `model_def` where the preset defined the model, else the

@@ -115,7 +115,7 @@ class Source:
                 "image_size": self.image_size}
 
 
-def find_source(text: str) -> Source:
+def find_source(text: str, option: str = "--from") -> Source:
     """The trial SOURCE names: `DIR:KEY`, `DIR` (a folder of one finished trial, e.g. a
     `vitexp train` folder) or a kept weights file `DIR/weights/KEY.pt`; every way it can be
     unusable is one line naming the fix."""
@@ -128,27 +128,27 @@ def find_source(text: str) -> Source:
         folder, key = text.rsplit(":", 1)
         path = Path(folder)
     if not path.is_dir():
-        raise UserError(f"--from {text}: no such folder; give a study or train folder, DIR:KEY to pick one of its "
+        raise UserError(f"{option} {text}: no such folder; give a study or train folder, DIR:KEY to pick one of its "
                         f"trials, or a weights/KEY.pt file")
     store = TrialStore(path, create=False)
     done = store.finished()
     if key is None:
         ok = [k for k, r in done.items() if r.get("status") == "ok"]
         if len(ok) != 1:
-            raise UserError(f"--from {text}: the folder holds {len(ok)} finished trials; pick one as {text}:KEY "
+            raise UserError(f"{option} {text}: the folder holds {len(ok)} finished trials; pick one as {text}:KEY "
                             f"(the key column of its runs table)")
         key = ok[0]
     row = done.get(key)
     if row is None:
         where = "is still running or was interrupted" if store.checkpoint_path(key).exists() else "is not there"
-        raise UserError(f"--from {text}: trial {key} {where}; finish it first (rerun its command) or pick "
+        raise UserError(f"{option} {text}: trial {key} {where}; finish it first (rerun its command) or pick "
                         f"another of {path}'s finished trials")
     if row.get("status") != "ok" or row.get("diverged"):
         why = "diverged" if row.get("diverged") else f"failed ({row.get('error', '?')})"
-        raise UserError(f"--from {text}: trial {key} {why}; nothing to start from: pick a finished trial")
+        raise UserError(f"{option} {text}: trial {key} {why}; nothing to start from: pick a finished trial")
     weights = store.weights_path(key)
     if not weights.exists():
-        raise UserError(f"--from {text}: trial {key} kept no weights; rerun it with --keep-weights (a new "
+        raise UserError(f"{option} {text}: trial {key} kept no weights; rerun it with --keep-weights (a new "
                         f"folder, or delete its trials/{key}.json first)")
     saved = read_weights(weights)
     return Source(key=key, weights=weights, model=saved["model"], model_def=saved.get("model_def") or {},

@@ -58,7 +58,7 @@ def default_k(device: str) -> int:
 
 def fuse_key(cfg: TrainConfig) -> tuple | None:
     """What fused trials share (None: this trial cannot fuse)."""
-    if cfg.dropout or cfg.mixup or cfg.cutmix or cfg.dataset.startswith("imagefolder:"):
+    if cfg.dropout or cfg.mixup or cfg.cutmix or cfg.teacher or cfg.dataset.startswith("imagefolder:"):
         return None
     d = cfg.to_dict()
     return tuple(sorted((k, str(v)) for k, v in d.items() if k not in MEMBER_FIELDS))

@@ -51,10 +51,10 @@ def style():
 
 
 def family(model: str) -> str:
-    """The colour group of a model: vit_p | vit_c | hybrid | cnn (RegNetY, ResNet), from the
-    registry; other for a model vitexp does not know."""
+    """The colour group of a model (or of a distilled arm's student): vit_p | vit_c | hybrid | cnn
+    (RegNetY, ResNet), from the registry; other for a model vitexp does not know."""
     try:
-        fam = vmodels.get_spec(model).family
+        fam = vmodels.get_spec(model.split(analysis.TAUGHT)[0]).family
     except UserError:
         return "other"
     return fam if fam in COLOURS else "cnn"

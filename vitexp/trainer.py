@@ -41,6 +41,7 @@ from vitexp import models as vmodels
 from vitexp import rows, runtime
 from vitexp.rows import DIVERGED_ERR
 from vitexp.config import KEEP_WEIGHTS_MAX_PARAMS, TrainConfig
+from vitexp.distill import Distiller, load_teacher
 from vitexp.errors import UserError
 from vitexp.optim import EMA, build_optimizer, build_scheduler
 from vitexp.seeds import EPOCH, derive_seed
@@ -86,6 +87,8 @@ class Trial:
     criterion: nn.Module
     channels_last: bool
     source: Path | None = None  # the weights a fine-tune started from
+    teacher: Path | None = None  # the kept weights that teach a distilled student
+    distiller: Distiller | None = None  # the loss of a student with a teacher (else `criterion`)
     keep_weights: bool = False  # write the evaluated weights at their best evaluation when the trial ends
     best: dict | None = None  # those weights (a CPU copy of the state dict), while keep_weights
     state: TrialState = dataclasses.field(default_factory=TrialState)
@@ -98,7 +101,7 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     (DDP under torchrun, torch.compile on request)."""
     torch.manual_seed(cfg.seed)
     model = vmodels.build_model(cfg.model_spec(), image_size=bundle.image_size, in_chans=bundle.in_chans,
-                                num_classes=bundle.num_classes, dropout=cfg.dropout)
+                                num_classes=bundle.num_classes, dropout=cfg.dropout, distilled=bool(cfg.teacher))
     if cfg.init_from:
         from vitexp.finetune import load_source, read_weights
 
@@ -122,9 +125,9 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     return model, net, channels_last
 
 
-def setup_trial(cfg: TrainConfig, source: Path | None = None) -> Trial:
+def setup_trial(cfg: TrainConfig, source: Path | None = None, teacher: Path | None = None) -> Trial:
     """Device, data, model, EMA, optimizer and schedule of a resolved config (SOURCE: the
-    weights a fine-tune starts from)."""
+    weights a fine-tune starts from; TEACHER: the kept weights that teach a student)."""
     d, device = runtime.init_distributed(runtime.resolve_device(cfg.device))
     if cfg.batch_size % d.world:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the world size {d.world}; "
@@ -142,7 +145,8 @@ def setup_trial(cfg: TrainConfig, source: Path | None = None) -> Trial:
                  sched=build_scheduler(opt, cfg, len(train_loader)), train_loader=train_loader,
                  test_loader=test_loader, mixer=vdata.batch_mixer(cfg, bundle.num_classes),
                  criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), channels_last=channels_last,
-                 keep_weights=keep, source=source)
+                 keep_weights=keep, source=source, teacher=teacher,
+                 distiller=Distiller(load_teacher(teacher, device), cfg) if cfg.teacher else None)
 
 
 def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float:
@@ -158,7 +162,8 @@ def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast(t.device, t.cfg.amp):
-            loss = t.criterion(t.net(x), y)
+            out = t.net(x)
+            loss = t.criterion(out, y) if t.distiller is None else t.distiller(out, x, y)
         t.opt.zero_grad(set_to_none=True)
         loss.backward()
         member_step(t, epoch * steps + step + 1)
@@ -278,6 +283,15 @@ def source_path(cfg: TrainConfig, store: TrialStore | None) -> Path | None:
     return store.weights_path(cfg.init_from["key"]) if cfg.init_from and store is not None else None
 
 
+def teacher_path(cfg: TrainConfig, store: TrialStore | None) -> Path | None:
+    """Where a student's teacher weights are: in its own folder, as a fine-tune's source."""
+    if not cfg.teacher:
+        return None
+    if store is None:
+        raise UserError("a student with a teacher needs a results folder that holds the teacher's weights (out)")
+    return store.weights_path(cfg.teacher["key"])
+
+
 def resume(t: Trial, ckpt: Path | None) -> Trial:
     """T at the checkpoint a killed run left, if any; an unreadable checkpoint (damaged, or
     from another version of the code) is set aside and the trial starts afresh."""
@@ -287,7 +301,7 @@ def resume(t: Trial, ckpt: Path | None) -> Trial:
         load_checkpoint(t, ckpt)
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, training from scratch is right
         set_aside(ckpt, f"{type(e).__name__}: {str(e)[:80]}")
-        return setup_trial(t.cfg, t.source)
+        return setup_trial(t.cfg, t.source, t.teacher)
     return t
 
 
@@ -412,7 +426,7 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     provenance()  # read now: the commit of the code this process runs
     ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
-    t = resume(setup_trial(cfg, source_path(cfg, store)), ckpt)
+    t = resume(setup_trial(cfg, source_path(cfg, store), teacher_path(cfg, store)), ckpt)
     if progress is not None and t.state.epoch:
         progress({"event": "resumed", "epoch": t.state.epoch, "epochs": cfg.epochs})
     graphs = compiled_graphs()

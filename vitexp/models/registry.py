@@ -21,7 +21,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from vitexp.config import OPTIMIZERS
 from vitexp.errors import UserError, unknown
 from vitexp.models.cnn import build_regnety, build_resnet, stages_stride
-from vitexp.models.vit import build_hybrid, build_vit
+from vitexp.models.vit import add_distillation_token, build_hybrid, build_vit
 
 # model families: the figures' colours, the claims, and the names [ranges.FAMILY] takes
 FAMILIES = ("vit_p", "vit_c", "hybrid", "regnety", "resnet", "cnn", "other")
@@ -267,9 +267,15 @@ def tuned_hparams(name: str, optimizer: str) -> tuple[float, float]:
 
 
 def build_model(name: str | ModelSpec, image_size: int | None = None, in_chans: int = 3, num_classes: int = 1000,
-                patch_size: int | None = None, dropout: float = 0.0) -> nn.Module:
-    """A fresh model (from its name or its spec); image_size None means the model's native resolution."""
+                patch_size: int | None = None, dropout: float = 0.0, distilled: bool = False) -> nn.Module:
+    """A fresh model (from its name or its spec); image_size None means the model's native
+    resolution; DISTILLED: a ViT or hybrid with DeiT's distillation token (`DistilledViT`)."""
     spec = name if isinstance(name, ModelSpec) else get_spec(name)
+    if distilled:
+        if not spec.is_vit:
+            raise UserError(f"{spec.name} cannot be a distilled student: only vitexp's ViTs and hybrids have a "
+                            f"distillation token; give a ViT as the student and the CNN as --teacher")
+        return add_distillation_token(build_model(spec, image_size, in_chans, num_classes, patch_size, dropout))
     common = dict(image_size=image_size or spec.resolution, in_chans=in_chans, num_classes=num_classes,
                   dropout=dropout)
     if not spec.is_vit and patch_size is not None:

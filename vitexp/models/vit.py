@@ -66,6 +66,40 @@ class RegisterViT(VisionTransformer):
         return self.heads(x[:, 0])
 
 
+class DistilledViT(VisionTransformer):
+    """DeiT's student (Touvron et al. 2021): a distillation token beside the class token, with
+    its own position embedding and its own head. Training returns both heads' logits (the
+    distillation loss takes them apart); evaluation returns the log of the two heads' averaged
+    softmax, so argmax and the error are the averaged prediction's."""
+
+    def forward(self, x: torch.Tensor):
+        x = self._process_input(x)
+        n = x.shape[0]
+        x = self.encoder(torch.cat([self.class_token.expand(n, -1, -1), self.dist_token.expand(n, -1, -1), x], dim=1))
+        cls, dist = self.heads(x[:, 0]), self.head_dist(x[:, 1])
+        if self.training:
+            return cls, dist
+        return torch.log((cls.softmax(-1) + dist.softmax(-1)) / 2)
+
+
+def add_distillation_token(model: VisionTransformer) -> DistilledViT:
+    """MODEL (a plain class-token ViT or hybrid, as built) made a DistilledViT in place: every
+    builder's ViT gets the token the same way. The token and its position embedding start as
+    DeiT's (truncated normal, std 0.02), the second head as torchvision's first (zero)."""
+    if type(model) is not VisionTransformer:
+        raise UserError(f"a distillation token needs a plain class-token ViT, not a {type(model).__name__}")
+    model.__class__ = DistilledViT
+    model.dist_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, model.hidden_dim), std=0.02))
+    pe = model.encoder.pos_embedding.detach()
+    extra = nn.init.trunc_normal_(torch.empty_like(pe[:, :1]), std=0.02)
+    model.encoder.pos_embedding = nn.Parameter(torch.cat([pe[:, :1], extra, pe[:, 1:]], dim=1))
+    model.seq_length += 1
+    model.head_dist = nn.Linear(model.hidden_dim, model.num_classes)
+    nn.init.zeros_(model.head_dist.weight)
+    nn.init.zeros_(model.head_dist.bias)
+    return model
+
+
 def build_vit(*, width: int, depth: int, heads: int, mlp: int, patch: int, conv_stem: bool,
               stem: tuple | None = None, registers: int = 0, image_size: int, in_chans: int, num_classes: int,
               patch_size: int | None, dropout: float) -> VisionTransformer:

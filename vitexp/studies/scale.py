@@ -19,6 +19,9 @@ from matplotlib.ticker import FixedLocator, NullLocator
 from vitexp import analysis, plots
 from vitexp.data.loaders import num_batches
 from vitexp.errors import UserError
+from vitexp import models as vmodels
+from vitexp.distill import teacher_columns
+from vitexp.finetune import Source
 from vitexp.studies.base import Knob, Study, int_knob, ints, seeds_phrase, tuned
 from vitexp.studies.registry import register
 
@@ -35,7 +38,9 @@ class Scale(Study):
              Knob("min_epochs", int, "epoch floor for the largest sizes"),
              Knob("epochs", int, "train every size this many epochs instead of the step budget"),
              Knob("evals", int, "evaluations per trial (every max(1, epochs // evals) epochs)"),
-             Knob("fewshot", int, "comma-separated shots of the linear few-shot eval, e.g. 1,5,10", many=True))
+             Knob("fewshot", int, "comma-separated shots of the linear few-shot eval, e.g. 1,5,10", many=True),
+             Knob("teachers", str, "distilled arms, comma-separated STUDENT=TEACHER model pairs (DeiT): each size "
+                                   "and seed's STUDENT learns from that size and seed's TEACHER trial", many=True))
     sets = Study.sets + ("n_train", "eval_every")
     needs = ("model", "n_train", "top1_err")
     plot_command = "plot-scale"
@@ -48,16 +53,24 @@ class Scale(Study):
         if min(sizes) <= 0:
             raise UserError(f"--sizes must be positive, got {sizes}")
         fewshot = ints(s["fewshot"], "fewshot") if s.get("fewshot") else list(base.fewshot)
-        out = []
-        for model in s["models"]:
+        teachers = teacher_pairs(s.get("teachers"))
+        seeds = ints(s.get("seeds", [0]), "seeds")
+
+        def plain(model: str, seed: int, n: int, **more):
             lr, wd = tuned(spec, model, base.optimizer)
-            for seed in ints(s.get("seeds", [0]), "seeds"):
+            epochs = self.epochs(s, n, min(sizes), base.batch_size)
+            extra = {"size": n, "budget_steps": self.budget(s, n, min(sizes)), **more.pop("extra", {})}
+            return trial(model=model, n_train=n, seed=seed, subset_seed=seed, epochs=epochs,
+                         eval_every=max(1, epochs // int_knob(s, "evals", 10)), lr=base.lr or lr,
+                         wd=base.wd if base.wd is not None else wd, fewshot=fewshot, extra=extra, **more)
+
+        out = [plain(model, seed, n) for model in s["models"] for seed in seeds for n in sizes]
+        for student, teacher in teachers.items():  # the teacher saw this size's images, no more
+            for seed in seeds:
                 for n in sizes:
-                    epochs = self.epochs(s, n, min(sizes), base.batch_size)
-                    out.append(trial(model=model, n_train=n, seed=seed, subset_seed=seed, epochs=epochs,
-                                     eval_every=max(1, epochs // int_knob(s, "evals", 10)),
-                                     lr=base.lr or lr, wd=base.wd if base.wd is not None else wd,
-                                     fewshot=fewshot, extra={"size": n, "budget_steps": self.budget(s, n, min(sizes))}))
+                    taught = Source.planned(plain(teacher, seed, n))
+                    out += [plain(teacher, seed, n, keep_weights=True),
+                            plain(student, seed, n, teacher=taught.init_from(), extra=teacher_columns(taught))]
         return out
 
     @staticmethod
@@ -75,10 +88,10 @@ class Scale(Study):
         return max(int_knob(s, "min_epochs", 1), math.ceil(self.budget(s, n, smallest) * batch / n))
 
     def figures(self, runs, out, n_boot=2500, seed=0):
-        return plot_scale(runs, Path(out))
+        return plot_scale(analysis.arms(runs), Path(out))
 
     def tables(self, runs, n_boot=2500, seed=0):
-        summary = scale_summary(runs)
+        summary = scale_summary(analysis.arms(runs))
         out = []
         for metric in dict.fromkeys(summary["metric"]):
             part = summary[summary["metric"] == metric]
@@ -102,6 +115,26 @@ class Scale(Study):
     def must_converge(self, runs):
         ok = analysis.finished(runs)
         return ok[ok["n_train"] == ok.groupby("model")["n_train"].transform("max")]
+
+
+def teacher_pairs(value) -> dict[str, str]:
+    """{student: teacher} from [study] teachers: a table, or STUDENT=TEACHER strings."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        pairs = dict(value)
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) and v.count("=") == 1 for v in value):
+        pairs = dict(v.split("=") for v in value)
+    else:
+        raise UserError(f"--teachers takes STUDENT=TEACHER pairs, e.g. vit_p_7mf=resnet_7mf, got {value!r}; or "
+                        f'set [study] teachers = {{vit_p_7mf = "resnet_7mf"}} in the preset')
+    for student, teacher in pairs.items():
+        for name in (student, teacher):
+            vmodels.get_spec(str(name))  # unknown: the closest names
+        if not vmodels.get_spec(student).is_vit:
+            raise UserError(f"teachers: {student} cannot be a distilled student: only vitexp's ViTs and hybrids have "
+                            f"a distillation token; give {student} as a teacher instead")
+    return {str(k): str(v) for k, v in pairs.items()}
 
 
 def scale_summary(runs: pd.DataFrame) -> pd.DataFrame:

@@ -159,12 +159,9 @@ def run_trials(store: TrialStore, todo: list[tuple[str, TrainConfig]], seen: dic
 
 
 def _source_pending(store: TrialStore, cfg: TrainConfig, pending: set[str]) -> bool:
-    """A fine-tune waits while its source trial is still to run here or held by another
-    process; a source nobody runs lets it start (and fail, saying why)."""
-    src = cfg.init_from.get("key") if cfg.init_from else None
-    if src is None or store.result(src) is not None:
-        return False
-    return src in pending or store.claim_of(src) is not None
+    """A fine-tune or a student waits while a trial whose weights it reads is still to run here
+    or held by another process; one nobody runs lets it start (and fail, saying why)."""
+    return any(store.result(k) is None and (k in pending or store.claim_of(k) is not None) for k in cfg.needs())
 
 
 def _say_who_holds(store: TrialStore, held: list[tuple[str, TrainConfig]], bar: StudyProgress, told: set) -> None:

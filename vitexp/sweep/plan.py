@@ -108,7 +108,7 @@ def start_order(todo: list[tuple[str, TrainConfig]]) -> list[tuple[str, TrainCon
     for i, (key, cfg) in enumerate(todo):
         group = (cfg.model, trial_images(cfg))
         turns[group] = turns.get(group, -1) + 1
-        order.append((bool(cfg.init_from), -trial_images(cfg), turns[group], i))
+        order.append((bool(cfg.needs()), -trial_images(cfg), turns[group], i))
     return [todo[i] for *_, i in sorted(order)]
 
 
@@ -141,8 +141,7 @@ class Plan:
         i, n = self.shard
         shard_of: dict[str, int] = {}
         for j, (key, cfg) in enumerate(self.trials):
-            source = cfg.init_from.get("key") if cfg.init_from else None
-            shard_of[key] = shard_of.get(source, j % n)
+            shard_of[key] = next((shard_of[k] for k in cfg.needs() if k in shard_of), j % n)
         return [(k, t) for k, t in self.trials if shard_of[k] == i]
 
     def done(self, records: dict[str, dict] | None = None) -> dict[str, dict]:

@@ -1,0 +1,161 @@
+"""DeiT's distillation: the distillation token, the hard and soft losses, a frozen teacher read
+from kept weights, its key in the student's, resume, and the bad teachers."""
+
+import math
+
+import pytest
+import torch
+
+import vitexp.models as vm
+from tests.conftest import assert_user_error, run_cli
+from vitexp.config import TrainConfig
+from vitexp.distill import Distiller, load_teacher, teacher_columns
+from vitexp.finetune import find_source, stage_source
+from vitexp.store import TrialStore
+from vitexp.trainer import run_trial
+
+TEACHER = TrainConfig(model="resnet_7mf", dataset="shapes", n_train=200, n_test=100, batch_size=50, epochs=2,
+                      device="cpu", lr=0.5, wd=0.0, warmup_epochs=0.0, optimizer="sgd")
+
+
+class Kill(Exception):
+    pass
+
+
+class Fixed(torch.nn.Module):
+    """A teacher whose logits are given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
+def test_the_losses_are_deits_computed_by_hand():
+    cls = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    dist = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]])
+    teacher = torch.tensor([[0.1, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    y = torch.tensor([0, 2])
+    cfg = TrainConfig(model="vit_p_7mf", label_smoothing=0.0)
+
+    def ce(logits, target):  # -log softmax at the target, averaged
+        return -sum(logits[i, t] - torch.logsumexp(logits[i], 0) for i, t in enumerate(target)) / len(target)
+
+    hard = Distiller(Fixed(teacher), cfg)((cls, dist), None, y)
+    assert torch.allclose(hard, 0.5 * ce(cls, y) + 0.5 * ce(dist, [1, 0]))
+    soft_cfg = TrainConfig(model="vit_p_7mf", label_smoothing=0.0, distillation="soft", distill_tau=2.0,
+                           distill_alpha=0.25)
+    soft = Distiller(Fixed(teacher), soft_cfg)((cls, dist), None, y)
+    p, q = (teacher / 2).softmax(1), (dist / 2).softmax(1)
+    kl = (p * (p.log() - q.log())).sum() * 4 / dist.numel()
+    assert torch.allclose(soft, 0.75 * ce(cls, y) + 0.25 * kl)
+
+
+def test_a_student_has_a_distillation_token_and_evaluates_the_heads_averaged():
+    torch.manual_seed(0)
+    model = vm.build_model("vit_c_7mf", num_classes=4, distilled=True)
+    plain = vm.build_model("vit_c_7mf", num_classes=4)
+    assert model.seq_length == plain.seq_length + 1 and model.encoder.pos_embedding.shape[1] == model.seq_length
+    for head in (model.heads.head, model.head_dist):
+        torch.nn.init.normal_(head.weight)
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        tokens = model.encoder(torch.cat([model.class_token.expand(3, -1, -1), model.dist_token.expand(3, -1, -1),
+                                          model._process_input(x)], 1))
+        cls, dist = model.heads(tokens[:, 0]), model.head_dist(tokens[:, 1])
+        assert torch.allclose(model(x).exp(), (cls.softmax(1) + dist.softmax(1)) / 2, atol=1e-6)
+    with pytest.raises(Exception, match="cannot be a distilled student"):
+        vm.build_model("resnet_7mf", distilled=True)
+
+
+def test_the_teacher_is_frozen_and_its_key_is_in_the_students(tmp_path):
+    run_trial(TEACHER, out=tmp_path / "teacher")
+    source = find_source(str(tmp_path / "teacher"))
+    student = TrainConfig(**{**TEACHER.to_dict(), "model": "vit_p_7mf", "teacher": source.init_from(),
+                             "extra": teacher_columns(source)})
+    assert student.key() != TrainConfig(**{**student.to_dict(), "teacher": {**source.init_from(), "key": "0" * 12}}).key()
+    stage_source(source, tmp_path / "student")
+    before = {k: v.clone() for k, v in torch.load(source.weights, weights_only=True)["state_dict"].items()}
+    seen = {}
+    import vitexp.trainer as trainer
+
+    real = trainer.train_epoch
+
+    def spy(t, epoch, progress=None):
+        loss = real(t, epoch, progress)
+        seen["grads"] = [p.grad for p in t.distiller.teacher.parameters()]
+        seen["teacher"] = {k: v.clone() for k, v in t.distiller.teacher.state_dict().items()}
+        seen["training"] = t.distiller.teacher.training
+        return loss
+
+    trainer.train_epoch = spy
+    try:
+        row = run_trial(student, out=tmp_path / "student")
+    finally:
+        trainer.train_epoch = real
+    assert all(g is None for g in seen["grads"]) and not seen["training"]
+    assert all(torch.equal(seen["teacher"][k], before[k]) for k in before)
+    assert row["teacher_key"] == source.key and math.isfinite(row["top1_err"])
+    assert not any(p.requires_grad for p in load_teacher(source.weights, torch.device("cpu")).parameters())
+
+
+def test_a_killed_student_resumes_to_the_uninterrupted_result(tmp_path):
+    run_trial(TEACHER, out=tmp_path / "teacher")
+    source = find_source(str(tmp_path / "teacher"))
+    student = TrainConfig(**{**TEACHER.to_dict(), "model": "vit_p_7mf", "epochs": 3, "teacher": source.init_from()})
+    for name in ("whole", "killed"):
+        stage_source(source, tmp_path / name)
+    whole = run_trial(student, out=tmp_path / "whole")
+
+    def die(ev):
+        if ev["event"] == "epoch" and ev["epoch"] == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run_trial(student, out=tmp_path / "killed", progress=die)
+    killed = run_trial(student, out=tmp_path / "killed")
+    for col in ("top1_err", "last_err", "train_loss"):
+        assert whole[col] == killed[col], col
+
+
+def test_bad_teachers_are_one_line_and_write_nothing(tmp_path):
+    run_trial(TEACHER, out=tmp_path / "teacher")
+    common = ["train", "--dataset", "shapes", "--device", "cpu", "--out", tmp_path / "out"]
+    cases = [
+        (["--model", "resnet_7mf", "--teacher", tmp_path / "teacher"], ["cannot be a distilled student"]),
+        (["--model", "vit_p_7mf", "--teacher", tmp_path / "teacher", "--dataset", "shapes:0-4"], ["trained on shapes"]),
+        (["--model", "vit_p_7mf", "--teacher", tmp_path / "nothing"], ["--teacher", "no such folder"]),
+        (["--model", "vit_p_7mf", "--teacher", f"{tmp_path / 'teacher'}:{'a' * 12}"], ["is not there"]),
+        (["--model", "vit_p_7mf", "--teacher", tmp_path / "teacher", "--distillation", "warm"], ["distillation"]),
+    ]
+    for args, needles in cases:
+        assert_user_error(run_cli(*common, *args), *needles)
+        assert not (tmp_path / "out").exists()
+    assert TrialStore(tmp_path / "teacher").kept_weights()
+
+
+def test_a_scale_study_with_a_distilled_arm(tmp_path):
+    """Each size's student learns from that size's CNN trial, which runs first; the arm is a
+    model of its own in the tables."""
+    import pandas as pd
+
+    out = tmp_path / "study"
+    proc = run_cli("scale-study", "--models", "vit_p_7mf,resnet_7mf", "--teachers", "vit_p_7mf=resnet_7mf",
+                   "--sizes", "100,200", "--steps", "4", "--min-epochs", "1", "--evals", "1", "--n-test", "100",
+                   "--batch-size", "50", "--device", "cpu", "--out", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 6
+    students = runs[runs["teacher_key"].notna()]
+    cnn = runs[runs["model"] == "resnet_7mf"].set_index("key")
+    assert len(students) == 2 and set(students["teacher_key"]) == set(cnn.index)
+    for _, s in students.iterrows():
+        assert cnn.loc[s["teacher_key"], "n_train"] == s["n_train"]  # the teacher saw this size, no more
+        assert s["started_at"] >= cnn.loc[s["teacher_key"], "started_at"]
+    table = pd.read_csv(out / "figures" / "scale.csv")
+    assert "vit_p_7mf taught by resnet_7mf" in set(table["model"]) and "vit_p_7mf" in set(table["model"])
+    bad = run_cli("scale-study", "--teachers", "resnet_7mf=vit_p_7mf", "--dry-run", "--out", tmp_path / "x")
+    assert_user_error(bad, "cannot be a distilled student")

@@ -1,0 +1,54 @@
+"""DeiT's distillation through attention (Touvron et al., ICML 2021): a ViT student with a
+distillation token (`DistilledViT`) learns from a frozen teacher's outputs on the same
+augmented batch. The teacher is a finished trial's kept weights (`vitexp.finetune.Source`),
+in eval mode and without gradients; its key is in the student's (`TrainConfig.teacher`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitexp import models as vmodels
+from vitexp.config import TrainConfig
+from vitexp.finetune import Source, read_weights
+
+
+class Distiller:
+    """The student's loss. Hard (DeiT's default): 1/2 CE(class head, label, smoothed) + 1/2
+    CE(distillation head, the teacher's argmax, not smoothed). Soft: (1 - alpha) CE(class
+    head, label) + alpha tau^2 KL(teacher || student at temperature tau), summed over classes
+    and averaged over the batch's logits, as DeiT's code does (sum / numel)."""
+
+    def __init__(self, teacher: nn.Module, cfg: TrainConfig):
+        self.teacher, self.kind, self.tau, self.alpha = teacher, cfg.distillation, cfg.distill_tau, cfg.distill_alpha
+        self.ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def __call__(self, out: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cls, dist = out
+        with torch.no_grad():
+            taught = self.teacher(x).float()
+        if self.kind == "hard":
+            return 0.5 * self.ce(cls, y) + 0.5 * F.cross_entropy(dist, taught.argmax(1))
+        t = self.tau
+        kl = F.kl_div(F.log_softmax(dist.float() / t, 1), F.log_softmax(taught / t, 1), reduction="sum",
+                      log_target=True) * (t * t) / dist.numel()
+        return (1 - self.alpha) * self.ce(cls, y) + self.alpha * kl
+
+
+def load_teacher(path: Path, device: torch.device) -> nn.Module:
+    """The teacher of kept weights at PATH: rebuilt as it was evaluated, frozen, in eval mode."""
+    saved = read_weights(path)
+    spec = vmodels.registry.spec_of(saved["model"], saved.get("model_def") or {})
+    teacher = vmodels.build_model(spec, image_size=saved["image_size"], in_chans=saved["in_chans"],
+                                  num_classes=saved["num_classes"])
+    teacher.load_state_dict(saved["state_dict"])
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def teacher_columns(source: Source) -> dict:
+    """What a distilled trial's runs.csv row says of its teacher."""
+    return {"teacher_key": source.key, "teacher_model": source.model, "teacher_n_train": source.n_train}
