@@ -159,3 +159,17 @@ def test_a_scale_study_with_a_distilled_arm(tmp_path):
     assert "vit_p_7mf taught by resnet_7mf" in set(table["model"]) and "vit_p_7mf" in set(table["model"])
     bad = run_cli("scale-study", "--teachers", "resnet_7mf=vit_p_7mf", "--dry-run", "--out", tmp_path / "x")
     assert_user_error(bad, "cannot be a distilled student")
+
+
+def test_teachers_are_pairs_a_student_may_have_several():
+    from vitexp.errors import UserError
+    from vitexp.studies.scale import teacher_pairs
+
+    assert teacher_pairs({"vit_p_7mf": ["resnet_7mf", "vit_c_7mf"], "vit_c_7mf": "resnet_7mf"}) == [
+        ("vit_p_7mf", "resnet_7mf"), ("vit_p_7mf", "vit_c_7mf"), ("vit_c_7mf", "resnet_7mf")]
+    assert teacher_pairs(["hybrid_7mf=resnet_7mf"]) == [("hybrid_7mf", "resnet_7mf")]
+    for bad in (["vit_p_7mf"], {"vit_p_7mf": 3}, "x=y=z"):
+        with pytest.raises(UserError, match="STUDENT=TEACHER"):
+            teacher_pairs(bad)
+    with pytest.raises(UserError, match="unknown model"):
+        teacher_pairs({"vit_p_7mf": "resnet_8mf"})

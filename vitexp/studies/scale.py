@@ -65,7 +65,7 @@ class Scale(Study):
                          wd=base.wd if base.wd is not None else wd, fewshot=fewshot, extra=extra, **more)
 
         out = [plain(model, seed, n) for model in s["models"] for seed in seeds for n in sizes]
-        for student, teacher in teachers.items():  # the teacher saw this size's images, no more
+        for student, teacher in teachers:  # the teacher saw this size's images, no more
             for seed in seeds:
                 for n in sizes:
                     taught = Source.planned(plain(teacher, seed, n))
@@ -117,24 +117,27 @@ class Scale(Study):
         return ok[ok["n_train"] == ok.groupby("model")["n_train"].transform("max")]
 
 
-def teacher_pairs(value) -> dict[str, str]:
-    """{student: teacher} from [study] teachers: a table, or STUDENT=TEACHER strings."""
+def teacher_pairs(value) -> list[tuple[str, str]]:
+    """(student, teacher) pairs from [study] teachers: a table of STUDENT = TEACHER or
+    STUDENT = [TEACHER, ...] (DeiT compares teachers), or STUDENT=TEACHER strings."""
     if not value:
-        return {}
+        return []
     if isinstance(value, dict):
-        pairs = dict(value)
+        pairs = [(k, t) for k, v in value.items() for t in (v if isinstance(v, (list, tuple)) else [v])]
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) and v.count("=") == 1 for v in value):
-        pairs = dict(v.split("=") for v in value)
+        pairs = [tuple(v.split("=")) for v in value]
     else:
+        pairs = None
+    if not pairs or not all(isinstance(x, str) and x for pair in pairs for x in pair):
         raise UserError(f"--teachers takes STUDENT=TEACHER pairs, e.g. vit_p_7mf=resnet_7mf, got {value!r}; or "
                         f'set [study] teachers = {{vit_p_7mf = "resnet_7mf"}} in the preset')
-    for student, teacher in pairs.items():
+    for student, teacher in pairs:
         for name in (student, teacher):
-            vmodels.get_spec(str(name))  # unknown: the closest names
+            vmodels.get_spec(name)  # unknown: the closest names
         if not vmodels.get_spec(student).is_vit:
             raise UserError(f"teachers: {student} cannot be a distilled student: only vitexp's ViTs and hybrids have "
                             f"a distillation token; give {student} as a teacher instead")
-    return {str(k): str(v) for k, v in pairs.items()}
+    return list(dict.fromkeys(pairs))
 
 
 def scale_summary(runs: pd.DataFrame) -> pd.DataFrame:
