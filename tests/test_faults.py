@@ -474,11 +474,14 @@ def test_sweep_removes_leftovers_of_dead_writers_only(tmp_path):
     store.trial_path("k2").write_text(json.dumps({"key": "k2", "status": "ok"}))
     store.checkpoint_path("k2").write_text("stale")  # finished trial: its checkpoint is garbage
     store.checkpoint_path("k3").write_text("in flight")  # unfinished: kept for the resume
+    store.weights_path("k1").parent.mkdir()
+    weights = store.weights_path("k1").with_name(f".k1.pt.{socket.gethostname()}.{_dead_pid()}.tmp")
+    weights.write_text("half")  # kept weights a killed process was writing
     dead_claim = tmp_path / "claims" / "k3"
     dead_claim.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "time": time.time()}))
     assert store.claim("k4")
     removed = store.sweep()
-    assert sorted(removed) == sorted([host, store.checkpoint_path("k2"), dead_claim])
+    assert sorted(removed) == sorted([host, store.checkpoint_path("k2"), dead_claim, weights])
     assert mine.exists() and foreign.exists() and store.checkpoint_path("k3").exists()
     assert (tmp_path / "claims" / "k4").exists()  # ours: we are alive
     assert writer_tmp_path(tmp_path / "runs.csv").name == mine.name  # what writers here actually use

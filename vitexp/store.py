@@ -362,7 +362,7 @@ class TrialStore:
         with self.lock():
             done = self.done_keys() if done is None else done
             ckpts, claims = self.root / "checkpoints", self.root / "claims"
-            for sub in (self.root, self.root / TRIALS, ckpts, claims, self.root / "figures"):
+            for sub in (self.root, self.root / TRIALS, ckpts, claims, self.root / "figures", self.root / WEIGHTS):
                 for p in sub.iterdir() if sub.is_dir() else ():
                     owner = _tmp_owner(p.name)
                     dead_tmp = owner is not None and not _pid_alive(owner[1])

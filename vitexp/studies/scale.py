@@ -65,12 +65,16 @@ class Scale(Study):
                          wd=base.wd if base.wd is not None else wd, fewshot=fewshot, extra=extra, **more)
 
         out = [plain(model, seed, n) for model in s["models"] for seed in seeds for n in sizes]
+        keys = {c.key() for c in out}
         for student, teacher in teachers:  # the teacher saw this size's images, no more
             for seed in seeds:
                 for n in sizes:
-                    taught = Source.planned(plain(teacher, seed, n))
-                    out += [plain(teacher, seed, n, keep_weights=True),
-                            plain(student, seed, n, teacher=taught.init_from(), extra=teacher_columns(taught))]
+                    taught = plain(teacher, seed, n, keep_weights=True)
+                    if taught.key() not in keys:  # a teacher the study does not train as a model of its own
+                        keys.add(taught.key())
+                        out.append(taught)
+                    source = Source.planned(taught)
+                    out.append(plain(student, seed, n, teacher=source.init_from(), extra=teacher_columns(source)))
         return out
 
     @staticmethod
