@@ -220,8 +220,8 @@ def source_columns(source: Source, lr: float) -> dict:
 
 
 def chosen(rows: list[dict]) -> dict:
-    """The fine-tune whose lr did best on the held-out images (the first of equals); its test
-    error is the result. One row: that one."""
+    """The fine-tune whose lr did best on the held-out images (the smaller lr of equals, the
+    transfer study's rule too); its final test error is the result."""
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok:
         raise UserError("every fine-tune failed; see the folder's log.txt")
