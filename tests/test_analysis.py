@@ -22,7 +22,7 @@ def load(tmp_path, rows, kind="stability", toml=None):
 
 def run(model, err, opt="adamw", status="ok", diverged=False, **kw):
     return {"key": f"{model}-{opt}-{err}-{kw}", "study": "stability", "status": status, "model": model,
-            "optimizer": opt, "lr": 1e-3, "wd": 0.1, "epochs": 50, "n_train": 1000, "seed": 0,
+            "optimizer": opt, "lr": 1e-3, "wd": 0.1, "epochs": 50, "n_train": 1000, "seed": 0, "batch_size": 128,
             "top1_err": err, "diverged": diverged, "wall_s": 1.0, **kw}
 
 

@@ -129,6 +129,22 @@ def test_small_family_matched():
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_paper_geometry_twins_at_cpu_cost():
+    """[EC]'s 16x16 stride-16 patchify stem and its four-conv stem at 64 px: 16 tokens like the
+    7mf twins at 32 px, the same cost as they (within 12%), ViT_C one block shallower."""
+    costs = {n: vm.complexity(n, None, in_chans=1, num_classes=10)["gflops"]
+             for n in ("vit_p_7mf_p16", "vit_c_7mf_p16", "vit_p_7mf", "vit_c_7mf")}
+    assert max(costs.values()) / min(costs.values()) <= 1.12, costs
+    p, c = (vm.build_model(f"vit_{f}_7mf_p16", in_chans=1, num_classes=10) for f in "pc")
+    assert vm.get_spec("vit_p_7mf_p16").resolution == 64 and p.seq_length == c.seq_length == 4 * 4 + 1
+    assert (p.conv_proj.kernel_size, p.conv_proj.stride) == ((16, 16), (16, 16))
+    convs = [m for m in c.conv_proj.modules() if isinstance(m, nn.Conv2d)]
+    assert [(m.out_channels, m.kernel_size[0], m.stride[0]) for m in convs] == [
+        (8, 3, 2), (16, 3, 2), (32, 3, 2), (64, 3, 2), (64, 1, 1)]
+    assert len(c.encoder.layers) == len(p.encoder.layers) - 1
+    assert c(torch.randn(2, 1, 64, 64)).shape == (2, 10)
+
+
 def test_small_resnet():
     """The CIFAR ResNet: full resolution in the first stage, halved per stage, basic blocks."""
     model = vm.build_model("resnet_7mf", in_chans=1, num_classes=10)

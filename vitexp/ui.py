@@ -29,10 +29,11 @@ def trial_summary(label: str, row: dict) -> str:
 
 
 def trial_images(cfg) -> float:
-    """Training images a trial (a TrainConfig) sees: the unit of progress and ETA."""
+    """Training images a trial (a TrainConfig) sees, less its held-out share: the unit of
+    progress and ETA."""
     from vitexp.data import dataset_info
 
-    return float((cfg.n_train or dataset_info(cfg.dataset).n_train or 1) * cfg.epochs)
+    return float((cfg.n_train or dataset_info(cfg.dataset).n_train or 1) * (1 - (cfg.holdout or 0)) * cfg.epochs)
 
 
 def clock(seconds: float | None) -> str:

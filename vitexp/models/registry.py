@@ -136,6 +136,11 @@ _add("resnet_50mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(22, 4
 _vit_twins("200mf", 32, 4, 192, 8, 3, 576, _SMALL_VIT_P, _SMALL_VIT_C)
 _add("regnety_200mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(128, 256, 640, 1536), group_width=16)
 _add("resnet_200mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(44, 88, 176))
+# [EC]'s stem geometry at CPU cost: the 7mf twins at 64 px with 16x16 patches (16 tokens, as at 32 px with
+# 8x8), so the patchify stem has [EC]'s large kernel and stride and the conv stem [EC]'s four stride-2 3x3
+# convs (8, 16, 32, 64 channels, BN+ReLU) and its 1x1; the body is the 7mf one. Until their own search:
+# the 7mf values.
+_vit_twins("7mf_p16", 64, 16, 64, 9, 1, 192, _VIT_P_7MF, _VIT_C_7MF)
 # Hybrids ([ViT] Sec. 3.1): the CIFAR ResNet's first stages (stem stride 2 at 32 px), a 1x1 projection,
 # then the level's ViT body, fewer blocks to match its cost; the CNN's stride gives the ViT_P twin's token
 # grid (7mf: 4x4 from 3 stages, stride 8; 25-200mf: 8x8 from 2 stages, stride 4), as [ViT]'s R50 hybrid

@@ -1,7 +1,13 @@
 """[EC] optimizer and training length: models x {AdamW, SGD} x training lengths x seeds,
 each at the model's tuned lr/wd; shown as the SGD - AdamW gap per schedule, the
 errors vs epochs, and each model's error minus that of its longest schedule (with its
-best optimizer, as the paper draws it)."""
+best optimizer, as the paper draws it).
+
+Optionally a batch-size axis ([EC] trains at 2048; SGD is known to match Adam at small
+batches): each batch size's lr comes from the tuned one by one or more scaling rules
+(linear, square root, none; from the batch the tuned values were found at), and where
+there are several, each seed's lr is the one that did best on held-out training images,
+so no batch size is judged at a wrong lr and no choice sees the test set."""
 
 from __future__ import annotations
 
@@ -12,8 +18,8 @@ import pandas as pd
 from matplotlib.lines import Line2D
 
 from vitexp import analysis, plots
-from vitexp.errors import UserError
-from vitexp.studies.base import Knob, Study, ints, optimizer_list, seeds_phrase, tuned
+from vitexp.errors import UserError, unknown
+from vitexp.studies.base import Knob, Study, int_knob, ints, optimizer_list, seeds_phrase, tuned
 from vitexp.studies.registry import register
 
 
@@ -23,8 +29,14 @@ class Optimizer(Study):
     title = "Optimizer and training length (EC)"
     help = "EC paper: AdamW vs SGD at tuned settings over training lengths (optimizer gap and training-length figures)."
     knobs = (Knob("optimizers", str, "comma-separated, default adamw,sgd", many=True),
-             Knob("epochs", int, "comma-separated training lengths [paper: 50,100,200,400]", many=True))
-    needs = ("model", "optimizer", "epochs", "top1_err")
+             Knob("epochs", int, "comma-separated training lengths [paper: 50,100,200,400]", many=True),
+             Knob("batch_sizes", int, "comma-separated batch sizes (default: the [train] batch size) [paper: 2048]",
+                  many=True),
+             Knob("lr_rules", str, "how the tuned lr scales to each batch size, comma-separated: linear, sqrt, "
+                                   "none (default linear; several: chosen per seed on --holdout images)", many=True),
+             Knob("lr_rule_batch", int, "the batch size the tuned lr was found at, that sqrt and none scale "
+                                        "from (default: the [train] batch size)"))
+    needs = ("model", "optimizer", "epochs", "batch_size", "top1_err")
     plot_command = "plot-optimizer"
 
     def trials(self, spec, base, trial):
@@ -32,19 +44,34 @@ class Optimizer(Study):
         lengths = ints(s.get("epochs", [base.epochs]), "epochs")
         if min(lengths) <= 0:
             raise UserError(f"--epochs must be positive, got {lengths}")
+        batches = ints(s.get("batch_sizes", [base.batch_size]), "batch_sizes")
+        rules = lr_rules(s, base)
+        from_batch = int_knob(s, "lr_rule_batch", base.batch_size, 1, 1 << 20)
         out = []
         for model in s["models"]:
             for o in optimizer_list(s):
                 lr, wd = tuned(spec, model, o)
-                for e in lengths:
-                    for seed in ints(s.get("seeds", [0]), "seeds"):
-                        out.append(trial(model=model, optimizer=o, lr=lr, wd=wd, epochs=e, seed=seed))
+                for b in batches:
+                    # rules that agree at this batch (all of them at the tuning batch) give one trial
+                    scaled = {}
+                    for rule in rules:
+                        scaled.setdefault(rule_lr(lr, rule, b, from_batch), rule)
+                    for rule_lr_, rule in scaled.items():
+                        for e in lengths:
+                            for seed in ints(s.get("seeds", [0]), "seeds"):
+                                extra = {"lr_rule": rule} if len(rules) > 1 or rule != "linear" else {}
+                                out.append(trial(model=model, optimizer=o, lr=rule_lr_, wd=wd, epochs=e, seed=seed,
+                                                 batch_size=b, extra=extra))
         return out
 
     def figures(self, runs, out, n_boot=2500, seed=0):
+        if analysis.finished(runs)["batch_size"].nunique() > 1:
+            return plot_batch(runs, Path(out))
         return plot_optimizer(runs, Path(out))
 
     def tables(self, runs, n_boot=2500, seed=0):
+        if analysis.finished(runs)["batch_size"].nunique() > 1:
+            return batch_tables(runs)
         summary = optimizer_summary(runs)
         best = best_optimizer(summary)
         errors = summary.pivot_table(index=["model", "optimizer"], columns="epochs", values="mean").reset_index()
@@ -52,43 +79,93 @@ class Optimizer(Study):
         errors.columns = [c if isinstance(c, str) else f"{c} ep" for c in errors.columns]
         out = [("h3", f"Top-1 error (%) per model, optimizer and epochs, {seeds_phrase(summary['n'], std=False)} (best: the model's better "
                       f"optimizer at its longest schedule)"), ("table", errors)]
-        gaps = optimizer_gaps(summary)
-        if not gaps.empty:
-            wide = gaps.pivot(index="model", columns="epochs", values="gap").reset_index()
-            wide.columns = ["model"] + [f"{c} ep" for c in wide.columns[1:]]
-            out += [("h3", "Optimizer gap: SGD − AdamW mean top-1 error (points)"), ("table", wide)]
-        return out
+        return out + gap_table(summary, "epochs", "{} ep", "")
 
     def captions(self, figure: Path) -> str:
+        if figure.stem == "batch":
+            return ("At each model's longest schedule: (a) SGD minus AdamW mean top-1 error vs batch size; (b) "
+                    "mean ± std error vs batch size, AdamW solid, SGD dashed; each seed at the lr its held-out "
+                    "images chose. A red x marks a mean that includes diverged runs.")
         return ("(a) SGD minus AdamW mean top-1 error per model and schedule; (b) mean errors vs epochs, AdamW "
                 "solid, SGD dashed; (c) error minus that of the longest schedule, each model with its best "
                 "optimizer. A red x marks a mean that includes diverged runs (at 100%).")
 
     def must_converge(self, runs):
-        ok = analysis.finished(runs)
-        return ok[ok["epochs"] == ok.groupby(["model", "optimizer"])["epochs"].transform("max")]
+        ok = chosen(runs)
+        return ok[ok["epochs"] == ok.groupby(["model", "optimizer", "batch_size"])["epochs"].transform("max")]
+
+
+LR_RULES = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}  # rule -> exponent of the batch size in the peak lr
+
+
+def lr_rules(s: dict, base) -> list[str]:
+    rules = s.get("lr_rules", ["linear"])
+    rules = [rules] if isinstance(rules, str) else rules
+    if not isinstance(rules, (list, tuple)) or not rules:
+        raise UserError(f"--lr-rules takes a comma-separated list of {', '.join(LR_RULES)}, got {rules!r}")
+    for r in rules:
+        if r not in LR_RULES:
+            raise unknown("lr rule", str(r), LR_RULES)
+    if len(rules) > 1 and not base.holdout:
+        raise UserError(f"--lr-rules {','.join(rules)} chooses each seed's lr on held-out training images; "
+                        f"give --holdout (e.g. 0.1), or one rule")
+    return list(rules)
+
+
+def rule_lr(lr: float, rule: str, batch: int, from_batch: int) -> float:
+    """The lr (at the reference batch, as TrainConfig.lr) whose peak at BATCH follows RULE from
+    the tuned LR found at FROM_BATCH: peak = lr x from_batch/2048 x (batch/from_batch)^exponent."""
+    if rule == "linear":
+        return lr  # TrainConfig.lr already scales linearly; keeps the tuned value (and keys) exact
+    return lr * (from_batch / batch) ** (1.0 - LR_RULES[rule])
+
+
+def chosen(runs: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs, one per model, optimizer, batch size, epochs and seed: where an lr
+    grid ran, the lr that did best on the held-out images (the smaller lr of equals)."""
+    ok = analysis.finished(runs)
+    if "val_err" not in ok or ok["val_err"].isna().all():
+        return ok
+    ok = ok.sort_values(["val_err", "lr"], na_position="last")
+    return ok.groupby(["model", "optimizer", "batch_size", "epochs", "seed"], sort=False).head(1).sort_index()
 
 
 def optimizer_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model, optimizer and epochs: mean/min/max top1_err over seeds, n, diverged."""
-    ok = analysis.finished(runs)
-    g = ok.groupby(["model", "optimizer", "epochs"], sort=True)
-    out = g["top1_err"].agg(["mean", "min", "max", "count"]).rename(columns={"count": "n"})
+    """Per model, optimizer, batch size and epochs: mean/min/max/std top1_err over seeds (of
+    each seed's chosen lr), n, diverged."""
+    ok = chosen(runs)
+    g = ok.groupby(["model", "optimizer", "batch_size", "epochs"], sort=True)
+    out = g["top1_err"].agg(["mean", "min", "max", "std", "count"]).rename(columns={"count": "n"})
     out["diverged"] = g["diverged"].sum().astype(int)
     out = out.reset_index()
-    out["epochs"] = out["epochs"].astype(int)
+    out[["batch_size", "epochs"]] = out[["batch_size", "epochs"]].astype(int)
     return out
 
 
 def optimizer_gaps(summary: pd.DataFrame) -> pd.DataFrame:
-    """SGD minus AdamW mean error per model and epochs, where both were run."""
-    wide = summary.pivot_table(index=["model", "epochs"], columns="optimizer", values="mean")
+    """SGD minus AdamW mean error per model, batch size and epochs, where both were run."""
+    wide = summary.pivot_table(index=["model", "batch_size", "epochs"], columns="optimizer", values="mean")
     if not {"adamw", "sgd"} <= set(wide.columns):
-        return pd.DataFrame(columns=["model", "epochs", "adamw", "sgd", "gap"])
+        return pd.DataFrame(columns=["model", "batch_size", "epochs", "adamw", "sgd", "gap"])
     wide = wide[["adamw", "sgd"]].dropna().reset_index()
     wide["gap"] = wide["sgd"] - wide["adamw"]
     wide.columns.name = None
     return wide
+
+
+def gap_table(summary: pd.DataFrame, column: str, label: str, title: str) -> list[tuple]:
+    """Report blocks of the SGD - AdamW gap per model (rows) and COLUMN (columns named LABEL)."""
+    gaps = optimizer_gaps(summary)
+    if gaps.empty:
+        return []
+    wide = gaps.pivot(index="model", columns=column, values="gap").reset_index()
+    wide.columns = ["model"] + [label.format(c) for c in wide.columns[1:]]
+    return [("h3", f"Optimizer gap: SGD − AdamW mean top-1 error (points){title}"), ("table", wide)]
+
+
+def at_longest(summary: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each model and optimizer's longest schedule."""
+    return summary[summary["epochs"] == summary.groupby(["model", "optimizer"])["epochs"].transform("max")]
 
 
 def best_optimizer(summary: pd.DataFrame) -> dict:
@@ -116,6 +193,73 @@ def length_curves(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 MARK = dict(marker="x", color="crimson", s=30, zorder=5, clip_on=False)
+
+
+def batch_tables(runs: pd.DataFrame) -> list[tuple]:
+    """Report blocks of a batch-size study: errors per model, optimizer and batch size, the
+    SGD - AdamW gap per batch size, and the lr each seed chose (its rule) on held-out images."""
+    summary = optimizer_summary(runs)
+    longest = at_longest(summary)
+    cells = longest.assign(cell=[f"{m:.2f} ± {0.0 if np.isnan(sd) else sd:.2f}"
+                                 for m, sd in zip(longest["mean"], longest["std"])])
+    errors = cells.pivot(index=["model", "optimizer"], columns="batch_size", values="cell").reset_index()
+    errors.columns = [c if isinstance(c, str) else f"batch {c}" for c in errors.columns]
+    out = [("h3", f"Top-1 error (%) per model, optimizer and batch size at the longest schedule, "
+                  f"{seeds_phrase(longest['n'])}"), ("table", errors)]
+    out += gap_table(longest, "batch_size", "batch {}", " per batch size")
+    ch = chosen(runs)
+    if "lr_rule" in ch:
+        ch = ch[ch["epochs"] == ch.groupby(["model", "optimizer", "batch_size"])["epochs"].transform("max")]
+        rules = (ch.assign(rule=ch["lr_rule"].fillna("linear"))
+                 .groupby(["model", "optimizer", "batch_size"])["rule"]
+                 .agg(lambda r: ", ".join(f"{k} x{n}" for k, n in r.value_counts().sort_index().items())))
+        rules = rules.unstack("batch_size").reset_index()
+        rules.columns = [c if isinstance(c, str) else f"batch {c}" for c in rules.columns]
+        out += [("h3", "lr rule chosen on the held-out images (seeds per rule; at the tuning batch the rules agree)"),
+                ("table", rules)]
+    return out
+
+
+def plot_batch(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """batch.*: at each model's longest schedule, (a) SGD - AdamW mean error vs batch size,
+    (b) the mean errors vs batch size, AdamW solid, SGD dashed."""
+    plots.require_results(runs)
+    summary = optimizer_summary(runs)
+    longest = at_longest(summary)
+    gaps = optimizer_gaps(longest)
+    models = plots.model_order(summary["model"])
+    styles, labels = plots.model_styles(models), plots.model_labels(runs)
+    batches = sorted(set(summary["batch_size"]))
+    with plots.style():
+        fig, axes = plots.figure(1, 2, width=4.4, height=3.5)
+        ax_a, ax_b = axes[0]
+        for model in models:
+            st = styles[model]
+            g = gaps[gaps["model"] == model].sort_values("batch_size")
+            ax_a.plot(g["batch_size"], g["gap"], color=st["color"], marker=st["marker"])
+            for opt in plots.optimizers(longest):
+                d = longest[(longest["model"] == model) & (longest["optimizer"] == opt)].sort_values("batch_size")
+                ax_b.errorbar(d["batch_size"], d["mean"], yerr=d["std"].fillna(0), ls=plots.OPT_LINES.get(opt, ":"),
+                              color=st["color"], marker=st["marker"], capsize=2)
+                hit = d[d["diverged"] > 0]
+                ax_b.scatter(hit["batch_size"], hit["mean"], **MARK)
+        for ax in (ax_a, ax_b):
+            plots.epoch_axis(ax, batches)
+            ax.set_xlabel("batch size")
+        ax_a.axhline(0, color="k", lw=0.8)
+        ax_a.set_ylabel("SGD − AdamW top-1 error (points)")
+        ax_a.set_title("(a) optimizer gap")
+        ax_b.set_ylabel("top-1 error (%)")
+        ax_b.set_title("(b) error, mean ± std over seeds")
+        keys = [Line2D([], [], color=styles[m]["color"], marker=styles[m]["marker"], label=labels[m]) for m in models]
+        keys += [Line2D([], [], color="0.3", ls=plots.OPT_LINES.get(o, ":"), label=analysis.OPTIMIZER_NAMES.get(o, o))
+                 for o in plots.optimizers(longest)]
+        fig.legend(handles=keys, loc="outside right center")
+        fig.suptitle("Optimizer gap vs batch size (each seed at its held-out-chosen lr)")
+        table = pd.concat([gaps.assign(panel="gap").rename(columns={"gap": "value"})[
+                               ["panel", "model", "batch_size", "epochs", "value"]],
+                           longest.assign(panel="error").rename(columns={"mean": "value"})], ignore_index=True)
+        return plots.save(fig, table, out, "batch")
 
 
 def plot_optimizer(runs: pd.DataFrame, out: Path) -> list[Path]:

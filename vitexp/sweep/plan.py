@@ -200,12 +200,13 @@ def estimate_cost(plan: Plan, images_per_s: dict[str, float] | None = None) -> d
     table = describe(plan)
     todo = table[table.status != "ok"]
     info = dataset_info(plan.spec["train"].get("dataset", "shapes"))
+    per_trial = dict(plan.trials)
     flops, images, seconds = 0.0, 0, 0.0
     for model, grp in todo.groupby("model"):
         first = next(t for k, t in plan.trials if t.model == model)
         fwd = 2e9 * vmodels.complexity(first.model_spec(), resolution=first.image_size or info.image_size, in_chans=info.in_chans,
                                        num_classes=info.num_classes)["gflops"]
-        n = float((grp.n_train.fillna(info.n_train).astype(float) * grp.epochs).sum())
+        n = sum(trial_images(per_trial[k]) for k in grp.key)
         images += int(n)
         flops += 3 * fwd * n
         if images_per_s is not None:
