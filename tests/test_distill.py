@@ -2,6 +2,7 @@
 from kept weights, its key in the student's, resume, and the bad teachers."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -173,3 +174,29 @@ def test_teachers_are_pairs_a_student_may_have_several():
             teacher_pairs(bad)
     with pytest.raises(UserError, match="unknown model"):
         teacher_pairs({"vit_p_7mf": "resnet_8mf"})
+
+
+def test_a_study_with_one_teacher_for_every_trial(tmp_path):
+    """--teacher on a study command: every trial is distilled from that finished trial, whose
+    weights the study copies into its own folder; a CNN among the students is refused, nothing written."""
+    import pandas as pd
+
+    run_trial(TEACHER, out=tmp_path / "teacher")
+    source = find_source(str(tmp_path / "teacher"))
+    common = ["optimizer-study", "--teacher", tmp_path / "teacher", "--epochs", "1", "--seeds", "0",
+              "--optimizers", "sgd", "--dataset", "shapes", "--n-train", "100", "--n-test", "100",
+              "--batch-size", "50", "--device", "cpu", "--no-progress", "--no-plot"]
+    assert_user_error(run_cli(*common, "--models", "vit_p_7mf,resnet_7mf", "--out", tmp_path / "bad"),
+                      "cannot be a distilled student")
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "study"
+    proc = run_cli(*common, "--models", "vit_p_7mf,vit_c_7mf", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2 and (runs["status"] == "ok").all()
+    assert set(runs["teacher_key"]) == {source.key} and set(runs["teacher_model"]) == {"resnet_7mf"}
+    assert (out / "weights" / f"{source.key}.pt").read_bytes() == source.weights.read_bytes()
+    plain = run_cli(*[a for a in common if a not in ("--teacher", tmp_path / "teacher")], "--models",
+                    "vit_p_7mf,vit_c_7mf", "--dry-run", "--out", tmp_path / "plain")
+    plain_keys = set(re.findall(r"\b[0-9a-f]{12}\b", plain.stdout))
+    assert plain.returncode == 0 and len(plain_keys) == 2 and not set(runs["key"]) & plain_keys  # the teacher is keyed

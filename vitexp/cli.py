@@ -334,6 +334,10 @@ def _common_params(study) -> list[inspect.Parameter]:
         "fuse": _option(None, ["--fuse"], "train up to K trials of one architecture as one batched model "
                         "(1: off) [default: 8 on a GPU, off on a CPU]", Optional[int]),
     }
+    if study.takes_teacher:
+        opts["teacher"] = _option(None, ["--teacher"], "a finished trial (DIR:KEY, DIR or DIR/weights/KEY.pt) that "
+                                  "teaches every trial (all ViTs) through a distillation token; its weights are "
+                                  "copied into the study folder", Optional[str])
     return [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, **v) for k, v in opts.items()]
 
 
@@ -361,9 +365,16 @@ def plan_from_params(study, kwargs: dict):
     config = _config({k: v for k, v in kwargs.items() if k not in knobs}, overrides=True)
     knobs["models"] = parse_list(kwargs["models"], str, "models")
     knobs["seeds"] = parse_list(kwargs["seeds"], int, "seeds")
+    teacher = kwargs.get("teacher")
+    if teacher is not None:
+        from vitexp.distill import teacher_columns
+        from vitexp.finetune import find_source
+
+        teacher = find_source(teacher, "--teacher")
+        config.update(teacher=teacher.init_from(), extra=teacher_columns(teacher))
     spec = sweep.resolve_spec(study.kind, kwargs["preset"], knobs, config)
     out = kwargs["out"] if kwargs["out"] is not None else Path("runs") / study.out_name(spec)
-    return sweep.make_plan(spec, out, sweep.parse_shard(kwargs["shard"]))
+    return sweep.make_plan(spec, out, sweep.parse_shard(kwargs["shard"]), staged=(teacher,) if teacher else ())
 
 
 def workers_option(kwargs: dict) -> int | None:

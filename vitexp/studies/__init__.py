@@ -26,7 +26,7 @@ def trials(spec: dict) -> list[TrainConfig]:
     defined = spec.get("models", {})
 
     def trial(**kw) -> TrainConfig:
-        extra = {"study": study.kind, "preset": s.get("preset", ""), **kw.pop("extra", {})}
+        extra = {**base.extra, "study": study.kind, "preset": s.get("preset", ""), **kw.pop("extra", {})}
         model_def = defined.get(kw.get("model", base.model), {})  # the key covers a defined model's table
         return dataclasses.replace(base, extra=extra, model_def=model_def, **kw).validate().resolved()
 

@@ -59,6 +59,7 @@ class Study:
     plot_command: str | None = None  # the CLI command that draws its figures
     bootstrap: bool = False  # its figures and tables draw bootstrap samples (--n-boot, --seed)
     several: str = "several are concatenated into one figure set"  # what giving its plot command several folders does
+    takes_teacher: bool = True  # its command offers --teacher (one trial that teaches every trial)
 
     def out_name(self, spec: dict) -> str:
         """The default study folder name under runs/."""

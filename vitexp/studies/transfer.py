@@ -29,6 +29,7 @@ from vitexp.studies.scale import size_panel, size_table
 class Transfer(Study):
     kind = "transfer"
     command = "transfer-study"
+    takes_teacher = False  # its fine-tunes start from its own trials; a teacher is a scale-study arm
     title = "Transfer after pre-training (ViT)"
     help = ("ViT paper's protocol: pre-train CNN / ViT_P / ViT_C / hybrid on growing subsets, then fine-tune "
             "(at a higher resolution) and k-shot probe on a target.")

@@ -133,6 +133,7 @@ class Plan:
     shard: tuple[int, int]
     trials: list[tuple[str, TrainConfig]]  # the whole study, in its fixed order
     store: TrialStore  # its folder, opened for reading (a run creates it)
+    staged: tuple = ()  # finished trials of other folders (finetune.Source) whose weights a run copies in first
 
     @cached_property
     def mine(self) -> list[tuple[str, TrainConfig]]:
@@ -170,13 +171,14 @@ def preflight(plan: Plan, todo: list[tuple[str, TrainConfig]]) -> None:
     vdata.check_data(first.dataset, first.data_dir, None if None in sizes else max(sizes), first.n_test)
 
 
-def make_plan(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1)) -> Plan:
-    """Validate the whole study (every trial) and the folder; writes nothing."""
+def make_plan(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), staged: tuple = ()) -> Plan:
+    """Validate the whole study (every trial) and the folder; writes nothing. STAGED: sources
+    (finetune.Source) whose weights the trials read from their own folder (a fixed teacher)."""
     study = studies.get_study(spec["study"].get("kind"))
     keyed = unique(studies.trials(spec))
     store = TrialStore(out, create=False)
     check_folder(store, spec)
-    return Plan(spec=spec, study=study, out=Path(out), shard=shard, trials=keyed, store=store)
+    return Plan(spec=spec, study=study, out=Path(out), shard=shard, trials=keyed, store=store, staged=staged)
 
 
 def describe(plan: Plan) -> pd.DataFrame:
