@@ -9,7 +9,7 @@ import torch
 
 import vitexp.models as vm
 from tests.conftest import assert_user_error, run_cli
-from vitexp.config import TrainConfig
+from vitexp.config import TrainConfig, config_fields
 from vitexp.data import load_data
 from vitexp.errors import UserError
 from vitexp.finetune import find_source, head_keys, load_source, read_weights
@@ -72,7 +72,10 @@ def test_a_held_out_split_is_balanced_disjoint_and_reported(tmp_path):
     train, val = {bytes(x.numpy()) for x in b.train_x}, {bytes(x.numpy()) for x in b.val_x}
     assert not train & val
     row = run_trial(TrainConfig(**{**SRC.to_dict(), "dataset": "shapes", "holdout": 0.2, "epochs": 1}), out=tmp_path)
-    assert row["n_train"] == 160 and 0 <= row["val_err"] <= 100
+    assert row["n_train"] == 200 and row["n_holdout"] == 40 and 0 <= row["val_err"] <= 100
+    # the row gives back its key (as every committed trial must): n_train is the config's
+    fields = {k: v for k, v in row.items() if k in config_fields() and k != "fewshot"}
+    assert TrainConfig(**fields).key() == row["key"]
 
 
 # -- fine-tuning ---------------------------------------------------------------------------

@@ -345,7 +345,7 @@ def summarise(t: Trial, started: str) -> dict:
     """The trial's runs.csv row (few-shot errors added when asked)."""
     hist, cfg = t.state.history, t.cfg
     row = rows.trial_row(
-        cfg, t.key, **rows.summary(cfg, hist, t.state.diverged), n_train=len(t.bundle),
+        cfg, t.key, **rows.summary(cfg, hist, t.state.diverged), n_train=cfg.n_train or len(t.bundle),
         train_loss=hist[-1]["train_loss"] if hist else math.nan, diverged=bool(t.state.diverged),
         epochs_run=len(hist), wall_s=round(t.state.wall, 3),
         images_per_s=(sum(h["images_per_s"] for h in hist) / len(hist)) if hist else math.nan,
@@ -357,6 +357,7 @@ def summarise(t: Trial, started: str) -> dict:
         val = vdata.loaders.InMemoryLoader(t.bundle.val_x.to(t.device), t.bundle.val_y.to(t.device), t.bundle,
                                            cfg.batch_size, train=False)
         row["val_err"] = DIVERGED_ERR if t.state.diverged else evaluate(evaluated, val, t.device, cfg.amp)
+        row["n_holdout"] = len(t.bundle.val_y)  # n_train stays the config's (the key's): these came out of it
     if cfg.fewshot and not t.state.diverged:  # eager even when compiled: once per trial, not worth a compile
         from vitexp.fewshot import fewshot_eval
 
