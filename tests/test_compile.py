@@ -79,3 +79,18 @@ def test_compile_wraps_ddp_as_torch_documents(monkeypatch):
         assert net._orig_mod.module is model
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_compiled_cnn_at_64_px_trains(tmp_path):
+    """The 64 px CIFAR ResNet compiled on the CPU (the transfer study's 2x fine-tunes): with
+    inductor's layout optimisation its backward crashed the process (torch 2.14.1), so the test
+    runs it in a process of its own, where a crash is a failure and not the end of pytest."""
+    from conftest import run_cli
+
+    proc = run_cli("train", "--model", "resnet_7mf", "--dataset", "shapes", "--image-size", "64", "--n-train", "128",
+                   "--n-test", "64", "--batch-size", "64", "--epochs", "2", "--compile", "--device", "cpu",
+                   "--out", tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = pd.read_csv(tmp_path / "runs.csv").iloc[0]
+    assert bool(row["compile"]) and row["image_size"] == 64 and row["top1_err"] < 100

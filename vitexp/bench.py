@@ -27,7 +27,7 @@ from vitexp.config import TrainConfig
 from vitexp.errors import UserError
 from vitexp.optim import build_optimizer
 from vitexp.fileio import atomic_write_csv
-from vitexp.runtime import autocast, device_name, resolve_device, sync
+from vitexp.runtime import autocast, compile_model, device_name, resolve_device, sync
 from vitexp.provenance import provenance
 
 # dense bf16 peak TFLOP/s (no sparsity) by device-name substring, first match wins
@@ -106,7 +106,7 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
     else:
         opt = build_optimizer(net, cfg, dev)
         batches = _cycle(vdata.make_loaders(bundle, cfg, dev)[0])
-    step_net = torch.compile(net) if compile else net
+    step_net = compile_model(net, dev) if compile else net
     flops = train_flops_per_image(net, *next(batches))
 
     def step():

@@ -121,7 +121,7 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     if cfg.compile:  # the DDP-wrapped model is compiled, the order torch's DDP + torch.compile notes give
         # a CPU-only machine has no CUDA runtime, and inductor's C++ builder says so on every compile
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        net = torch.compile(net)
+        net = runtime.compile_model(net, device)
     return model, net, channels_last
 
 
