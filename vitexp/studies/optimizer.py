@@ -56,11 +56,11 @@ class Optimizer(Study):
                     scaled = {}
                     for rule in rules:
                         scaled.setdefault(rule_lr(lr, rule, b, from_batch), rule)
-                    for rule_lr_, rule in scaled.items():
+                    for lr_at_b, rule in scaled.items():
                         for e in lengths:
                             for seed in ints(s.get("seeds", [0]), "seeds"):
                                 extra = {"lr_rule": rule} if len(rules) > 1 or rule != "linear" else {}
-                                out.append(trial(model=model, optimizer=o, lr=rule_lr_, wd=wd, epochs=e, seed=seed,
+                                out.append(trial(model=model, optimizer=o, lr=lr_at_b, wd=wd, epochs=e, seed=seed,
                                                  batch_size=b, extra=extra))
         return out
 
