@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitexp.models as vm
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import REPO, assert_user_error, run_cli
 from vitexp.config import TrainConfig
 from vitexp.distill import Distiller, load_teacher, teacher_columns
 from vitexp.finetune import find_source, stage_source
@@ -200,3 +200,37 @@ def test_a_study_with_one_teacher_for_every_trial(tmp_path):
                     "vit_p_7mf,vit_c_7mf", "--dry-run", "--out", tmp_path / "plain")
     plain_keys = set(re.findall(r"\b[0-9a-f]{12}\b", plain.stdout))
     assert plain.returncode == 0 and len(plain_keys) == 2 and not set(runs["key"]) & plain_keys  # the teacher is keyed
+
+
+def test_a_distilled_arm_reuses_finished_plain_trials_and_retrains_weightless_teachers(tmp_path):
+    """`collect --preset` starts a distillation study from a finished plain one: the students'
+    plain twins come over as they are, the CNN trials that kept no weights do not (the students
+    read them), so the new study trains only those and the students."""
+    import pandas as pd
+
+    from vitexp.tomlfile import dumps, read_toml
+
+    base = read_toml(REPO / "experiments" / "scale_shapes.toml", "preset")
+    base["study"].update(models=["vit_p_7mf", "resnet_7mf"], seeds=[0], sizes=[100, 200], steps=4, min_epochs=1,
+                         evals=1)
+    base["train"].update(n_test=100, batch_size=50)
+    (tmp_path / "plain.toml").write_text(dumps(base))
+    base["study"]["teachers"] = {"vit_p_7mf": "resnet_7mf"}
+    (tmp_path / "distill.toml").write_text(dumps(base))
+    common = ["--device", "cpu", "--no-progress", "--no-plot"]
+    proc = run_cli("scale-study", "--preset", tmp_path / "plain.toml", "--no-keep-weights", "--out",
+                   tmp_path / "plain", *common)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("collect", tmp_path / "plain", "--preset", tmp_path / "distill.toml", "--out", tmp_path / "arm")
+    assert proc.returncode == 0, proc.stderr
+    plain = pd.read_csv(tmp_path / "plain" / "runs.csv").set_index("key")
+    assert set(pd.read_csv(tmp_path / "arm" / "runs.csv")["model"]) == {"vit_p_7mf"}  # the weightless CNNs stay behind
+    proc = run_cli("scale-study", "--preset", tmp_path / "distill.toml", "--out", tmp_path / "arm", *common)
+    assert proc.returncode == 0, proc.stderr
+    arm = pd.read_csv(tmp_path / "arm" / "runs.csv").set_index("key")
+    assert len(arm) == 6 and (arm["status"] == "ok").all()
+    vit = plain.index[plain["model"] == "vit_p_7mf"]
+    assert (arm.loc[vit, "started_at"] == plain.loc[vit, "started_at"]).all()  # reused, not trained again
+    cnn = arm.index[arm["model"] == "resnet_7mf"]
+    assert all((tmp_path / "arm" / "weights" / f"{k}.pt").exists() for k in cnn)
+    assert set(arm["teacher_key"].dropna()) == set(cnn)

@@ -31,7 +31,9 @@ def _specs(srcs: list[TrialStore]) -> dict[Path, dict]:
 def collect(folders: list[str | Path], out: str | Path, spec: dict | None = None) -> pd.DataFrame:
     """Merge FOLDERS into OUT (which may be one of them); returns the merged runs table. With
     SPEC (a preset's), only the trials of that study, and OUT holds that study: a new study
-    starts from the trials it shares with finished ones (same key: the same trial)."""
+    starts from the trials it shares with finished ones (same key: the same trial), except
+    those whose weights its other trials read (a teacher, a fine-tune's source) where the
+    input kept none: those the new study trains again, weights and all."""
     srcs = [TrialStore(f, create=False, repair=False) for f in folders]
     for s in srcs:
         if not s.exists():
@@ -41,7 +43,9 @@ def collect(folders: list[str | Path], out: str | Path, spec: dict | None = None
         from vitexp import studies
         from vitexp.sweep.plan import unique
 
-        wanted = {key for key, _ in unique(studies.trials(spec))}
+        trials = unique(studies.trials(spec))
+        wanted = {key for key, _ in trials}
+        read = {k for _, t in trials for k in t.needs()}  # the trials whose kept weights others read
     study_spec = spec if spec is not None else next(iter(specs.values()), None)
     target = TrialStore(out, create=False)
     for s in srcs:
@@ -63,7 +67,7 @@ def collect(folders: list[str | Path], out: str | Path, spec: dict | None = None
         if src.root.resolve() == target.root.resolve():
             continue
         for key, row in src.finished().items():
-            if spec is not None and key not in wanted:
+            if spec is not None and (key not in wanted or key in read and not src.weights_path(key).exists()):
                 continue
             mine = have.get(key)
             if mine is not None and (mine.get("status") == "ok" or row.get("status") != "ok"):
