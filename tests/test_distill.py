@@ -205,7 +205,8 @@ def test_a_study_with_one_teacher_for_every_trial(tmp_path):
 def test_a_distilled_arm_reuses_finished_plain_trials_and_retrains_weightless_teachers(tmp_path):
     """`collect --preset` starts a distillation study from a finished plain one: the students'
     plain twins come over as they are, the CNN trials that kept no weights do not (the students
-    read them), so the new study trains only those and the students."""
+    read them), so the new study trains only those and the students. Run in the plain folder
+    itself, the distillation study is refused before it writes anything."""
     import pandas as pd
 
     from vitexp.tomlfile import dumps, read_toml
@@ -221,6 +222,12 @@ def test_a_distilled_arm_reuses_finished_plain_trials_and_retrains_weightless_te
     proc = run_cli("scale-study", "--preset", tmp_path / "plain.toml", "--no-keep-weights", "--out",
                    tmp_path / "plain", *common)
     assert proc.returncode == 0, proc.stderr
+    before = {p: p.read_bytes() for p in (tmp_path / "plain").rglob("*") if p.is_file()}
+    for extra in ([], ["--dry-run"]):  # run in place, its students would find no teacher weights
+        refused = run_cli("scale-study", "--preset", tmp_path / "distill.toml", "--out", tmp_path / "plain",
+                          *common, *extra)
+        assert_user_error(refused, "kept no weights")
+    assert {p: p.read_bytes() for p in (tmp_path / "plain").rglob("*") if p.is_file()} == before
     proc = run_cli("collect", tmp_path / "plain", "--preset", tmp_path / "distill.toml", "--out", tmp_path / "arm")
     assert proc.returncode == 0, proc.stderr
     plain = pd.read_csv(tmp_path / "plain" / "runs.csv").set_index("key")

@@ -219,3 +219,36 @@ def test_a_shard_holds_its_finetunes_sources():
         keys = {k for k, _ in mine}
         assert all(c.init_from["key"] in keys for _, c in mine if c.init_from)
         assert len(mine) > 0
+
+
+def test_the_claims_differences_are_paired_by_size_and_seed():
+    """Each model minus the CNN (and the hybrid) and 64 px minus 32 px, taken per size and seed
+    from the fine-tune each seed chose on its held-out images, then averaged: by hand."""
+    from vitexp.studies.transfer import paired_tables
+
+    rows = []
+    err = {("resnet_7mf", 0): 10.0, ("resnet_7mf", 1): 14.0, ("vit_p_7mf", 0): 25.0, ("vit_p_7mf", 1): 21.0,
+           ("hybrid_7mf", 0): 15.0, ("hybrid_7mf", 1): 16.0}
+    for (model, seed), e in err.items():
+        for res, shift in ((32, 0.0), (64, -2.0 if model == "vit_p_7mf" else 1.0)):
+            for lr, val, worse in ((0.1, 30.0, 0.0), (0.3, 20.0, 0.0), (1.0, 20.0, 50.0)):  # 0.3 chosen: ties go low
+                rows.append({"status": "ok", "role": "finetune", "model": model, "size": 100, "seed": seed,
+                             "image_size": res, "finetune_lr": lr, "val_err": val, "converged": True,
+                             "last_err": e + shift + worse + (7.0 if lr == 0.1 else 0.0)})
+    blocks = paired_tables(pd.DataFrame(rows))
+    titles = [b for kind, b in blocks if kind == "h3"]
+    tables = {t: b for t, (kind, b) in zip(titles, blocks[1::2])}
+    assert len(titles) == 5 and "minus resnet_7mf" in titles[0] and "minus hybrid_7mf" in titles[2]
+    more = [dict(r, size=400, last_err=r["last_err"] - (6.0 if r["model"] == "vit_p_7mf" else 1.0) * (1 + r["seed"]))
+            for r in rows]  # a larger pre-training set: ViT_P gains 6 and 12 points, the others 1 and 2
+    both = paired_tables(pd.DataFrame(rows + more))
+    gain = next(t for (_, title), (_, t) in zip(both[::2], both[1::2]) if "minus at 400" in title).set_index("model")
+    assert gain.loc["vit_p_7mf", "at 32 px"] == f"+9.00 ± {pd.Series([6.0, 12.0]).std():.2f}"
+    assert gain.loc["resnet_7mf", "at 64 px"] == f"+1.50 ± {pd.Series([1.0, 2.0]).std():.2f}"
+    cnn32 = tables[titles[0]].set_index("model")["n=100"]
+    assert cnn32["vit_p_7mf"] == f"+11.00 ± {pd.Series([15.0, 7.0]).std():.2f}"  # 25-10, 21-14
+    assert cnn32["hybrid_7mf"] == f"+3.50 ± {pd.Series([5.0, 2.0]).std():.2f}"
+    hyb64 = tables[titles[3]].set_index("model")["n=100"]
+    assert hyb64["vit_p_7mf"] == f"+4.50 ± {pd.Series([7.0, 2.0]).std():.2f}"  # (25-2)-(15+1), (21-2)-(16+1)
+    res = tables[titles[4]].set_index("model")["n=100"]
+    assert "64 px minus" in titles[4] and res["vit_p_7mf"] == "-2.00 ± 0.00" and res["resnet_7mf"] == "+1.00 ± 0.00"

@@ -109,6 +109,7 @@ class Transfer(Study):
             part = summary[summary["metric"] == metric]
             out += [("h3", f"{_metric_title(metric)} (%) by pre-training size: {seeds_phrase(part['n'])}"),
                     ("table", size_table(part, "size"))]
+        out += paired_tables(runs)
         lrs = chosen_lrs(runs)
         if not lrs.empty:
             out += [("h3", "Fine-tuning lr chosen on the held-out images (batch 512), per seed"), ("table", lrs)]
@@ -169,10 +170,10 @@ def chosen(runs: pd.DataFrame) -> pd.DataFrame:
     return ft.groupby(["model", "size", "seed", "image_size"], sort=True).head(1)
 
 
-def transfer_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model, pre-training size and metric (finetune_<px>_err: the chosen fine-tune's
-    final test error; fewshot{k}_err: the pre-trained model's k-shot probe on the target):
-    mean, std (ddof 1), min, max, n over seeds, and the runs behind it not converged."""
+def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per model, pre-training size, seed and metric (finetune_<px>_err: the chosen
+    fine-tune's final test error; fewshot{k}_err: the pre-trained model's k-shot probe on the
+    target), with its value and whether its run converged."""
     ok = analysis.finished(runs)
     parts = []
     for (_, _, _, res), g in chosen(runs).groupby(["model", "size", "seed", "image_size"]):
@@ -180,19 +181,79 @@ def transfer_summary(runs: pd.DataFrame) -> pd.DataFrame:
     pre = ok[ok["role"] == "pretrain"] if "role" in ok else ok.iloc[:0]
     for col in analysis.fewshot_columns(pre):
         parts.append(pre.assign(metric=col, value=pre[col]))
-    cols = ["model", "size", "metric", "mean", "std", "min", "max", "n", "not_converged"]
+    cols = ["model", "size", "seed", "metric", "value", "converged"]
     if not parts:
         return pd.DataFrame(columns=cols)
     long = pd.concat(parts, ignore_index=True).dropna(subset=["value"])
+    conv = long["converged"].fillna(False).astype(bool) if "converged" in long else True
+    return long.assign(converged=conv, size=long["size"].astype(int))[cols]
+
+
+def transfer_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per model, pre-training size and metric (see `per_seed`): mean, std (ddof 1), min, max,
+    n over seeds, and the runs behind it not converged."""
+    long = per_seed(runs)
+    cols = ["model", "size", "metric", "mean", "std", "min", "max", "n", "not_converged"]
     rows = []
     for (model, size, metric), g in long.groupby(["model", "size", "metric"], sort=True):
-        conv = g["converged"].fillna(False).astype(bool) if "converged" in g else pd.Series(True, index=g.index)
         rows.append({"model": model, "size": int(size), "metric": metric, "mean": g["value"].mean(),
                      "std": g["value"].std(), "min": g["value"].min(), "max": g["value"].max(), "n": len(g),
-                     "not_converged": int((~conv).sum())})
+                     "not_converged": int((~g["converged"]).sum())})
     order = {m: i for i, m in enumerate(sorted(set(long["metric"]), key=_metric_order))}
     return pd.DataFrame(rows, columns=cols).sort_values(["metric", "model", "size"], key=lambda c: c.map(order)
                                                          if c.name == "metric" else c).reset_index(drop=True)
+
+
+def _mean_std(diff: pd.Series) -> pd.Series:
+    """Per model (the index's level): mean ± std of DIFF over the seeds that have it."""
+    agg = diff.dropna().groupby(level="model").agg(["mean", "std", "count"])
+    return pd.Series([f"{m:+.2f}" if n == 1 else f"{m:+.2f} ± {s:.2f}" for m, s, n in
+                      zip(agg["mean"], agg["std"], agg["count"])], index=agg.index)
+
+
+def _cells(diff: pd.Series) -> pd.DataFrame:
+    """Paired differences (index model, size, seed) as a table: a row per model, a column per
+    size, cells mean ± std over the seeds both sides have."""
+    sizes = sorted(set(diff.index.get_level_values("size")))
+    wide = pd.DataFrame({f"n={n}": _mean_std(diff.xs(n, level="size")) for n in sizes})
+    return wide.reindex(plots.model_order(wide.index)).reset_index(names="model")
+
+
+def paired_tables(runs: pd.DataFrame) -> list[tuple]:
+    """The differences the claims rest on, each taken within a size and seed (the same source
+    subset) before averaging: every model minus the CNN and minus the hybrid at each
+    fine-tuning resolution ([ViT] Fig. 3-5: who gains more from pre-training data), and each
+    model's highest fine-tuning resolution minus its lowest ([ViT] Sec. 3.2)."""
+    long = per_seed(runs)
+    ft = long[long["metric"].str.startswith("finetune_")]
+    if ft.empty:
+        return []
+    wide = ft.pivot_table(index=["model", "size", "seed"], columns="metric", values="value")
+    out = []
+    models = plots.model_order(ft["model"])
+    for ref in [m for fam in ("cnn", "hybrid") for m in models if plots.family(m) == fam]:
+        for metric in sorted(wide.columns, key=_metric_order):
+            col = wide[metric].unstack("model")
+            diff = col.drop(columns=ref).sub(col[ref], axis=0).stack().dropna()
+            if not diff.empty:
+                diff.index = diff.index.set_names(["size", "seed", "model"])
+                out += [("h3", f"{_metric_title(metric).capitalize()}: minus {ref} at the same size and seed "
+                               f"(points, mean ± std over seeds)"),
+                        ("table", _cells(diff.reorder_levels(["model", "size", "seed"])))]
+    res = sorted(wide.columns, key=_metric_order)
+    sizes = sorted(set(ft["size"]))
+    if len(sizes) > 1:  # nested subsets: one seed's smallest set lies inside its largest
+        by_size = wide.unstack("size")
+        gain = pd.DataFrame({f"at {_metric_title(m).split(' at ')[1]}": _mean_std(
+            by_size[(m, sizes[0])] - by_size[(m, sizes[-1])]) for m in res})
+        gain = gain.reindex(plots.model_order(gain.index)).reset_index(names="model")
+        out += [("h3", f"Fine-tuned error at {sizes[0]:,} minus at {sizes[-1]:,} pre-training images, same seed "
+                       f"(points gained, mean ± std over seeds)"), ("table", gain)]
+    if len(res) > 1:
+        diff = (wide[res[-1]] - wide[res[0]]).dropna()
+        out += [("h3", f"{_metric_title(res[-1]).capitalize()} minus {_metric_title(res[0])}, same trial's "
+                       f"weights (points, mean ± std over seeds)"), ("table", _cells(diff))]
+    return out
 
 
 def _metric_order(metric: str):

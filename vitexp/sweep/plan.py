@@ -18,7 +18,7 @@ from vitexp.config import TrainConfig
 from vitexp.errors import UserError
 from vitexp.store import TrialStore
 from vitexp.sweep.presets import default_preset, load_preset
-from vitexp.ui import trial_images
+from vitexp.ui import trial_images, trial_label
 
 
 def resolve_spec(kind: str, preset: str | None, study_overrides: dict, train_overrides: dict) -> dict:
@@ -167,6 +167,14 @@ def preflight(plan: Plan, todo: list[tuple[str, TrainConfig]]) -> None:
     the data (present, readable, large enough)."""
     first = todo[0][1]
     runtime.resolve_device(first.device)
+    done, kept = plan.done(), plan.store.kept_weights()
+    bare = sorted({k for _, c in todo for k in c.needs() if k in done and k not in kept})
+    if bare:  # its students would fail one by one; a finished record is never trained over
+        label = trial_label(done[bare[0]])
+        raise UserError(f"{plan.out}: {len(bare)} finished trial(s) ({label}{', ...' if len(bare) > 1 else ''}) "
+                        f"kept no weights, and trials of this study read them; collect the study into a new "
+                        f"folder (vitexp collect {plan.out} --preset PRESET --out NEW): it leaves them behind "
+                        f"to train again with weights")
     sizes = [c.n_train for _, c in todo]
     vdata.check_data(first.dataset, first.data_dir, None if None in sizes else max(sizes), first.n_test)
 
