@@ -241,3 +241,22 @@ def test_a_distilled_arm_reuses_finished_plain_trials_and_retrains_weightless_te
     cnn = arm.index[arm["model"] == "resnet_7mf"]
     assert all((tmp_path / "arm" / "weights" / f"{k}.pt").exists() for k in cnn)
     assert set(arm["teacher_key"].dropna()) == set(cnn)
+
+
+def test_the_report_pairs_each_student_with_its_plain_twin():
+    """Distilled minus plain is taken per size and seed (the same subset), then averaged."""
+    import pandas as pd
+
+    from vitexp.studies.scale import STUDY
+
+    rows = []
+    for seed, (plain, taught) in enumerate([(40.0, 30.0), (44.0, 30.0)]):
+        base = {"status": "ok", "n_train": 100, "seed": seed, "diverged": False, "converged": True}
+        rows += [dict(base, model="resnet_7mf", top1_err=10.0, teacher_model=None),
+                 dict(base, model="vit_p_7mf", top1_err=plain, teacher_model=None),
+                 dict(base, model="vit_p_7mf", top1_err=taught, teacher_model="resnet_7mf")]
+    blocks = STUDY.tables(pd.DataFrame(rows))
+    at = next(i for i, (kind, b) in enumerate(blocks) if kind == "h3" and b.startswith("Distilled arm minus"))
+    table = blocks[at + 1][1].set_index("model")
+    assert list(table.index) == ["vit_p_7mf taught by resnet_7mf"]
+    assert table.loc["vit_p_7mf taught by resnet_7mf", "n=100"] == f"-12.00 ± {pd.Series([10.0, 14.0]).std():.2f}"

@@ -85,6 +85,23 @@ class Study:
         return runs
 
 
+def mean_std(diff: pd.Series) -> pd.Series:
+    """Per model (the index's `model` level): signed mean ± std of DIFF over the seeds that have it."""
+    agg = diff.dropna().groupby(level="model").agg(["mean", "std", "count"])
+    return pd.Series([f"{m:+.2f}" if n == 1 else f"{m:+.2f} ± {s:.2f}" for m, s, n in
+                      zip(agg["mean"], agg["std"], agg["count"])], index=agg.index)
+
+
+def paired_table(diff: pd.Series, size: str) -> pd.DataFrame:
+    """Paired differences (index model, SIZE, seed) as a table: a row per model, a column per
+    size, cells mean ± std over the seeds both sides have."""
+    from vitexp import plots
+
+    sizes = sorted(set(diff.index.get_level_values(size)))
+    wide = pd.DataFrame({f"n={n}": mean_std(diff.xs(n, level=size)) for n in sizes})
+    return wide.reindex(plots.model_order(wide.index)).reset_index(names="model")
+
+
 def seeds_phrase(n, std: bool = True) -> str:
     """What a table cell over seeds is, from the counts N of its cells: 'one seed', or
     'mean ± std over 3 seeds' ('mean over ...' without STD)."""

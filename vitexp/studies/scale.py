@@ -22,7 +22,7 @@ from vitexp.errors import UserError
 from vitexp import models as vmodels
 from vitexp.distill import teacher_columns
 from vitexp.finetune import Source
-from vitexp.studies.base import Knob, Study, int_knob, ints, seeds_phrase, tuned
+from vitexp.studies.base import Knob, Study, int_knob, ints, paired_table, seeds_phrase, tuned
 from vitexp.studies.registry import register
 
 
@@ -104,6 +104,10 @@ class Scale(Study):
         gaps = cnn_gaps(summary)
         if not gaps.empty:
             out += [("h3", "Gap to the CNN: mean top-1 error minus the CNN's (points)"), ("table", gaps)]
+        gains = distilled_minus_plain(runs)
+        if not gains.empty:
+            out += [("h3", "Distilled arm minus the same model trained plainly, same size and seed (top-1 error, "
+                           "points, mean ± std over seeds)"), ("table", paired_table(gains, "n_train"))]
         return out
 
     def captions(self, figure: Path) -> str:
@@ -162,6 +166,20 @@ def scale_summary(runs: pd.DataFrame) -> pd.DataFrame:
                          "not_converged": int((~conv.fillna(False).astype(bool)).sum())})
     return pd.DataFrame(rows, columns=["model", "n_train", "metric", "mean", "std", "min", "max", "n", "diverged",
                                        "not_converged"])
+
+
+def distilled_minus_plain(runs: pd.DataFrame) -> pd.Series:
+    """Each distilled student's top-1 error minus its plain twin's (the same model, size and
+    seed, so the same subset), indexed by (arm, n_train, seed): what the teacher adds."""
+    ok = analysis.finished(runs)
+    if "teacher_model" not in ok or ok["teacher_model"].isna().all():
+        return pd.Series(dtype=float)
+    plain = ok[ok["teacher_model"].isna()].set_index(["model", "n_train", "seed"])["top1_err"]
+    taught = analysis.arms(ok[ok["teacher_model"].notna()])
+    twin = plain.reindex(pd.MultiIndex.from_frame(ok.loc[taught.index, ["model", "n_train", "seed"]]))
+    diff = pd.Series(taught["top1_err"].to_numpy() - twin.to_numpy(),
+                     index=pd.MultiIndex.from_frame(taught[["model", "n_train", "seed"]]))
+    return diff.dropna()
 
 
 def cnn_gaps(summary: pd.DataFrame) -> pd.DataFrame:

@@ -20,7 +20,7 @@ from vitexp import analysis, plots
 from vitexp.data.datasets import split_classes
 from vitexp.errors import UserError
 from vitexp.finetune import FINETUNE_LRS, HOLDOUT, Source, check_target, finetune_fields, source_columns
-from vitexp.studies.base import Knob, Study, int_knob, ints, seeds_phrase, tuned
+from vitexp.studies.base import Knob, Study, int_knob, ints, mean_std, paired_table, seeds_phrase, tuned
 from vitexp.studies.registry import register
 from vitexp.studies.scale import STUDY as SCALE
 from vitexp.studies.scale import size_panel, size_table
@@ -204,21 +204,6 @@ def transfer_summary(runs: pd.DataFrame) -> pd.DataFrame:
                                                          if c.name == "metric" else c).reset_index(drop=True)
 
 
-def _mean_std(diff: pd.Series) -> pd.Series:
-    """Per model (the index's level): mean ± std of DIFF over the seeds that have it."""
-    agg = diff.dropna().groupby(level="model").agg(["mean", "std", "count"])
-    return pd.Series([f"{m:+.2f}" if n == 1 else f"{m:+.2f} ± {s:.2f}" for m, s, n in
-                      zip(agg["mean"], agg["std"], agg["count"])], index=agg.index)
-
-
-def _cells(diff: pd.Series) -> pd.DataFrame:
-    """Paired differences (index model, size, seed) as a table: a row per model, a column per
-    size, cells mean ± std over the seeds both sides have."""
-    sizes = sorted(set(diff.index.get_level_values("size")))
-    wide = pd.DataFrame({f"n={n}": _mean_std(diff.xs(n, level="size")) for n in sizes})
-    return wide.reindex(plots.model_order(wide.index)).reset_index(names="model")
-
-
 def paired_tables(runs: pd.DataFrame) -> list[tuple]:
     """The differences the claims rest on, each taken within a size and seed (the same source
     subset) before averaging: every model minus the CNN and minus the hybrid at each
@@ -239,12 +224,12 @@ def paired_tables(runs: pd.DataFrame) -> list[tuple]:
                 diff.index = diff.index.set_names(["size", "seed", "model"])
                 out += [("h3", f"{_metric_title(metric).capitalize()}: minus {ref} at the same size and seed "
                                f"(points, mean ± std over seeds)"),
-                        ("table", _cells(diff.reorder_levels(["model", "size", "seed"])))]
+                        ("table", paired_table(diff.reorder_levels(["model", "size", "seed"]), "size"))]
     res = sorted(wide.columns, key=_metric_order)
     sizes = sorted(set(ft["size"]))
     if len(sizes) > 1:  # nested subsets: one seed's smallest set lies inside its largest
         by_size = wide.unstack("size")
-        gain = pd.DataFrame({f"at {_metric_title(m).split(' at ')[1]}": _mean_std(
+        gain = pd.DataFrame({f"at {_metric_title(m).split(' at ')[1]}": mean_std(
             by_size[(m, sizes[0])] - by_size[(m, sizes[-1])]) for m in res})
         gain = gain.reindex(plots.model_order(gain.index)).reset_index(names="model")
         out += [("h3", f"Fine-tuned error at {sizes[0]:,} minus at {sizes[-1]:,} pre-training images, same seed "
@@ -252,7 +237,7 @@ def paired_tables(runs: pd.DataFrame) -> list[tuple]:
     if len(res) > 1:
         diff = (wide[res[-1]] - wide[res[0]]).dropna()
         out += [("h3", f"{_metric_title(res[-1]).capitalize()} minus {_metric_title(res[0])}, same trial's "
-                       f"weights (points, mean ± std over seeds)"), ("table", _cells(diff))]
+                       f"weights (points, mean ± std over seeds)"), ("table", paired_table(diff, "size"))]
     return out
 
 
