@@ -178,7 +178,7 @@ def distilled_minus_plain(runs: pd.DataFrame) -> pd.Series:
     taught = analysis.arms(ok[ok["teacher_model"].notna()])
     twin = plain.reindex(pd.MultiIndex.from_frame(ok.loc[taught.index, ["model", "n_train", "seed"]]))
     diff = pd.Series(taught["top1_err"].to_numpy() - twin.to_numpy(),
-                     index=pd.MultiIndex.from_frame(taught[["model", "n_train", "seed"]]))
+                     index=pd.MultiIndex.from_frame(taught[["model", "n_train", "seed"]].astype({"n_train": int})))
     return diff.dropna()
 
 
