@@ -132,3 +132,16 @@ def test_curve_labels_name_what_differs_between_the_curves():
                            "seed": [0, 0], "epochs": [64, 40]})
     assert _varying(chosen, chosen.iloc[0]) == ["n=400", "64ep"]
     assert _varying(chosen.iloc[:1], chosen.iloc[0]) == []  # one curve: nothing to tell apart
+
+
+def test_trial_label_tells_a_distilled_or_fine_tuned_trial_from_its_plain_twin():
+    from vitexp.config import TrainConfig
+    from vitexp.ui import trial_label
+
+    plain = TrainConfig(model="vit_p_7mf", dataset="shapes", n_train=400, lr=0.1, wd=0.05, epochs=3).to_dict()
+    source = {"key": "abc123def456", "model": "resnet_7mf", "dataset": "shapes", "n_train": 400, "image_size": 32}
+    taught = trial_label({**plain, "teacher": source})
+    tuned = trial_label({**plain, "model": "resnet_7mf", "init_from": source})
+    assert taught.startswith(trial_label(plain)) and taught.endswith("(teacher resnet_7mf n=400)")
+    assert tuned.endswith("(from resnet_7mf n=400)")
+    assert trial_label({**plain, "teacher": "{}"}) == trial_label(plain)  # a CSV row's empty teacher

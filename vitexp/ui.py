@@ -17,7 +17,13 @@ console = Console(stderr=True, highlight=False)
 def trial_label(c: dict) -> str:
     """How logs and progress name a trial (from its config or its recorded row)."""
     size = c.get("n_train") or "all"
-    return f"{c['model']} n={size} {c['optimizer']} lr={c['lr']:.2g} wd={c['wd']:.2g} {c['epochs']}ep s{c['seed']}"
+    label = f"{c['model']} n={size} {c['optimizer']} lr={c['lr']:.2g} wd={c['wd']:.2g} {c['epochs']}ep s{c['seed']}"
+    # a distilled or fine-tuned trial shares every field above with its plain twin: name its source
+    for field, word in (("teacher", "teacher"), ("init_from", "from")):
+        source = c.get(field)
+        if isinstance(source, dict) and source.get("model"):
+            label += f" ({word} {source['model']} n={source.get('n_train') or 'all'})"
+    return label
 
 
 def trial_summary(label: str, row: dict) -> str:

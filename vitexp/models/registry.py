@@ -138,8 +138,8 @@ _add("regnety_200mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(12
 _add("resnet_200mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(44, 88, 176))
 # [EC]'s stem geometry at CPU cost: the 7mf twins at 64 px with 16x16 patches (16 tokens, as at 32 px with
 # 8x8), so the patchify stem has [EC]'s large kernel and stride and the conv stem [EC]'s four stride-2 3x3
-# convs (8, 16, 32, 64 channels, BN+ReLU) and its 1x1; the body is the 7mf one. Until their own search:
-# the 7mf values.
+# convs (8, 16, 32, 64 channels, BN+ReLU) and its 1x1; the body is the 7mf one. Registry lr/wd: the 7mf
+# values (their Fashion-MNIST search's best are in optimizer_fashion-mnist_cpu_p16's [tuned] tables).
 _vit_twins("7mf_p16", 64, 16, 64, 9, 1, 192, _VIT_P_7MF, _VIT_C_7MF)
 # Hybrids ([ViT] Sec. 3.1): the CIFAR ResNet's first stages (stem stride 2 at 32 px), a 1x1 projection,
 # then the level's ViT body, fewer blocks to match its cost; the CNN's stride gives the ViT_P twin's token
