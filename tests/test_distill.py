@@ -4,6 +4,7 @@ from kept weights, its key in the student's, resume, and the bad teachers."""
 import math
 import re
 
+import pandas as pd
 import pytest
 import torch
 
@@ -54,6 +55,18 @@ def test_the_losses_are_deits_computed_by_hand():
     assert torch.allclose(soft, 0.75 * ce(cls, y) + 0.25 * kl)
 
 
+def test_agreement_counts_the_images_whose_label_is_the_teachers_argmax():
+    teacher = torch.tensor([[0.1, 3.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    d = Distiller(Fixed(teacher), TrainConfig(model="vit_p_7mf"))
+    out = (torch.zeros(3, 3), torch.zeros(3, 3))
+    d(out, None, torch.tensor([1, 2, 2]))  # argmax 1, 0, 2: two of three agree
+    d(out, None, torch.tensor([1, 0, 2]))  # all three
+    assert d.agreement() == pytest.approx(100 * 5 / 6)
+    assert math.isnan(d.agreement())  # counting started again
+    d(out, None, torch.eye(3))  # mixed labels are not counted
+    assert math.isnan(d.agreement())
+
+
 def test_a_student_has_a_distillation_token_and_evaluates_the_heads_averaged():
     torch.manual_seed(0)
     model = vm.build_model("vit_c_7mf", num_classes=4, distilled=True)
@@ -100,6 +113,8 @@ def test_the_teacher_is_frozen_and_its_key_is_in_the_students(tmp_path):
     assert all(g is None for g in seen["grads"]) and not seen["training"]
     assert all(torch.equal(seen["teacher"][k], before[k]) for k in before)
     assert row["teacher_key"] == source.key and math.isfinite(row["top1_err"])
+    history = pd.read_csv(TrialStore(tmp_path / "student").history_path(row["key"]))
+    assert history["teacher_agree"].between(0, 100).all() and len(history) == TEACHER.epochs
     assert not any(p.requires_grad for p in load_teacher(source.weights, torch.device("cpu")).parameters())
 
 
@@ -254,9 +269,14 @@ def test_the_report_pairs_each_student_with_its_plain_twin():
         base = {"status": "ok", "n_train": 100.0, "seed": seed, "diverged": False, "converged": True}
         rows += [dict(base, model="resnet_7mf", top1_err=10.0, teacher_model=None),
                  dict(base, model="vit_p_7mf", top1_err=plain, teacher_model=None),
-                 dict(base, model="vit_p_7mf", top1_err=taught, teacher_model="resnet_7mf")]
+                 dict(base, model="vit_p_7mf", top1_err=taught, teacher_model="resnet_7mf",
+                      teacher_agree=97.0 + seed)]
     blocks = STUDY.tables(pd.DataFrame(rows))
     at = next(i for i, (kind, b) in enumerate(blocks) if kind == "h3" and b.startswith("Distilled arm minus"))
     table = blocks[at + 1][1].set_index("model")
     assert list(table.index) == ["vit_p_7mf taught by resnet_7mf"]
     assert table.loc["vit_p_7mf taught by resnet_7mf", "n=100"] == f"-12.00 ± {pd.Series([10.0, 14.0]).std():.2f}"
+    at = next(i for i, (kind, b) in enumerate(blocks) if kind == "h3" and b.startswith("How often the teacher"))
+    assert blocks[at + 1][1].set_index("model").loc["vit_p_7mf taught by resnet_7mf", "n=100"] == 97.5
+    plain_only = pd.DataFrame(rows).drop(columns="teacher_agree")
+    assert not any(b.startswith("How often") for kind, b in STUDY.tables(plain_only) if kind == "h3")

@@ -26,11 +26,24 @@ class Distiller:
     def __init__(self, teacher: nn.Module, cfg: TrainConfig):
         self.teacher, self.kind, self.tau, self.alpha = teacher, cfg.distillation, cfg.distill_tau, cfg.distill_alpha
         self.ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        # how often the teacher's argmax is the label: where it is, the distillation head learns
+        # nothing the class head does not (a teacher that fits its augmented training images)
+        self.agreed, self.seen = torch.zeros(()), 0
+
+    def agreement(self) -> float:
+        """% of this epoch's training images (augmented) whose label the teacher's argmax
+        matches; counting starts again (NaN where labels were mixed: mixup, cutmix)."""
+        done = 100.0 * self.agreed.item() / self.seen if self.seen else float("nan")
+        self.agreed, self.seen = torch.zeros(()), 0
+        return done
 
     def __call__(self, out: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cls, dist = out
         with torch.no_grad():
             taught = self.teacher(x).float()
+            if y.ndim == 1:
+                self.agreed = self.agreed.to(y.device) + (taught.argmax(1) == y).sum()
+                self.seen += len(y)
         if self.kind == "hard":
             return 0.5 * self.ce(cls, y) + 0.5 * F.cross_entropy(dist, taught.argmax(1))
         t = self.tau

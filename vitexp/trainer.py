@@ -319,6 +319,8 @@ def end_epoch(t: Trial, epoch: int, train_loss: float, train_s: float, images: i
     seconds = train_s + time.perf_counter() - e0
     row = {"key": t.key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err, "ema_err": ema_err,
            "lr": t.sched.get_last_lr()[0], "seconds": seconds, "images_per_s": images / train_s}
+    if t.distiller is not None:
+        row["teacher_agree"] = t.distiller.agreement()
     t.state.history.append(row)
     t.state.epoch = epoch + 1
     t.state.wall += seconds
@@ -352,6 +354,8 @@ def summarise(t: Trial, started: str) -> dict:
         params_m=sum(p.numel() for p in t.model.parameters()) / 1e6, device=runtime.device_name(t.device),
         amp=runtime.amp_enabled(t.device, cfg.amp), data_dir=t.bundle.source, started_at=started, fused_k=1,
         **provenance())
+    if hist and "teacher_agree" in hist[-1]:
+        row["teacher_agree"] = hist[-1]["teacher_agree"]
     evaluated = t.ema.module if t.ema is not None else t.model
     if t.bundle.val_x is not None:  # the final model on the held-out images: what chooses hyper-parameters
         val = vdata.loaders.InMemoryLoader(t.bundle.val_x.to(t.device), t.bundle.val_y.to(t.device), t.bundle,

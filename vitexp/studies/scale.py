@@ -108,6 +108,11 @@ class Scale(Study):
         if not gains.empty:
             out += [("h3", "Distilled arm minus the same model trained plainly, same size and seed (top-1 error, "
                            "points, mean ± std over seeds)"), ("table", paired_table(gains, "n_train"))]
+        agree = teacher_agreement(runs)
+        if not agree.empty:
+            out += [("h3", "How often the teacher's argmax is the label on the student's augmented training images "
+                           "(last epoch, %, mean over seeds): where it always is, the label teaches the same"),
+                    ("table", agree)]
         return out
 
     def captions(self, figure: Path) -> str:
@@ -180,6 +185,18 @@ def distilled_minus_plain(runs: pd.DataFrame) -> pd.Series:
     diff = pd.Series(taught["top1_err"].to_numpy() - twin.to_numpy(),
                      index=pd.MultiIndex.from_frame(taught[["model", "n_train", "seed"]].astype({"n_train": int})))
     return diff.dropna()
+
+
+def teacher_agreement(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per distilled arm and size, the mean over seeds of the students' `teacher_agree`
+    (empty when no student recorded it)."""
+    ok = analysis.finished(runs)
+    if "teacher_agree" not in ok or ok["teacher_agree"].isna().all():
+        return pd.DataFrame()
+    taught = analysis.arms(ok[ok["teacher_agree"].notna()])
+    wide = taught.pivot_table(index="model", columns="n_train", values="teacher_agree", aggfunc="mean").round(2)
+    wide.columns = [f"n={int(c)}" for c in wide.columns]
+    return wide.reindex(plots.model_order(wide.index)).reset_index()
 
 
 def cnn_gaps(summary: pd.DataFrame) -> pd.DataFrame:
