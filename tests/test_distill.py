@@ -11,7 +11,7 @@ import torch
 import vitexp.models as vm
 from tests.conftest import REPO, assert_user_error, run_cli
 from vitexp.config import TrainConfig
-from vitexp.distill import Distiller, load_teacher, teacher_columns
+from vitexp.distill import Distiller, load_teacher, replay_agreement, teacher_columns
 from vitexp.finetune import find_source, stage_source
 from vitexp.store import TrialStore
 from vitexp.trainer import run_trial
@@ -115,6 +115,7 @@ def test_the_teacher_is_frozen_and_its_key_is_in_the_students(tmp_path):
     assert row["teacher_key"] == source.key and math.isfinite(row["top1_err"])
     history = pd.read_csv(TrialStore(tmp_path / "student").history_path(row["key"]))
     assert history["teacher_agree"].between(0, 100).all() and len(history) == TEACHER.epochs
+    assert replay_agreement(tmp_path / "student", row["key"]) == history["teacher_agree"].iloc[-1] == row["teacher_agree"]
     assert not any(p.requires_grad for p in load_teacher(source.weights, torch.device("cpu")).parameters())
 
 

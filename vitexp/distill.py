@@ -30,6 +30,12 @@ class Distiller:
         # nothing the class head does not (a teacher that fits its augmented training images)
         self.agreed, self.seen = torch.zeros(()), 0
 
+    def count(self, taught: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch's teacher logits and labels to the agreement count (mixed labels are not)."""
+        if y.ndim == 1:
+            self.agreed = self.agreed.to(y.device) + (taught.argmax(1) == y).sum()
+            self.seen += len(y)
+
     def agreement(self) -> float:
         """% of this epoch's training images (augmented) whose label the teacher's argmax
         matches; counting starts again (NaN where labels were mixed: mixup, cutmix)."""
@@ -41,9 +47,7 @@ class Distiller:
         cls, dist = out
         with torch.no_grad():
             taught = self.teacher(x).float()
-            if y.ndim == 1:
-                self.agreed = self.agreed.to(y.device) + (taught.argmax(1) == y).sum()
-                self.seen += len(y)
+            self.count(taught, y)
         if self.kind == "hard":
             return 0.5 * self.ce(cls, y) + 0.5 * F.cross_entropy(dist, taught.argmax(1))
         t = self.tau
@@ -65,3 +69,34 @@ def load_teacher(path: Path, device: torch.device) -> nn.Module:
 def teacher_columns(source: Source) -> dict:
     """What a distilled trial's runs.csv row says of its teacher."""
     return {"teacher_key": source.key, "teacher_model": source.model, "teacher_n_train": source.n_train}
+
+
+def replay_agreement(folder: str | Path, key: str) -> float:
+    """Student KEY's `teacher_agree` at its last epoch, recomputed from its folder without
+    training: the teacher's kept weights on that epoch's augmented batches (the same seeds).
+    For students recorded before the trainer counted it, and to read a teacher before any
+    student trains with it."""
+    from vitexp import runtime
+    from vitexp.config import config_fields
+    from vitexp.seeds import EPOCH, derive_seed
+    from vitexp.store import TrialStore
+    from vitexp.trainer import setup_trial, teacher_path
+
+    store = TrialStore(folder, create=False)
+    row = store.result(key)
+    if row is None or not row.get("teacher"):
+        raise ValueError(f"{folder}: {key} is not a recorded distilled student")
+    cfg = TrainConfig(**{f: row[f] for f in config_fields() if f in row})
+    t = setup_trial(cfg, teacher=teacher_path(cfg, store))
+    epoch = int(row["epochs_run"]) - 1
+    torch.manual_seed(derive_seed(EPOCH, cfg.seed, epoch))  # as train_epoch seeds it
+    t.train_loader.set_epoch(epoch)
+    with torch.no_grad():
+        for x, y in t.train_loader:
+            if t.mixer is not None:
+                x, y = t.mixer(x, y)
+            if t.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast(t.device, cfg.amp):
+                t.distiller.count(t.distiller.teacher(x).float(), y)
+    return t.distiller.agreement()
