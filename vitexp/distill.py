@@ -38,7 +38,8 @@ class Distiller:
 
     def agreement(self) -> float:
         """% of this epoch's training images (augmented) whose label the teacher's argmax
-        matches; counting starts again (NaN where labels were mixed: mixup, cutmix)."""
+        matches; counting starts again (NaN where labels were mixed: mixup, cutmix; with several
+        processes, this process's share of the images: a sample, not worth a sync)."""
         done = 100.0 * self.agreed.item() / self.seen if self.seen else float("nan")
         self.agreed, self.seen = torch.zeros(()), 0
         return done
