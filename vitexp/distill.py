@@ -79,9 +79,8 @@ def replay_agreement(folder: str | Path, key: str) -> float:
     student trains with it."""
     from vitexp import runtime
     from vitexp.config import config_fields
-    from vitexp.seeds import EPOCH, derive_seed
     from vitexp.store import TrialStore
-    from vitexp.trainer import setup_trial, teacher_path
+    from vitexp.trainer import epoch_batches, setup_trial, teacher_path
 
     store = TrialStore(folder, create=False)
     row = store.result(key)
@@ -89,15 +88,8 @@ def replay_agreement(folder: str | Path, key: str) -> float:
         raise ValueError(f"{folder}: {key} is not a recorded distilled student")
     cfg = TrainConfig(**{f: row[f] for f in config_fields() if f in row})
     t = setup_trial(cfg, teacher=teacher_path(cfg, store))
-    epoch = int(row["epochs_run"]) - 1
-    torch.manual_seed(derive_seed(EPOCH, cfg.seed, epoch))  # as train_epoch seeds it
-    t.train_loader.set_epoch(epoch)
     with torch.no_grad():
-        for x, y in t.train_loader:
-            if t.mixer is not None:
-                x, y = t.mixer(x, y)
-            if t.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in epoch_batches(t, int(row["epochs_run"]) - 1):
             with runtime.autocast(t.device, cfg.amp):
                 t.distiller.count(t.distiller.teacher(x).float(), y)
     return t.distiller.agreement()

@@ -149,18 +149,24 @@ def setup_trial(cfg: TrainConfig, source: Path | None = None, teacher: Path | No
                  distiller=Distiller(load_teacher(teacher, device), cfg) if cfg.teacher else None)
 
 
-def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float:
-    """One epoch of training; the mean training loss (NaN or inf once it diverged)."""
+def epoch_batches(t: Trial, epoch: int):
+    """EPOCH's training batches as a step sees them: seeded, mixed, in the model's layout."""
     torch.manual_seed(derive_seed(EPOCH, t.cfg.seed, epoch))  # dropout, mixup: exact on resume
     t.train_loader.set_epoch(epoch)
-    t.net.train()
-    steps = len(t.train_loader)
-    loss_sum = torch.zeros((), device=t.device)
-    for step, (x, y) in enumerate(t.train_loader):
+    for x, y in t.train_loader:
         if t.mixer is not None:
             x, y = t.mixer(x, y)
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y
+
+
+def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float:
+    """One epoch of training; the mean training loss (NaN or inf once it diverged)."""
+    t.net.train()
+    steps = len(t.train_loader)
+    loss_sum = torch.zeros((), device=t.device)
+    for step, (x, y) in enumerate(epoch_batches(t, epoch)):
         with runtime.autocast(t.device, t.cfg.amp):
             out = t.net(x)
             loss = t.criterion(out, y) if t.distiller is None else t.distiller(out, x, y)
