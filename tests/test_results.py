@@ -32,7 +32,9 @@ def test_committed_results_parse_with_the_current_schema(folder: Path):
         assert runs[c].notna().all(), c  # provenance of every row
     history = pd.read_csv(folder / "history.csv", dtype={"key": str})
     assert list(history.columns[: len(HISTORY_COLUMNS)]) == HISTORY_COLUMNS
-    assert set(history.key) == set(runs.key)
+    assert set(history.key) <= set(runs.key)
+    no_epoch = runs[~runs.key.isin(history.key)]  # only a trial that diverged in its first epoch has no row
+    assert no_epoch.diverged.astype(str).str.lower().eq("true").all(), list(no_epoch.key)
     readme = (folder / "README.md").read_text()
     for what in ("command", "commit", "device", "wall"):
         assert what in readme.lower(), what
