@@ -214,7 +214,7 @@ def batch_tables(runs: pd.DataFrame) -> list[tuple]:
                  .groupby(["model", "optimizer", "batch_size"])["rule"]
                  .agg(lambda r: ", ".join(f"{k} x{n}" for k, n in r.value_counts().sort_index().items())))
         rules = rules.unstack("batch_size").reset_index()
-        rules.columns = [c if isinstance(c, str) else f"batch {c}" for c in rules.columns]
+        rules.columns = [c if isinstance(c, str) else f"batch {int(c)}" for c in rules.columns]
         out += [("h3", "lr rule chosen on the held-out images (seeds per rule; at the tuning batch the rules agree)"),
                 ("table", rules)]
     return out
