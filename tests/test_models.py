@@ -145,6 +145,24 @@ def test_paper_geometry_twins_at_cpu_cost():
     assert c(torch.randn(2, 1, 64, 64)).shape == (2, 10)
 
 
+def test_wider_twins_scale_like_the_paper():
+    """The 25mf_p8 twins grow the 7mf ones as [EC] grows 1GF to 4GF: twice the width and heads,
+    the same 8x8 patches, tokens and depth, so about four times the parameters; they cost
+    the same as each other (within 12%) and about 25 MF."""
+    cost = {n: vm.complexity(n, 32, in_chans=1, num_classes=10) for n in
+            ("vit_p_25mf_p8", "vit_c_25mf_p8", "vit_p_7mf", "vit_c_7mf")}
+    assert cost["vit_p_25mf_p8"]["gflops"] / cost["vit_c_25mf_p8"]["gflops"] <= 1.12
+    assert all(abs(cost[f"vit_{f}_25mf_p8"]["gflops"] * 1e3 / 25 - 1) <= 0.10 for f in "pc"), cost
+    assert 3.5 <= cost["vit_p_25mf_p8"]["params_m"] / cost["vit_p_7mf"]["params_m"] <= 4.5, cost
+    for f in "pc":
+        wide, base = vm.get_spec(f"vit_{f}_25mf_p8").kwargs, vm.get_spec(f"vit_{f}_7mf").kwargs
+        assert (wide["width"], wide["heads"]) == (2 * base["width"], 2 * base["heads"])
+        assert (wide["patch"], wide["depth"]) == (base["patch"], base["depth"])
+    p, c = (vm.build_model(f"vit_{f}_25mf_p8", in_chans=1, num_classes=10) for f in "pc")
+    assert p.seq_length == c.seq_length == 4 * 4 + 1 and len(c.encoder.layers) == len(p.encoder.layers) - 1
+    assert c(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
 def test_small_resnet():
     """The CIFAR ResNet: full resolution in the first stage, halved per stage, basic blocks."""
     model = vm.build_model("resnet_7mf", in_chans=1, num_classes=10)

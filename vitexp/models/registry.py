@@ -141,6 +141,12 @@ _add("resnet_200mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(44, 
 # convs (8, 16, 32, 64 channels, BN+ReLU) and its 1x1; the body is the 7mf one. Registry lr/wd: the 7mf
 # values (their Fashion-MNIST search's best are in optimizer_fashion-mnist_cpu_p16's [tuned] tables).
 _vit_twins("7mf_p16", 64, 16, 64, 9, 1, 192, _VIT_P_7MF, _VIT_C_7MF)
+# A larger model as [EC] scales one (1GF -> 4GF: twice the width and heads, the same 16x16 patches and
+# depth, the same lr): the 7mf twins at twice the width (128, 2 heads, MLP 384) and the same 8x8 patches
+# at 32 px, so four times the parameters and ~3.7x the cost at the same 16 tokens. (The 25mf level buys its
+# cost with 4x4 patches at the 7mf width, which changes the stem's kernel and stride, not the model's size.)
+# Registry lr/wd: the 7mf values, as [EC] keeps ViT_P's from 1GF to 4GF.
+_vit_twins("25mf_p8", 32, 8, 128, 9, 2, 384, _VIT_P_7MF, _VIT_C_7MF)
 # Hybrids ([ViT] Sec. 3.1): the CIFAR ResNet's first stages (stem stride 2 at 32 px), a 1x1 projection,
 # then the level's ViT body, fewer blocks to match its cost; the CNN's stride gives the ViT_P twin's token
 # grid (7mf: 4x4 from 3 stages, stride 8; 25-200mf: 8x8 from 2 stages, stride 4), as [ViT]'s R50 hybrid
