@@ -1,7 +1,9 @@
 """Everything worth checking and measuring on a GPU box, in one run (benchmarks/gpu_check.sh).
 
-Stages, each a list of `python -m vitexp ...` commands under its own time cap, so one
-failing or slow stage does not stop the next:
+Stages, each a list of `python -m vitexp ...` commands, run in order of worth: a stage may
+use a share of the time left (what one stage leaves unused goes to the next), each command
+has its own cap inside that, so one failing or slow command does not stop the next, and a
+command that cannot get FLOOR seconds any more is skipped, not started to be killed:
 
 - env          GPU, memory, versions; `vitexp doctor`
 - correctness  a short `vitexp train` of every model family (small levels, and one 224 px
@@ -26,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,6 +50,10 @@ class Check:
         self.out, self.work = out, out / "work"
         self.work.mkdir(parents=True, exist_ok=True)
         self.t0, self.budget, self.smoke = time.monotonic(), budget, smoke
+        self.deadline = self.t0 + budget
+        # starting a CUDA process (import torch, init the GPU) alone takes about 10 s on an H200:
+        # a command given less than this only measures that
+        self.floor = 20.0 if smoke else 30.0
         self.device = "cpu" if smoke else "cuda"
         self.data_dir = data_dir
         self.rows: list[dict] = []
@@ -56,13 +63,24 @@ class Check:
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.t0)
 
-    def cmd(self, stage: str, name: str, argv: list[str], cap: float, ok=None) -> dict:
-        """Run one command (vitexp's CLI unless ARGV starts with an executable) with a time cap;
-        OK(result) -> (passed, numbers) judges it (default: exit code 0)."""
+    def stage(self, seconds: float) -> None:
+        """Start a stage that may use SECONDS (and no more than the budget has left)."""
+        self.deadline = time.monotonic() + seconds
+
+    def stage_left(self) -> float:
+        return min(self.deadline - time.monotonic(), self.left())
+
+    def cmd(self, stage: str, name: str, argv: list[str], cap: float, ok=None) -> dict | None:
+        """Run one command (vitexp's CLI unless ARGV starts with an executable) for at most CAP
+        seconds and what its stage has left; OK(result) -> (passed, numbers) judges it (default:
+        exit code 0). None, and a skip row, when not even FLOOR seconds are left."""
         argv = [sys.executable, "-m", "vitexp", *argv] if not argv[0].startswith(("/", "torchrun", "nvidia")) else argv
-        log = self.work / "logs" / f"{stage}-{name}.log"
+        cap = min(cap, self.stage_left())
+        if cap < self.floor:
+            self.skip(stage, name, "out of time")
+            return None
+        log = self.work / "logs" / f"{stage}-{re.sub(r'[^A-Za-z0-9.-]+', '_', name)}.log"  # names the device returns
         log.parent.mkdir(exist_ok=True)
-        cap = max(5.0, min(cap, self.left()))
         t = time.monotonic()
         with open(log, "w") as f:
             f.write("$ " + " ".join(map(str, argv)) + "\n")
@@ -107,6 +125,25 @@ def finite_run(folder: Path, max_err: float = 100.0):
     return ok
 
 
+def fell_back(folder: Path) -> int:
+    """Fused groups in FOLDER that failed and ran their trials one by one (the study's log says so):
+    their trials still finish, so only this shows that fusing broke."""
+    log = folder / "log.txt"
+    return sum("fused group" in line and " failed (" in line for line in log.read_text().splitlines()) \
+        if log.exists() else 0
+
+
+def fused_run(folder: Path):
+    """A judge: FOLDER's trials passed `finite_run` and no fused group fell back."""
+    judge = finite_run(folder)
+
+    def ok(result):
+        passed, numbers = judge(result)
+        n = fell_back(folder)
+        return passed and n == 0, {**numbers, "fused_fell_back": n}
+    return ok
+
+
 # -- stages ---------------------------------------------------------------------------------------
 
 def env_stage(c: Check) -> None:
@@ -126,10 +163,10 @@ def _last_json(log: str) -> dict:
     return {}
 
 
-def correctness_stage(c: Check, cap: float) -> None:
+def correctness_stage(c: Check) -> None:
     tiny = ["--dataset", "shapes", "--n-train", "256" if c.smoke else "2048", "--n-test", "128", "--epochs",
             "1" if c.smoke else "2", "--batch-size", "64", "--device", c.device]
-    each = cap / 11
+    each = 90  # seconds: 2 epochs of 2048 images, on a GPU, take a few
     for model in ("vit_p_7mf", "vit_c_7mf", "hybrid_7mf", "regnety_25mf", "resnet_7mf", "vit_c_1gf"):
         extra = ["--n-train", "64", "--n-test", "32", "--batch-size", "32"] if model.endswith("gf") else []
         out = c.work / "train" / model
@@ -164,7 +201,10 @@ def killed_then_resumed(c: Check, tiny: list, cap: float) -> None:
     argv = [sys.executable, "-m", "vitexp", "train", "--model", "vit_p_7mf", *tiny, "--epochs", "3", "--out", str(out)]
     p = subprocess.Popen(argv, cwd=REPO, env=c.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
-    deadline = time.monotonic() + min(cap, c.left())
+    if min(cap, c.stage_left()) < c.floor:
+        c.skip("correctness", "killed, then resumed", "out of time")
+        return
+    deadline = time.monotonic() + min(cap, c.stage_left())
     while time.monotonic() < deadline and p.poll() is None and not list((out / "checkpoints").glob("*.pt")):
         time.sleep(0.2)
     killed = p.poll() is None
@@ -176,21 +216,21 @@ def killed_then_resumed(c: Check, tiny: list, cap: float) -> None:
           ok=lambda r: (judge(r)[0] and killed, {"killed_mid_run": killed, **judge(r)[1]}))
 
 
-def speed_stage(c: Check, cap: float) -> None:
+def speed_stage(c: Check) -> None:
     csv = c.work / "bench.csv"
     if c.smoke:
         cases = [("vit_c_7mf", 32, [])]
     else:
-        cases = [("vit_c_7mf", 128, []), ("vit_c_7mf", 1024, []), ("vit_p_200mf", 1024, []),
-                 ("vit_c_1gf", 128, ["--dataset", "shapes", "--image-size", "224"]),
-                 ("regnety_4gf", 128, ["--dataset", "shapes", "--image-size", "240"])]
+        cases = [("vit_c_7mf", 1024, []), ("vit_c_1gf", 128, ["--dataset", "shapes", "--image-size", "224"]),
+                 ("regnety_4gf", 128, ["--dataset", "shapes", "--image-size", "240"]), ("vit_p_200mf", 1024, []),
+                 ("vit_c_7mf", 128, [])]  # most worth first: the studies' GPU batch, then the papers' models
     compiled = not c.smoke  # --compile measures eager and compiled side by side, in one run
     for model, batch, extra in cases:
         steps = ["--steps", "2", "--warmup", "1"] if c.smoke else ["--steps", "20", "--warmup", "5"]
         name = f"bench {model} b{batch}{' eager and compiled' if compiled else ''}"
         c.cmd("speed", name, ["bench", "--model", model, "--batch-size", batch, *steps, *extra, "--device", c.device,
                               "--baseline", "--num-workers", "2", *(["--compile"] if compiled else []), "--csv", csv],
-              cap / len(cases), ok=lambda r: (True, {**_bench_numbers(csv), **(
+              150, ok=lambda r: (True, {**_bench_numbers(csv), **(
                   {"compiled img/s": _bench_numbers(csv, "compiled")["img/s"]} if compiled else {})}))
 
 
@@ -204,23 +244,23 @@ def _bench_numbers(csv: Path, mode: str = "fast") -> dict:
     return out
 
 
-def sweeps_stage(c: Check, cap: float) -> None:
+def sweeps_stage(c: Check) -> None:
     model = "vit_c_7mf" if c.smoke else "vit_c_25mf"
     samples, n = ("4", "256") if c.smoke else ("16", "5000")
     common = ["stability", "--models", model, "--samples", samples, "--epochs", "1" if c.smoke else "2",
               "--n-train", n, "--n-test", "256", "--batch-size", "64" if c.smoke else "128", "--device", c.device,
               "--no-plot", "--no-progress"]
     workers = "2" if c.smoke else "4"  # a smoke run's CPU has 2 cores: 4 processes would only queue for them
-    for name, opts in (("one at a time", ["--workers", "1", "--fuse", "1"]),
-                       (f"{workers} worker processes", ["--workers", workers, "--fuse", "1"]),
-                       ("fused", ["--workers", "1", "--fuse", samples])):
+    for name, opts in (("fused", ["--workers", "1", "--fuse", samples]),  # first: the default on CUDA
+                       ("one at a time", ["--workers", "1", "--fuse", "1"]),
+                       (f"{workers} worker processes", ["--workers", workers, "--fuse", "1"])):
         out = c.work / "sweeps" / name.replace(" ", "-")
-        c.cmd("sweeps", name, [*common, *opts, "--out", out], cap / 4, ok=finite_run(out))
+        c.cmd("sweeps", name, [*common, *opts, "--out", out], 120, ok=fused_run(out))
     csv = c.work / "bench_fused.csv"
     c.cmd("sweeps", f"bench --fuse {samples}", ["bench", "--model", "vit_c_7mf" if c.smoke else "vit_c_25mf",
                                                 "--batch-size", "64" if c.smoke else "128", "--fuse", samples,
                                                 "--steps", "2" if c.smoke else "20", "--warmup", "1" if c.smoke else "3",
-                                                "--device", c.device, "--csv", csv], cap / 4,
+                                                "--device", c.device, "--csv", csv], 120,
           ok=lambda r: (True, {"fused_x": _fused_ratio(csv)}))
 
 
@@ -229,22 +269,22 @@ def _fused_ratio(csv: Path) -> float:
     return float(rows[rows["mode"] == "fused"].images_per_s.iloc[-1] / rows[rows["mode"] == "one-by-one"].images_per_s.iloc[-1])
 
 
-def science_stage(c: Check, cap: float) -> None:
+def science_stage(c: Check) -> None:
     """The Fashion-MNIST studies at GPU budgets, as far as the time left goes (they resume)."""
     presets = ["scale_fashion-mnist", "stability_fashion-mnist", "optimizer_fashion-mnist"]
     if c.smoke:
         c.cmd("science", "scale (smoke)", ["scale-study", "--sizes", "64,128", "--steps", "2", "--seeds", "0",
                                             "--models", "vit_p_7mf", "--fewshot", "", "--n-test", "64",
                                             "--batch-size", "32", "--device", "cpu", "--no-progress",
-                                            "--out", c.work / "science" / "smoke"], cap)
+                                            "--out", c.work / "science" / "smoke"], c.stage_left())
         return
     for i, preset in enumerate(presets):
         kind = preset.split("_")[0]
         command = {"scale": "scale-study", "optimizer": "optimizer-study"}.get(kind, kind)
         out = c.work / "science" / preset
         c.cmd("science", preset, [command, "--preset", preset, "--device", "cuda", "--no-progress", "--out", out],
-              (cap - 10) / (len(presets) - i), ok=lambda r, out=out: (True, {"trials": len(_runs(out))}))
-        cap = c.left()
+              c.stage_left() / (len(presets) - i),
+              ok=lambda r, out=out: (fell_back(out) == 0, {"trials": len(_runs(out)), "fused_fell_back": fell_back(out)}))
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -278,13 +318,15 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="every stage at the smallest size, on the CPU")
     a = ap.parse_args(argv)
     c = Check(Path(a.out), a.budget, a.smoke, a.data_dir)
-    caps = {"correctness": 0.3, "speed": 0.25, "sweeps": 0.2} if not a.smoke else {"correctness": 0.35, "speed": 0.1,
-                                                                                   "sweeps": 0.35}
+    # each stage's share of the time left when it starts; the science stage gets the rest
+    shares = {"correctness": 0.5, "speed": 0.5, "sweeps": 0.6} if not a.smoke else {"correctness": 0.4, "speed": 0.15,
+                                                                                   "sweeps": 0.6}
     env_stage(c)
-    correctness_stage(c, caps["correctness"] * a.budget)
-    speed_stage(c, caps["speed"] * a.budget)
-    sweeps_stage(c, caps["sweeps"] * a.budget)
-    science_stage(c, a.science if a.science is not None else c.left() - 15)
+    for name, run in (("correctness", correctness_stage), ("speed", speed_stage), ("sweeps", sweeps_stage)):
+        c.stage(shares[name] * c.left())
+        run(c)
+    c.stage(a.science if a.science is not None else c.left() - 15)  # 15 s: the archive and the summary
+    science_stage(c)
     table = summary(c)
     (c.out / "summary.md").write_text(table)
     (c.out / "summary.json").write_text(json.dumps(c.rows, indent=1, default=str))

@@ -500,6 +500,33 @@ def test_doctor_parts():
     assert step["status"] == "ok" and step["finite"] == "True" and step["device"] == "cpu"
 
 
+def test_doctor_prints_extras_and_a_source_tree(monkeypatch):
+    """A missing extra's hint keeps its brackets (rich once read '[slurm]' as markup and printed
+    'pip install 'vitexp''), and vitexp run from a source tree shows its version, not MISSING."""
+    from importlib import metadata
+
+    from typer.testing import CliRunner
+
+    from vitexp import __version__, doctor
+    from vitexp.cli import app
+
+    real = metadata.version
+
+    def version(name):
+        if name in ("vitexp", "submitit"):
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(doctor.metadata, "version", version)
+    v = doctor.versions()
+    assert v["vitexp"].startswith(f"{__version__} (not installed; from ") and v["submitit"].endswith("'vitexp[slurm]')")
+    monkeypatch.setattr(doctor, "tiny_step", lambda device: {"status": "ok"})
+    monkeypatch.setattr(doctor, "data_report", lambda data_dir: {})
+    result = CliRunner().invoke(app, ["doctor", "--device", "cpu"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "pip install 'vitexp[slurm]'" in result.stdout
+
+
 @pytest.mark.slow
 def test_doctor_cli():
     p = run_cli("doctor", "--device", "cpu")

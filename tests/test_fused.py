@@ -82,6 +82,29 @@ def test_a_fused_cnn_step_equals_the_unfused_one_up_to_the_order_of_float_sums()
             assert (a.grad - b.grad).abs().max() <= 1e-4 * b.grad.abs().max(), name
 
 
+def test_a_fused_step_keeps_cuda_attention_on_the_math_backend(monkeypatch):
+    """Under vmap on CUDA the memory-efficient SDPA kernel's backward rejects the batched
+    logsumexp ('LSE is not correctly aligned', an H200 run: every fused group fell back to one
+    by one), so the fused step runs attention on the math backend there; the CPU keeps torch's choice."""
+    import torch
+
+    from vitexp.fused import _fused_losses, attention_under_vmap, setup_group
+
+    b = torch.backends.cuda
+    with attention_under_vmap(torch.device("cuda")):
+        assert b.math_sdp_enabled() and not (b.mem_efficient_sdp_enabled() or b.flash_sdp_enabled()
+                                             or b.cudnn_sdp_enabled())
+    with attention_under_vmap(torch.device("cpu")):
+        assert b.mem_efficient_sdp_enabled() and b.flash_sdp_enabled()
+    assert b.mem_efficient_sdp_enabled()  # restored on the way out
+    seen = []
+    monkeypatch.setattr(vitexp.fused, "attention_under_vmap", lambda d: seen.append(d) or attention_under_vmap(d))
+    g = setup_group([c.validate().resolved() for c in configs("vit_p_7mf", MEMBERS[:2])], None)
+    batches = [next(iter(t.train_loader)) for t in g.members]
+    losses = _fused_losses(g, torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches]))
+    assert seen == [torch.device("cpu")] and losses.shape == (2,)
+
+
 @pytest.mark.slow
 def test_a_diverging_member_leaves_the_others_alone(tmp_path):
     cfgs = configs("vit_c_7mf", [(0.01, 0), (1e4, 1), (0.02, 2)])

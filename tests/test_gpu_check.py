@@ -1,13 +1,22 @@
 """The GPU check script's smoke mode: every stage at the smallest size on the CPU, so the
 script cannot rot while no GPU is around."""
 
+import importlib.util
 import json
 import subprocess
+import sys
 import tarfile
 
 import pytest
 
 from conftest import REPO
+
+
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -18,9 +27,36 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     rows = json.loads((tmp_path / "summary.json").read_text())
     assert {r["stage"] for r in rows} == {"env", "correctness", "speed", "sweeps", "science"}
     assert all(r["passed"] is not False for r in rows), [r for r in rows if r["passed"] is False]
+    # nothing ran out of time: the one skip is compile, which the CPU does not check
+    assert [r["check"] for r in rows if r["passed"] is None] == ["train --compile"], rows
     assert p.stdout.rstrip().splitlines()[-1].startswith("| science")  # the summary table comes last
     archive = tmp_path / "gpu_check.tar.gz"
     assert archive.stat().st_size < 16 * 2**20
     with tarfile.open(archive) as tar:
         names = tar.getnames()
     assert any(n.endswith("bench.csv") for n in names) and any(n.endswith("runs.csv") for n in names)
+
+
+def test_a_fused_group_that_fell_back_fails_the_check(tmp_path):
+    """Its trials still finish one by one, so only the study's log shows that fusing broke
+    (as it did on an H200: every fused group fell back)."""
+    g = gpu_check()
+    (tmp_path / "runs.csv").write_text("key,status,train_loss,diverged,top1_err\na,ok,0.5,False,20.0\n")
+    (tmp_path / "log.txt").write_text("2026-12-04 18:32:48,981 1863 study optimizer shard 0/1: 1 trials\n")
+    assert g.fused_run(tmp_path)({}) == (True, {"top1_err": 20.0, "trials": 1, "fused_fell_back": 0})
+    with open(tmp_path / "log.txt", "a") as f:
+        f.write("2026-12-04 18:32:50,333 1863 fused group ['a'] failed (RuntimeError: LSE is not correctly "
+                "aligned (strideB)); its trials run one by one\n")
+    assert g.fused_run(tmp_path)({}) == (False, {"top1_err": 20.0, "trials": 1, "fused_fell_back": 1})
+
+
+def test_a_command_without_its_floor_of_time_is_skipped_not_started(tmp_path):
+    g = gpu_check()
+    c = g.Check(tmp_path, budget=100.0, smoke=True, data_dir=None)
+    c.stage(c.floor - 1)
+    assert c.cmd("speed", "bench x", [sys.executable, "-c", "raise SystemExit(1)"], 60) is None
+    c.stage(c.floor + 30)
+    r = c.cmd("speed", "exits 0, in time", [sys.executable, "-c", "pass"], 60)
+    assert r["passed"] and r["log"].endswith("speed-exits_0_in_time.log")
+    assert [(row["check"], row["passed"]) for row in c.rows] == [("bench x", None), ("exits 0, in time", True)]
+    assert c.rows[0]["why"] == "out of time"

@@ -630,7 +630,7 @@ def doctor(device: str = typer.Option("auto", help="device for the test step"),
     for title, items in sections:
         console.print(title)
         for k, v in items.items():
-            console.print(f"  {k:16s} {v}")
+            console.print(f"  {k:16s} {v}", markup=False)  # not markup: 'vitexp[slurm]' is text
     if sections[-1][1]["status"] != "ok":
         raise UserError("the tiny training step failed (non-finite loss); see above")
 

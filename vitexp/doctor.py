@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import time
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,10 @@ def versions() -> dict[str, str]:
             out[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             out[p] = f"not installed (optional: pip install 'vitexp[{OPTIONAL[p]}]')" if p in OPTIONAL else "MISSING"
+    if out["vitexp"] == "MISSING":  # imported from a source tree (PYTHONPATH), not pip-installed
+        from vitexp import __file__ as where, __version__
+
+        out["vitexp"] = f"{__version__} (not installed; from {Path(where).parent})"
     return out
 
 

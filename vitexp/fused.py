@@ -29,6 +29,7 @@ so the sweep fuses only on request there; on CUDA it fuses by default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from datetime import datetime, timezone
@@ -36,6 +37,7 @@ from datetime import datetime, timezone
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitexp import runtime
 from vitexp.config import TrainConfig
@@ -119,6 +121,17 @@ def channels_last(stacked: torch.Tensor) -> torch.Tensor:
     return stacked.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
+def attention_under_vmap(device: torch.device):
+    """SDPA's backends for a vmapped step: the math one on CUDA. Under vmap the memory-efficient
+    kernel's backward rejects the logsumexp layout it is handed ('LSE is not correctly aligned
+    (strideB)', an H200 with torch 2.11), and every fused group fell back to one by one; the math
+    backend is plain matmuls and a softmax, which vmap batches. The CPU keeps torch's choice
+    (the fused ViTs equal their unfused trials to the last bit there)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _fused_losses(g: Group, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """Each member's loss on its own batch, (K,), in one vmapped forward; the stacked
     BatchNorm statistics are written back to the members."""
@@ -132,7 +145,7 @@ def _fused_losses(g: Group, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return criterion(functional_call(g.base, (p, b), (x,)), y)
 
     t0 = g.members[0]
-    with runtime.autocast(t0.device, t0.cfg.amp):
+    with runtime.autocast(t0.device, t0.cfg.amp), attention_under_vmap(t0.device):
         losses = vmap(loss, randomness="different")(params, buffers, xs, ys)
     with torch.no_grad():
         for n, stacked in buffers.items():
