@@ -199,11 +199,11 @@ def killed_then_resumed(c: Check, tiny: list, cap: float) -> None:
     """Train, SIGKILL after the first epoch's checkpoint, rerun: the rerun finishes the trial."""
     out = c.work / "train" / "killed"
     argv = [sys.executable, "-m", "vitexp", "train", "--model", "vit_p_7mf", *tiny, "--epochs", "3", "--out", str(out)]
-    p = subprocess.Popen(argv, cwd=REPO, env=c.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
     if min(cap, c.stage_left()) < c.floor:
         c.skip("correctness", "killed, then resumed", "out of time")
         return
+    p = subprocess.Popen(argv, cwd=REPO, env=c.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     deadline = time.monotonic() + min(cap, c.stage_left())
     while time.monotonic() < deadline and p.poll() is None and not list((out / "checkpoints").glob("*.pt")):
         time.sleep(0.2)

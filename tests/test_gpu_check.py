@@ -60,3 +60,12 @@ def test_a_command_without_its_floor_of_time_is_skipped_not_started(tmp_path):
     assert r["passed"] and r["log"].endswith("speed-exits_0_in_time.log")
     assert [(row["check"], row["passed"]) for row in c.rows] == [("bench x", None), ("exits 0, in time", True)]
     assert c.rows[0]["why"] == "out of time"
+
+
+def test_the_kill_and_resume_check_starts_nothing_when_out_of_time(tmp_path, monkeypatch):
+    g = gpu_check()
+    c = g.Check(tmp_path, budget=100.0, smoke=True, data_dir=None)
+    c.stage(c.floor - 1)
+    monkeypatch.setattr(g.subprocess, "Popen", lambda *a, **k: pytest.fail("a training process was started"))
+    g.killed_then_resumed(c, [], 60)
+    assert [(r["check"], r["why"]) for r in c.rows] == [("killed, then resumed", "out of time")]
