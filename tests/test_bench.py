@@ -67,3 +67,22 @@ def test_bench_cli_appends_rows(tmp_path):
         assert "fast / baseline" in p.stdout
     rows = pd.read_csv(csv)
     assert len(rows) == 4 and set(rows["mode"]) == {"fast", "baseline"}
+
+
+@pytest.mark.slow
+def test_the_cpu_layout_benchmark_times_both_layouts_and_probes_the_crash():
+    """benchmarks/cpu_layout.py: a step time per layout, their ratio, and the oneDNN probe's
+    outcome from a child process (its crash must not end the script)."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu_layout.py"), "--steps", "1", "--batch-size", "4"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    times = re.findall(r"^  (default|channels_last) +([\d.]+) ms a step", p.stdout, re.M)
+    assert [name for name, _ in times] == ["default", "channels_last"] and all(float(t) > 0 for _, t in times)
+    assert re.search(r"channels_last / default speed: \d+\.\d\dx", p.stdout)
+    assert re.search(r"64 px, channels_last: (runs|crashes \(\w+\))$", p.stdout, re.M)

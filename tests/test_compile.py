@@ -84,8 +84,9 @@ def test_compile_wraps_ddp_as_torch_documents(monkeypatch):
 @pytest.mark.slow
 def test_a_compiled_cnn_at_64_px_trains(tmp_path):
     """The 64 px CIFAR ResNet compiled on the CPU (the transfer study's 2x fine-tunes): with
-    inductor's layout optimisation its backward crashed the process (torch 2.14.1), so the test
-    runs it in a process of its own, where a crash is a failure and not the end of pytest."""
+    inductor's layout optimisation, or with the model in channels_last (eager too), its backward
+    crashed the process (torch 2.14.1), so the test runs it in a process of its own, where a
+    crash is a failure and not the end of pytest."""
     from conftest import run_cli
 
     proc = run_cli("train", "--model", "resnet_7mf", "--dataset", "shapes", "--image-size", "64", "--n-train", "128",

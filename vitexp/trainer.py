@@ -112,9 +112,12 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     if cfg.sync_bn and d.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
+    # cuDNN's fast conv layout. Not on the CPU, where it would run the 7 MF ResNet's step 1.7-2.1x
+    # faster: there oneDNN's backward of a 1x1 stride-2 conv from 8 channels crashes the process
+    # at 48 px and above (torch 2.14.1; the 64 px ResNet, a slow test; benchmarks/cpu_layout.py)
     channels_last = device.type == "cuda" and not vmodels.is_vit(model)
     if channels_last:
-        model.to(memory_format=torch.channels_last)  # cuDNN's fast conv layout
+        model.to(memory_format=torch.channels_last)
     net = model
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
