@@ -1,7 +1,9 @@
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -21,6 +23,34 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "vitexp", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, env=full_env, timeout=timeout)
+
+
+class Ran(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def in_process(monkeypatch, capsys, *args) -> Ran:
+    """`vitexp ARGS` through main() in this process at 80 columns, without the 3-5 s start of an
+    interpreter importing torch: run_cli's answer, for commands that need no process of their own."""
+    from vitexp.cli import main
+
+    capsys.readouterr()  # what came before is not this command's output
+    monkeypatch.setattr(sys, "argv", ["vitexp", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "80")
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    return Ran(code, *capsys.readouterr())
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """in_process, bound: cli("train", "--model", ...)."""
+    return functools.partial(in_process, monkeypatch, capsys)
 
 
 def assert_user_error(proc, *needles):

@@ -6,9 +6,9 @@ the same cases. Checks that need no subprocess (preset tables, field types) are 
 the bottom.
 """
 
+import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -204,6 +204,13 @@ def _write(name: str, text: str | bytes):
     return setup
 
 
+def _committed_study(t: Path) -> dict:
+    """A copy of a committed stability study as {dir}: finished, without training one."""
+    from conftest import REPO
+
+    return {"dir": Path(shutil.copytree(REPO / "results" / "stability_shapes_adamw", t / "done"))}
+
+
 def _finished_study(t: Path) -> dict:
     """A finished CPU study (one tiny trial) as {dir}."""
     from vitexp.cli import main
@@ -291,7 +298,7 @@ NEW_CASES = [  # nonsense that once passed or crashed: each one line, exit 2, no
     ("workers-zero", None, ["stability", *QUICK, "--workers", "0", "--out", "{out}"],
      ["--workers must be in [1, 256]", "got 0"], "out"),
     ("models-empty", None, ["stability", *QUICK, "--models", ",", "--out", "{out}"], ["no models"], "out"),
-    ("n-boot-zero", lambda t: _finished_study(t), ["plot-cdf", "{dir}", "--n-boot", "0", "--out", "{out}"],
+    ("n-boot-zero", lambda t: _committed_study(t), ["plot-cdf", "{dir}", "--n-boot", "0", "--out", "{out}"],
      ["--n-boot must be at least 1"], "same"),
     ("device-cuda-on-a-cpu", None, ["stability", *QUICK, "--device", "cuda", "--out", "{out}"],
      ["no CUDA GPU", "--device cpu"], "out"),
@@ -329,10 +336,10 @@ NEW_CASES = [  # nonsense that once passed or crashed: each one line, exit 2, no
 
 
 @pytest.mark.parametrize("setup,argv,needles,unchanged", [pytest.param(*c[1:], id=c[0]) for c in NEW_CASES])
-def test_nonsense_is_refused(tmp_path, monkeypatch, capsys, setup, argv, needles, unchanged):
+def test_nonsense_is_refused(tmp_path, cli, setup, argv, needles, unchanged):
     if "cuda" in argv and __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
-    test_more_bad_input(tmp_path, monkeypatch, capsys, setup, argv, needles, unchanged)
+    _check(tmp_path, cli, setup, argv, needles, unchanged)
 
 
 @pytest.mark.slow
@@ -396,18 +403,8 @@ def test_bad_input(tmp_path, setup, argv, needles, unchanged):
 
 
 @pytest.mark.parametrize("setup,argv,needles,unchanged", [pytest.param(*c[1:], id=c[0]) for c in MORE_CASES])
-def test_more_bad_input(tmp_path, monkeypatch, capsys, setup, argv, needles, unchanged):
-    from vitexp.cli import main
-
-    def run(*args):
-        capsys.readouterr()  # what the setup printed is not this command's output
-        monkeypatch.setattr(sys, "argv", ["vitexp", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            main()
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=e.value.code, stdout=out, stderr=err)
-
-    _check(tmp_path, run, setup, argv, needles, unchanged)
+def test_more_bad_input(tmp_path, cli, setup, argv, needles, unchanged):
+    _check(tmp_path, cli, setup, argv, needles, unchanged)
 
 
 # -- without a subprocess -------------------------------------------------------------

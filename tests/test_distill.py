@@ -138,7 +138,7 @@ def test_a_killed_student_resumes_to_the_uninterrupted_result(tmp_path):
         assert whole[col] == killed[col], col
 
 
-def test_bad_teachers_are_one_line_and_write_nothing(tmp_path):
+def test_bad_teachers_are_one_line_and_write_nothing(tmp_path, cli):
     run_trial(TEACHER, out=tmp_path / "teacher")
     common = ["train", "--dataset", "shapes", "--device", "cpu", "--out", tmp_path / "out"]
     cases = [
@@ -149,11 +149,12 @@ def test_bad_teachers_are_one_line_and_write_nothing(tmp_path):
         (["--model", "vit_p_7mf", "--teacher", tmp_path / "teacher", "--distillation", "warm"], ["distillation"]),
     ]
     for args, needles in cases:
-        assert_user_error(run_cli(*common, *args), *needles)
+        assert_user_error(cli(*common, *args), *needles)
         assert not (tmp_path / "out").exists()
     assert TrialStore(tmp_path / "teacher").kept_weights()
 
 
+@pytest.mark.slow
 def test_a_scale_study_with_a_distilled_arm(tmp_path):
     """Each size's student learns from that size's CNN trial, which runs first; the arm is a
     model of its own in the tables."""
@@ -192,6 +193,7 @@ def test_teachers_are_pairs_a_student_may_have_several():
         teacher_pairs({"vit_p_7mf": "resnet_8mf"})
 
 
+@pytest.mark.slow
 def test_a_study_with_one_teacher_for_every_trial(tmp_path):
     """--teacher on a study command: every trial is distilled from that finished trial, whose
     weights the study copies into its own folder; a CNN among the students is refused, nothing written."""
@@ -218,6 +220,7 @@ def test_a_study_with_one_teacher_for_every_trial(tmp_path):
     assert plain.returncode == 0 and len(plain_keys) == 2 and not set(runs["key"]) & plain_keys  # the teacher is keyed
 
 
+@pytest.mark.slow
 def test_a_distilled_arm_reuses_finished_plain_trials_and_retrains_weightless_teachers(tmp_path):
     """`collect --preset` starts a distillation study from a finished plain one: the students'
     plain twins come over as they are, the CNN trials that kept no weights do not (the students

@@ -1,37 +1,22 @@
 """What a newcomer meets first: tables that fit 80 columns, lists given either way, help
 texts that say what each command does, a version, one line for what slipped through."""
 
-import sys
-
 import pytest
 
-from vitexp.cli import main
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run vitexp in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["vitexp", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "80")
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import in_process
 
 
 def test_models_takes_comma_and_space_lists_and_fits_80_columns(monkeypatch, capsys):
-    code, comma, _ = cli(monkeypatch, capsys, "models", "vit_p_7mf,vit_c_7mf", "resnet_7mf")
+    code, comma, _ = in_process(monkeypatch, capsys, "models", "vit_p_7mf,vit_c_7mf", "resnet_7mf")
     assert code == 0
-    _, spaced, _ = cli(monkeypatch, capsys, "models", "vit_p_7mf", "vit_c_7mf", "resnet_7mf")
+    _, spaced, _ = in_process(monkeypatch, capsys, "models", "vit_p_7mf", "vit_c_7mf", "resnet_7mf")
     assert comma == spaced and all(m in comma for m in ("vit_p_7mf", "vit_c_7mf", "resnet_7mf"))
-    _, every, _ = cli(monkeypatch, capsys, "models")
+    _, every, _ = in_process(monkeypatch, capsys, "models")
     assert max(len(ln) for ln in every.splitlines()) <= 80
 
 
 def test_plot_commands_have_their_own_help(monkeypatch, capsys):
-    helps = {c: cli(monkeypatch, capsys, c, "--help")[1] for c in ("plot-cdf", "plot-scale", "plot-optimizer",
+    helps = {c: in_process(monkeypatch, capsys, c, "--help")[1] for c in ("plot-cdf", "plot-scale", "plot-optimizer",
                                                                        "plot-tune")}
     assert "AdamW and an SGD" in helps["plot-cdf"] and "--n-boot" in helps["plot-cdf"]
     for c in ("plot-scale", "plot-optimizer"):
@@ -40,9 +25,9 @@ def test_plot_commands_have_their_own_help(monkeypatch, capsys):
 
 
 def test_study_options_name_the_presets_values_and_there_is_a_version(monkeypatch, capsys):
-    _, text, _ = cli(monkeypatch, capsys, "scale-study", "--help")
+    _, text, _ = in_process(monkeypatch, capsys, "scale-study", "--help")
     assert "KIND_DATASET" not in text and "scale_shapes: 400,1600,6400" in " ".join(text.split())
-    code, out, _ = cli(monkeypatch, capsys, "--version")
+    code, out, _ = in_process(monkeypatch, capsys, "--version")
     assert code == 0 and out.startswith("vitexp ")
 
 
@@ -52,13 +37,13 @@ def test_n_boot_zero_is_refused_before_anything_is_written(monkeypatch, capsys, 
 
     folder = REPO / "results" / "stability_shapes_adamw"
     out = tmp_path / "out"
-    code, _, err = cli(monkeypatch, capsys, command, folder, "--out", out, "--n-boot", "0")
+    code, _, err = in_process(monkeypatch, capsys, command, folder, "--out", out, "--n-boot", "0")
     assert code == 2 and "--n-boot must be at least 1" in err and not out.exists()
 
 
 def test_an_empty_presets_folder_says_so(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("VITEXP_EXPERIMENTS", str(tmp_path / "none"))
-    code, _, err = cli(monkeypatch, capsys, "stability", "--preset", "mine", "--dry-run")
+    code, _, err = in_process(monkeypatch, capsys, "stability", "--preset", "mine", "--dry-run")
     assert code == 2 and "holds no presets" in err and "choose from: \n" not in err
 
 
@@ -71,6 +56,7 @@ def _tiny_stability(tmp_path):
     return tmp_path / "st", list(runs.key)
 
 
+@pytest.mark.slow
 def test_status_says_finished_stopped_with_the_resume_command_and_reads_odd_claims(monkeypatch, capsys, tmp_path):
     import json
     import shlex
@@ -80,27 +66,27 @@ def test_status_says_finished_stopped_with_the_resume_command_and_reads_odd_clai
     from vitexp.store import TrialStore
 
     folder, keys = _tiny_stability(tmp_path)
-    _, out, _ = cli(monkeypatch, capsys, "status", folder)
+    _, out, _ = in_process(monkeypatch, capsys, "status", folder)
     assert "finished: all 2 trials done" in out and "ETA" not in out
     store = TrialStore(folder, create=False)
     store.trial_path(keys[0]).unlink()
-    _, out, _ = cli(monkeypatch, capsys, "status", folder)
+    _, out, _ = in_process(monkeypatch, capsys, "status", folder)
     resume = out.split("resume with: ")[1].strip()
     assert "stopped: 1 trial(s) left" in out and resume.startswith("vitexp stability --preset ")
-    code, _, err = cli(monkeypatch, capsys, *shlex.split(resume)[1:], "--no-progress")
+    code, _, err = in_process(monkeypatch, capsys, *shlex.split(resume)[1:], "--no-progress")
     assert code == 0, err
-    assert "finished: all 2 trials done" in cli(monkeypatch, capsys, "status", folder)[1]
+    assert "finished: all 2 trials done" in in_process(monkeypatch, capsys, "status", folder)[1]
     # a claim from another host whose heartbeat says "n/a" images, one whose heartbeat lies in the future
     store.trial_path(keys[1]).unlink()
     claim = {"host": "elsewhere", "pid": 1, "time": time.time(), "beat": time.time(), "images": "n/a"}
     (folder / "claims" / keys[1]).write_text(json.dumps(claim))
-    code, out, err = cli(monkeypatch, capsys, "status", folder)
+    code, out, err = in_process(monkeypatch, capsys, "status", folder)
     assert code == 0 and "running" in out and "0% on elsewhere" in out, err
     claim["beat"] = time.time() + 86400
     (folder / "claims" / keys[1]).write_text(json.dumps(claim))
-    _, out, _ = cli(monkeypatch, capsys, "status", folder)
+    _, out, _ = in_process(monkeypatch, capsys, "status", folder)
     assert "0 running" in out and "stopped: 1 trial(s) left" in out and socket.gethostname() != "elsewhere"
-    code, _, err = cli(monkeypatch, capsys, *shlex.split(resume)[1:], "--no-progress")  # no wait for tomorrow
+    code, _, err = in_process(monkeypatch, capsys, *shlex.split(resume)[1:], "--no-progress")  # no wait for tomorrow
     assert code == 0 and "in the future" in (folder / "log.txt").read_text(), err
 
 
@@ -140,10 +126,10 @@ def test_a_full_disk_mid_trial_keeps_the_checkpoint_and_the_rerun_resumes(monkey
     monkeypatch.setattr(vitexp.trainer, "save_checkpoint", full_at_the_second)
     args = ["train", "--model", "vit_p_7mf", "--epochs", "3", "--n-train", "64", "--n-test", "32",
             "--batch-size", "32", "--device", "cpu", "--out", tmp_path / "t"]
-    code, _, err = cli(monkeypatch, capsys, *args)
+    code, _, err = in_process(monkeypatch, capsys, *args)
     assert code == 2 and "no space left" in err and list((tmp_path / "t" / "checkpoints").glob("*.pt"))
     monkeypatch.setattr(vitexp.trainer, "save_checkpoint", real)
-    code, out, err = cli(monkeypatch, capsys, *args)
+    code, out, err = in_process(monkeypatch, capsys, *args)
     assert code == 0 and "resumed from epoch 1 of 3" in err, err
 
 
@@ -245,7 +231,7 @@ def test_an_unreadable_image_is_named_in_one_line_or_left_out(monkeypatch, capsy
     args = ["train", "--model", "resnet_7mf", "--dataset", f"imagefolder:{tmp_path / 'img'}", "--image-size", "32",
             "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--device", "cpu",
             "--out", tmp_path / "t"] + (["--skip-unreadable"] if skip else [])
-    code, _, err = cli(monkeypatch, capsys, *args)
+    code, _, err = in_process(monkeypatch, capsys, *args)
     if not skip:
         assert code == 2 and f"cannot read image {bad}" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "t").exists()
@@ -275,24 +261,24 @@ def test_damaged_tables_get_one_line_and_a_read_only_finished_study_reruns(monke
     folder, _ = _tiny_stability(tmp_path)
     hist = pd.read_csv(folder / "history.csv")
     hist.drop(columns=["ema_err"]).to_csv(folder / "history.csv", index=False)
-    code, out, err = cli(monkeypatch, capsys, "plot-curves", folder, "--out", tmp_path / "f1")
+    code, out, err = in_process(monkeypatch, capsys, "plot-curves", folder, "--out", tmp_path / "f1")
     assert code == 0 and "curves.png" in out, err  # the test error stands in for the EMA's
     (folder / "history.csv").write_text("")
-    code, _, err = cli(monkeypatch, capsys, "plot-curves", folder, "--out", tmp_path / "f2")
+    code, _, err = in_process(monkeypatch, capsys, "plot-curves", folder, "--out", tmp_path / "f2")
     assert code == 2 and "history.csv is empty" in err
     runs = (folder / "runs.csv").read_text()
     pd.read_csv(folder / "runs.csv").drop(columns=["key"]).to_csv(folder / "runs.csv", index=False)
-    code, _, err = cli(monkeypatch, capsys, "plot-curves", folder, "--out", tmp_path / "f3")
+    code, _, err = in_process(monkeypatch, capsys, "plot-curves", folder, "--out", tmp_path / "f3")
     assert code == 2 and "lacks column(s) key" in err
     (folder / "runs.csv").write_text(runs[:-7])
-    code, _, err = cli(monkeypatch, capsys, "plot-cdf", folder, "--out", tmp_path / "f4")
+    code, _, err = in_process(monkeypatch, capsys, "plot-cdf", folder, "--out", tmp_path / "f4")
     assert code == 2 and "ends mid-row" in err and not (tmp_path / "f4").exists()
 
     def read_only(self):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(TrialStore, "lock", read_only)
-    code, _, err = cli(monkeypatch, capsys, "stability", "--preset", folder / "study.toml", "--out", folder,
+    code, _, err = in_process(monkeypatch, capsys, "stability", "--preset", folder / "study.toml", "--out", folder,
                        "--no-progress", "--no-plot")
     assert code == 0, err  # nothing to run: the records are read, nothing is written
 
@@ -304,7 +290,7 @@ def test_a_dry_run_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(bench, "_images_per_s", oom)
-    code, _, err = cli(monkeypatch, capsys, "stability", "--dry-run", "--device", "cpu", "--image-size", "1024",
+    code, _, err = in_process(monkeypatch, capsys, "stability", "--dry-run", "--device", "cpu", "--image-size", "1024",
                        "--models", "vit_p_7mf", "--out", tmp_path / "o")
     assert code == 2 and "out of memory timing a few training steps" in err and "--image-size" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

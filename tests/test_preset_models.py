@@ -181,6 +181,7 @@ def test_models_lists_a_presets_models_counted_like_the_built_in_ones(tmp_path):
     assert df.loc["my_convit", "gflops"] == pytest.approx(complexity("my_convit", 32, num_classes=10)["gflops"])
 
 
+@pytest.mark.slow
 def test_a_scale_study_with_a_preset_model_runs_and_colours_it_by_its_family(tmp_path):
     from vitexp import analysis, plots
 
@@ -192,6 +193,7 @@ def test_a_scale_study_with_a_preset_model_runs_and_colours_it_by_its_family(tmp
     assert plots.family("my_convit") == "vit_c"  # from the folder's study.toml
 
 
+@pytest.mark.slow
 def test_collect_with_a_preset_takes_only_that_studys_trials(tmp_path):
     first = tmp_path / "first"
     assert run_cli("scale-study", "--preset", _preset(tmp_path), "--sizes", "100,200", "--out", first,
@@ -260,6 +262,7 @@ def test_without_timm_a_timm_model_names_the_install_command(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_train_takes_a_presets_model_and_tuned_values(tmp_path):
     proc = run_cli("train", "--preset", _preset(tmp_path), "--model", "my_convit", "--optimizer", "sgd",
                    "--dataset", "shapes", "--n-train", "64", "--n-test", "32", "--batch-size", "32", "--epochs", "1",

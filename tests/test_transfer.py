@@ -115,6 +115,7 @@ def test_a_finetune_starts_from_the_source_ema_with_a_zero_head(tmp_path):
     assert torch.equal(grey.conv_proj.weight, kept["state_dict"]["conv_proj.weight"].sum(1, keepdim=True))
 
 
+@pytest.mark.slow
 def test_finetune_chooses_the_lr_on_held_out_images_and_says_where_it_came_from(tmp_path):
     run_trial(SRC, out=tmp_path / "src")
     proc = run_cli("finetune", "--from", tmp_path / "src", "--dataset", "shapes:5-9", "--n-train", 200,
@@ -133,6 +134,7 @@ def test_finetune_chooses_the_lr_on_held_out_images_and_says_where_it_came_from(
     assert cfg.key() != TrainConfig(model="vit_p_7mf", dataset="shapes:5-9", init_from={"key": "0" * 12}).key()
 
 
+@pytest.mark.slow
 def test_a_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path):
     from vitexp.finetune import finetune_fields, stage_source
 
@@ -156,11 +158,7 @@ def test_a_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path):
         assert rows["whole"][col] == rows["killed"][col], col
 
 
-def _cli(*args):
-    return run_cli(*map(str, args))
-
-
-def test_bad_sources_are_one_line_and_write_nothing(tmp_path):
+def test_bad_sources_are_one_line_and_write_nothing(tmp_path, cli):
     run_trial(SRC, out=tmp_path / "src")
     key = SRC.key()
     failed = TrialStore(tmp_path / "src")
@@ -175,19 +173,20 @@ def test_bad_sources_are_one_line_and_write_nothing(tmp_path):
         (["--from", f"{tmp_path / 'src'}:{key}", "--lr", "0.1,0.3", "--holdout", "0"], ["held-out split"]),
     ]
     for args, needles in cases:
-        assert_user_error(_cli("finetune", *args, *common), *needles)
+        assert_user_error(cli("finetune", *args, *common), *needles)
         assert not (tmp_path / "out").exists()
     TrialStore(tmp_path / "src").checkpoint_path("c" * 12).write_bytes(b"x")
-    assert_user_error(_cli("finetune", "--from", f"{tmp_path / 'src'}:{'c' * 12}", *common), "still running")
+    assert_user_error(cli("finetune", "--from", f"{tmp_path / 'src'}:{'c' * 12}", *common), "still running")
     unkept = TrainConfig(**{**SRC.to_dict(), "seed": 1, "keep_weights": False})
     run_trial(unkept, out=tmp_path / "src")
-    assert_user_error(_cli("finetune", "--from", f"{tmp_path / 'src'}:{unkept.key()}", *common), "kept no weights")
-    assert_user_error(_cli("finetune", "--from", tmp_path / "src", *common), "holds 2 finished trials")
+    assert_user_error(cli("finetune", "--from", f"{tmp_path / 'src'}:{unkept.key()}", *common), "kept no weights")
+    assert_user_error(cli("finetune", "--from", tmp_path / "src", *common), "holds 2 finished trials")
     assert not (tmp_path / "out").exists()
 
 
 # -- the study -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_toy_transfer_study_runs_end_to_end(tmp_path):
     """Two workers: every fine-tune waits for its source; figures and tables come out."""
     out = tmp_path / "study"
