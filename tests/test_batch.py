@@ -45,8 +45,31 @@ def test_without_the_axis_the_trials_are_the_plain_optimizer_studys():
     assert all("lr_rule" not in c.extra for c in plain)
 
 
+def test_lr_factors_make_a_grid_around_each_rules_lr_and_keep_the_rule_only_keys():
+    base = {"batch_sizes": [128, 512], "lr_rules": ["none"], "lr_rule_batch": 128}
+    plain = trials(spec(base, {"batch_size": 128}))
+    s = spec({**base, "lr_factors": [1.0, 0.25]}, {"batch_size": 128, "holdout": 0.1})
+    grid = trials(s)
+    assert len(grid) == 2 * len(plain)
+    ones = [c for c in grid if "lr_factor" not in c.extra]
+    quarters = [c for c in grid if c.extra.get("lr_factor") == 0.25]
+    assert len(ones) == len(quarters) == len(plain)
+    # holdout is keyed only when set: compare the factor-1 trials with a plain run that holds out too
+    held = trials(spec(base, {"batch_size": 128, "holdout": 0.1}))
+    assert [c.key() for c in ones] == [c.key() for c in held]
+    for one, quarter in zip(ones, quarters):
+        assert (one.model, one.optimizer, one.batch_size) == (quarter.model, quarter.optimizer, quarter.batch_size)
+        assert math.isclose(peak_lr(quarter), 0.25 * peak_lr(one), rel_tol=1e-12)
+        assert quarter.extra["lr_rule"] == "none"
+    assert len({c.key() for c in grid}) == len(grid)
+
+
 @pytest.mark.parametrize("knobs,train,match", [
     ({"lr_rules": ["linear", "sqrt"]}, {}, "--holdout"),
+    ({"lr_factors": [1.0, 0.5]}, {}, "--holdout"),
+    ({"lr_factors": [0.0]}, {}, "--lr-factors"),
+    ({"lr_factors": ["half"]}, {}, "--lr-factors"),
+    ({"lr_factors": [float("inf")]}, {}, "--lr-factors"),
     ({"lr_rules": ["cubic"]}, {"holdout": 0.1}, "lr rule"),
     ({"batch_sizes": [0]}, {}, "batch"),
     ({"lr_rule_batch": 0}, {}, "lr-rule-batch"),
@@ -74,6 +97,21 @@ def test_each_seed_takes_the_lr_its_held_out_images_chose():
     assert errors["batch 2048"].tolist() == [f"{picked.mean():.2f} ± {picked.std():.2f}"]
     rules = next(f for t, f in tables.items() if t.startswith("lr rule"))
     assert rules["batch 2048"].tolist() == ["linear x1, sqrt x2"]
+
+
+def test_the_chosen_rule_names_its_factor():
+    rows = [dict(model="resnet_7mf", optimizer="adamw", batch_size=128, epochs=5, seed=seed, lr=lr, val_err=val,
+                 top1_err=val, status="ok", diverged=False, lr_rule="none", lr_factor=factor)
+            for seed, vals in enumerate([(9.0, 7.0), (8.0, 7.5), (6.0, 7.0)])
+            for lr, factor, val in zip((0.8, 0.2), (float("nan"), 0.25), vals)]
+    assert chosen(pd.DataFrame(rows)).sort_values("seed")["lr"].tolist() == [0.2, 0.2, 0.8]
+    blocks = batch_tables(pd.DataFrame(rows))
+    rules = next(frame for (_, title), (_, frame) in zip(blocks[::2], blocks[1::2]) if title.startswith("lr rule"))
+    assert rules["batch 128"].tolist() == ["none x1, none*0.25 x2"]
+    linear = pd.DataFrame(rows).drop(columns="lr_rule")  # factors around the linear rule's lr alone
+    blocks = batch_tables(linear)
+    rules = next(frame for (_, title), (_, frame) in zip(blocks[::2], blocks[1::2]) if title.startswith("lr rule"))
+    assert rules["batch 128"].tolist() == ["linear x1, linear*0.25 x2"]
 
 
 @pytest.mark.slow

@@ -125,6 +125,20 @@ def ints(v, name: str) -> list[int]:
     return [int(x) for x in vals]
 
 
+def positive_floats(v, name: str) -> list[float]:
+    """A list of positive numbers from a [study] value (a number or a list)."""
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    try:
+        out = [float(x) for x in vals if not isinstance(x, bool)]
+    except (TypeError, ValueError):
+        out = []
+    if not out or len(out) != len(vals) or not all(math.isfinite(x) and x > 0 for x in out):
+        raise UserError(f"--{name.replace('_', '-')} takes positive numbers, got {v!r}; "
+                        f"fix [study] {name} in the preset")
+    _check_length(out, name)
+    return out
+
+
 def _check_length(vals, name: str) -> None:
     if len(vals) > MAX_LIST:
         raise UserError(f"--{name} has {len(vals):,} values, at most {MAX_LIST:,} make sense; "

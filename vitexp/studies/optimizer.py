@@ -5,9 +5,10 @@ best optimizer, as the paper draws it).
 
 Optionally a batch-size axis ([EC] trains at 2048; SGD is known to match Adam at small
 batches): each batch size's lr comes from the tuned one by one or more scaling rules
-(linear, square root, none; from the batch the tuned values were found at), and where
-there are several, each seed's lr is the one that did best on held-out training images,
-so no batch size is judged at a wrong lr and no choice sees the test set."""
+(linear, square root, none; from the batch the tuned values were found at), optionally
+times a few factors (a grid around the rule's lr), and where there are several, each
+seed's lr is the one that did best on held-out training images, so no batch size is
+judged at a wrong lr and no choice sees the test set."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from matplotlib.lines import Line2D
 
 from vitexp import analysis, plots
 from vitexp.errors import UserError, unknown
-from vitexp.studies.base import Knob, Study, int_knob, ints, optimizer_list, seeds_phrase, tuned
+from vitexp.studies.base import Knob, Study, int_knob, ints, optimizer_list, positive_floats, seeds_phrase, tuned
 from vitexp.studies.registry import register
 
 
@@ -34,6 +35,8 @@ class Optimizer(Study):
                   many=True),
              Knob("lr_rules", str, "how the tuned lr scales to each batch size, comma-separated: linear, sqrt, "
                                    "none (default linear; several: chosen per seed on --holdout images)", many=True),
+             Knob("lr_factors", float, "multipliers of each rule's lr, comma-separated: a grid around it "
+                                       "(default 1; several: chosen per seed on --holdout images)", many=True),
              Knob("lr_rule_batch", int, "the batch size the tuned lr was found at, that sqrt and none scale "
                                         "from (default: the [train] batch size)"))
     needs = ("model", "optimizer", "epochs", "batch_size", "top1_err")
@@ -45,7 +48,7 @@ class Optimizer(Study):
         if min(lengths) <= 0:
             raise UserError(f"--epochs must be positive, got {lengths}")
         batches = ints(s.get("batch_sizes", [base.batch_size]), "batch_sizes")
-        rules = lr_rules(s, base)
+        rules, factors = lr_grid(s, base)
         from_batch = int_knob(s, "lr_rule_batch", base.batch_size, 1, 1 << 20)
         out = []
         for model in s["models"]:
@@ -55,11 +58,14 @@ class Optimizer(Study):
                     # rules that agree at this batch (all of them at the tuning batch) give one trial
                     scaled = {}
                     for rule in rules:
-                        scaled.setdefault(rule_lr(lr, rule, b, from_batch), rule)
-                    for lr_at_b, rule in scaled.items():
+                        for f in factors:
+                            scaled.setdefault(rule_lr(lr, rule, b, from_batch) * f, (rule, f))
+                    for lr_at_b, (rule, f) in scaled.items():
                         for e in lengths:
                             for seed in ints(s.get("seeds", [0]), "seeds"):
                                 extra = {"lr_rule": rule} if len(rules) > 1 or rule != "linear" else {}
+                                if f != 1.0:  # only off the rule's lr, so the keys of rule-only trials stay
+                                    extra["lr_factor"] = f
                                 out.append(trial(model=model, optimizer=o, lr=lr_at_b, wd=wd, epochs=e, seed=seed,
                                                  batch_size=b, extra=extra))
         return out
@@ -98,7 +104,8 @@ class Optimizer(Study):
 LR_RULES = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}  # rule -> exponent of the batch size in the peak lr
 
 
-def lr_rules(s: dict, base) -> list[str]:
+def lr_grid(s: dict, base) -> tuple[list[str], list[float]]:
+    """The lr rules and the factors on each rule's lr; a grid of several needs held-out images."""
     rules = s.get("lr_rules", ["linear"])
     rules = [rules] if isinstance(rules, str) else rules
     if not isinstance(rules, (list, tuple)) or not rules:
@@ -106,10 +113,12 @@ def lr_rules(s: dict, base) -> list[str]:
     for r in rules:
         if r not in LR_RULES:
             raise unknown("lr rule", str(r), LR_RULES)
-    if len(rules) > 1 and not base.holdout:
-        raise UserError(f"--lr-rules {','.join(rules)} chooses each seed's lr on held-out training images; "
-                        f"give --holdout (e.g. 0.1), or one rule")
-    return list(rules)
+    factors = positive_floats(s.get("lr_factors", [1.0]), "lr_factors")
+    if len(rules) * len(factors) > 1 and not base.holdout:
+        raise UserError(f"--lr-rules {','.join(rules)} with --lr-factors {','.join(f'{f:g}' for f in factors)} "
+                        f"chooses each seed's lr on held-out training images; give --holdout (e.g. 0.1), "
+                        f"or one rule and one factor")
+    return list(rules), factors
 
 
 def rule_lr(lr: float, rule: str, batch: int, from_batch: int) -> float:
@@ -208,14 +217,18 @@ def batch_tables(runs: pd.DataFrame) -> list[tuple]:
                   f"{seeds_phrase(longest['n'])}"), ("table", errors)]
     out += gap_table(longest, "batch_size", "batch {}", " per batch size")
     ch = chosen(runs)
-    if "lr_rule" in ch:
+    if "lr_rule" in ch or "lr_factor" in ch:
         ch = ch[ch["epochs"] == ch.groupby(["model", "optimizer", "batch_size"])["epochs"].transform("max")]
-        rules = (ch.assign(rule=ch["lr_rule"].fillna("linear"))
+        rule = ch["lr_rule"].fillna("linear") if "lr_rule" in ch else pd.Series("linear", index=ch.index)
+        if "lr_factor" in ch:
+            rule = rule + ch["lr_factor"].map(lambda f: "" if pd.isna(f) or f == 1 else f"*{f:g}")
+        rules = (ch.assign(rule=rule)
                  .groupby(["model", "optimizer", "batch_size"])["rule"]
                  .agg(lambda r: ", ".join(f"{k} x{n}" for k, n in r.value_counts().sort_index().items())))
         rules = rules.unstack("batch_size").reset_index()
         rules.columns = [c if isinstance(c, str) else f"batch {int(c)}" for c in rules.columns]
-        out += [("h3", "lr rule chosen on the held-out images (seeds per rule; at the tuning batch the rules agree)"),
+        out += [("h3", "lr rule (*factor) chosen on the held-out images (seeds per rule; at the tuning batch the "
+                      "rules agree)"),
                 ("table", rules)]
     return out
 

@@ -11,7 +11,6 @@ error on the held-out part of the target's training images; its test error is th
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +19,8 @@ from vitexp import analysis, plots
 from vitexp.data.datasets import split_classes
 from vitexp.errors import UserError
 from vitexp.finetune import FINETUNE_LRS, HOLDOUT, Source, check_target, finetune_fields, source_columns
-from vitexp.studies.base import Knob, Study, int_knob, ints, mean_std, paired_table, seeds_phrase, tuned
+from vitexp.studies.base import (Knob, Study, int_knob, ints, mean_std, paired_table, positive_floats, seeds_phrase,
+                                 tuned)
 from vitexp.studies.registry import register
 from vitexp.studies.scale import STUDY as SCALE
 from vitexp.studies.scale import size_panel, size_table
@@ -69,7 +69,7 @@ class Transfer(Study):
         if min(sizes) <= 0:
             raise UserError(f"--sizes must be positive, got {sizes}")
         resolutions = ints(s.get("resolutions", [base.image_size or 32]), "resolutions")
-        lrs = _floats(s.get("lrs", list(FINETUNE_LRS)), "lrs")
+        lrs = positive_floats(s.get("lrs", list(FINETUNE_LRS)), "lrs")
         holdout = float(s.get("holdout", HOLDOUT))
         if not 0 < holdout < 1:
             raise UserError(f"--holdout must be a fraction in (0, 1), got {holdout}")
@@ -137,17 +137,6 @@ def _share_images(source: str, target: str) -> bool:
     """Do two data sets hold an image in common (one data set, overlapping class selections)?"""
     (sb, sc), (tb, tc) = split_classes(source), split_classes(target)
     return sb == tb and (sc is None or tc is None or bool(set(sc) & set(tc)))
-
-
-def _floats(v, name: str) -> list[float]:
-    vals = v if isinstance(v, (list, tuple)) else [v]
-    try:
-        out = [float(x) for x in vals if not isinstance(x, bool)]
-    except (TypeError, ValueError):
-        out = []
-    if not out or len(out) != len(vals) or not all(math.isfinite(x) and x > 0 for x in out):
-        raise UserError(f"--{name} takes positive numbers, got {v!r}; fix [study] {name} in the preset")
-    return out
 
 
 def _metric_title(metric: str) -> str:
