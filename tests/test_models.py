@@ -145,6 +145,24 @@ def test_paper_geometry_twins_at_cpu_cost():
     assert c(torch.randn(2, 1, 64, 64)).shape == (2, 10)
 
 
+def test_head_layout_twins_cost_the_same():
+    """The 7mf twins with 2 and 4 heads change only how the width splits into heads: the same
+    cost and parameters as the one-head twins (within 12%), the same depth, width and tokens."""
+    names = [f"vit_{f}_7mf{h}" for f in "pc" for h in ("", "_h2", "_h4")]
+    cost = {n: vm.complexity(n, None, in_chans=1, num_classes=10) for n in names}
+    for f in "pc":
+        base = cost[f"vit_{f}_7mf"]
+        for h, heads in (("_h2", 2), ("_h4", 4)):
+            name = f"vit_{f}_7mf{h}"
+            assert 1 / 1.12 <= cost[name]["gflops"] / base["gflops"] <= 1.12, cost
+            assert cost[name]["params_m"] == base["params_m"], cost
+            model = vm.build_model(name, in_chans=1, num_classes=10)
+            assert {layer.self_attention.num_heads for layer in model.encoder.layers} == {heads}
+            assert model.hidden_dim == 64 and model.seq_length == 4 * 4 + 1
+            assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    assert vm.get_spec("vit_c_7mf_h4").kwargs["depth"] == vm.get_spec("vit_p_7mf_h4").kwargs["depth"] - 1
+
+
 def test_wider_twins_scale_like_the_paper():
     """The 25mf_p8 twins grow the 7mf ones as [EC] grows 1GF to 4GF: twice the width and heads,
     the same 8x8 patches, tokens and depth, so about four times the parameters; they cost

@@ -215,3 +215,19 @@ def test_workers_option_and_its_hidden_old_name(tmp_path):
     assert workers_option({"workers": None, "trials_per_gpu": 2}) == 2
     help_ = run_cli("stability", "--help").stdout
     assert "--workers" in help_ and "--trials-per-gpu" not in help_
+
+
+def test_search_chooses_on_held_out_images_not_test_images():
+    """Where the runs carry a held-out error, the search's best is the run best on it, even
+    when another run has the lower test error; folders without one fall back to top1_err."""
+    from vitexp.studies.tune import tune_best
+
+    runs = pd.DataFrame({"optimizer": "adamw", "model": "vit_p_7mf", "status": "ok", "diverged": False,
+                         "lr": [0.01, 0.1, 1.0], "wd": [0.1, 0.2, 0.3], "converged": True,
+                         "top1_err": [20.0, 30.0, 40.0], "last_err": [21.0, 31.0, 41.0],
+                         "val_err": [35.0, 25.0, 45.0]})
+    best = tune_best(runs).iloc[0]
+    assert (best["chosen_by"], best["lr"], best["last_err"]) == ("val_err", 0.1, 31.0)
+    assert best["lr_edge"] == "" and best["median_err"] == 35.0
+    old = tune_best(runs.drop(columns="val_err")).iloc[0]
+    assert (old["chosen_by"], old["lr"]) == ("top1_err", 0.01)

@@ -27,7 +27,7 @@ from vitexp.errors import UserError
 from vitexp.rows import DIVERGED_ERR
 from vitexp.store import TrialStore, read_runs
 
-NUMERIC = ("n_train", "seed", "lr", "wd", "epochs", "batch_size", "top1_err", "last_err", "wall_s", "params_m", "n_test")
+NUMERIC = ("n_train", "seed", "lr", "wd", "epochs", "batch_size", "top1_err", "last_err", "val_err", "wall_s", "params_m", "n_test")
 FEWSHOT = re.compile(r"^fewshot(\d+)_err$")
 OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
 # pycls's bootstrap draws 25% of the runs; with fewer than this many per draw the "best"
@@ -35,6 +35,16 @@ OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
 MIN_PER_DRAW = 8
 # a finished run this close to the error of guessing learned nothing (on 10 classes: >= 85%)
 CHANCE_MARGIN = 5.0
+
+
+def choice_column(runs: pd.DataFrame) -> str:
+    """The error that chooses among runs (a search's best, a grid's lr): `val_err`, the final
+    model's error on held-out training images, where every finished run has one; else
+    `top1_err`, which folders from before held-out selection have (the test images then chose)."""
+    ok = finished(runs) if "status" in runs else runs
+    if "val_err" in ok and len(ok) and ok["val_err"].notna().all():
+        return "val_err"
+    return "top1_err"
 
 
 # -- loading ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ sampled says the optimum may lie outside the range: widen it and search again.""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -53,17 +54,20 @@ class Tune(Study):
 
 
 def tune_best(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per optimizer and model: the best run (its lr, wd, error, whether it converged),
-    whether its lr or wd is the lowest or highest sampled, and the median error."""
+    """Per optimizer and model: the best run by `analysis.choice_column` (the held-out error
+    where the runs have one), its lr, wd and errors, whether it converged, whether its lr or
+    wd is the lowest or highest sampled, and the median of the choosing error."""
     rows = []
+    by = analysis.choice_column(runs)
     for (opt, model), g in analysis.finished(runs).groupby(["optimizer", "model"], sort=True):
-        best = g.loc[g["top1_err"].idxmin()]
+        best = g.loc[g[by].idxmin()]
         edge = {p: "low" if best[p] <= g[p].min() else "high" if best[p] >= g[p].max() else "" for p in ("lr", "wd")}
-        rows.append({"optimizer": opt, "model": model, "n": len(g), "lr": best["lr"], "wd": best["wd"],
+        rows.append({"optimizer": opt, "model": model, "n": len(g), "chosen_by": by, "lr": best["lr"],
+                     "wd": best["wd"], "val_err": best.get("val_err", math.nan), "last_err": best["last_err"],
                      "top1_err": best["top1_err"], "converged": bool(best.get("converged", False)),
-                     "lr_edge": edge["lr"], "wd_edge": edge["wd"], "median_err": g["top1_err"].median()})
-    return pd.DataFrame(rows, columns=["optimizer", "model", "n", "lr", "wd", "top1_err", "converged",
-                                       "lr_edge", "wd_edge", "median_err"])
+                     "lr_edge": edge["lr"], "wd_edge": edge["wd"], "median_err": g[by].median()})
+    return pd.DataFrame(rows, columns=["optimizer", "model", "n", "chosen_by", "lr", "wd", "val_err", "last_err",
+                                       "top1_err", "converged", "lr_edge", "wd_edge", "median_err"])
 
 
 STUDY = register(Tune())
