@@ -9,6 +9,7 @@ from conftest import assert_user_error, run_cli
 from vitexp import analysis, plots
 from vitexp import report
 from vitexp.report import markdown_table, write_report
+from vitexp.rows import CONVERGENCE_RULE
 
 PROVENANCE = {"commit": "c0ffee123456", "torch": "2.4.0", "device": "NVIDIA H100", "host": "node7",
               "vitexp": "0.1.0", "started_at": "2024-05-01T10:00:00+00:00"}
@@ -33,7 +34,7 @@ def write_study(folder, rows, kind, toml=True):
 def row(model, err, **kw):
     return {"status": "ok", "model": model, "dataset": "shapes", "n_train": 1000, "seed": 0, "optimizer": "adamw",
             "lr": 1e-3, "wd": 0.1, "epochs": 50, "batch_size": 128, "top1_err": err, "last_err": err,
-            "diverged": False, "wall_s": 60.0, **kw}
+            "diverged": False, "wall_s": 60.0, "converged_rule": CONVERGENCE_RULE, **kw}
 
 
 def stability_rows(opt, n=32, seed=0):

@@ -247,13 +247,40 @@ def test_a_patch_that_does_not_divide_the_data_takes_the_models_resolution(tiny)
 
 
 def test_the_convergence_rule():
-    from vitexp.rows import converged
+    """Converged: learned something (final error more than 5 points below chance) and the
+    training loss flattened (the last quarter's fall at most 15% of the whole fall)."""
+    from vitexp.rows import converged, converged_from
 
-    assert converged([(2, 30.0), (4, 20.0), (6, 21.0), (8, 22.0)], 8)  # best at epoch 4 of 8: before the last 25%
-    assert converged([(2, 30.0), (4, 25.0), (6, 24.0), (8, 23.6)], 8)  # best last, but the last two within 0.5
-    assert not converged([(2, 30.0), (4, 25.0), (6, 24.0), (8, 23.0)], 8)  # still falling by a point
-    assert converged([(6, 24.0), (8, 23.0)], 8) is False and converged([(6, 23.0), (8, 24.0)], 8)  # 6 <= 0.75 * 8
-    assert not converged([(8, 20.0)], 8) and not converged([], 8)  # one evaluation cannot show it; diverged neither
+    flat = [2.0, 1.2, 0.9, 0.8, 0.75, 0.72, 0.70, 0.69]  # last quarter: 0.72 -> 0.69, 2% of 1.31
+    falling = [2.0, 1.8, 1.6, 1.4, 1.2, 1.0, 0.8, 0.6]  # still falling: 0.2 of 1.4
+    assert converged(flat, 20.0, 90.0) and not converged(falling, 20.0, 90.0)
+    # a run at chance never converges, however flat its loss; an unknown chance is not checked
+    assert not converged(flat, 86.0, 90.0) and not converged(flat, 88.5, 90.0) and converged(flat, 86.0, float("nan"))
+    assert not converged([2.3, 2.3, 2.3, 2.3], 40.0, 90.0)  # a loss that never fell learned nothing
+    assert not converged([1.0], 20.0, 90.0) and not converged([], 20.0, 90.0)  # one epoch cannot show it
+    assert not converged(flat, 100.0, float("nan")) and not converged(flat, float("nan"), 90.0)  # diverged
+    # from history rows, in any order, with the data set's chance (5 classes: 80%)
+    rows = [{"epoch": e, "train_loss": v} for e, v in reversed(list(enumerate(flat)))]
+    assert converged_from(rows, 20.0, "fashion-mnist:0-4") and not converged_from(rows, 76.0, "fashion-mnist:0-4")
+
+
+def test_committed_folders_are_judged_again_by_todays_rule(tmp_path):
+    """A folder recorded under an earlier rule: load_runs recomputes `converged` from its
+    history.csv and keeps the flag as recorded beside it."""
+    from vitexp import analysis
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    runs = pd.DataFrame({"key": ["a", "b"], "status": "ok", "model": "vit_p_7mf", "dataset": "shapes",
+                         "top1_err": [20.0, 88.0], "last_err": [20.0, 88.0], "diverged": False,
+                         "converged": [False, True]})
+    runs.to_csv(folder / "runs.csv", index=False)
+    hist = pd.DataFrame([{"key": k, "epoch": e, "train_loss": v} for k in "ab"
+                         for e, v in enumerate([2.0, 1.0, 0.7, 0.69])])
+    hist.to_csv(folder / "history.csv", index=False)
+    out = analysis.load_runs([folder]).set_index("key")
+    assert out.loc["a", "converged"] and not out.loc["b", "converged"]  # b sits at chance (90%)
+    assert list(out["converged_recorded"]) == [False, True]
 
 
 def test_runs_record_convergence_and_how_they_ran(tmp_path, tiny):

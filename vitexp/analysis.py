@@ -24,7 +24,8 @@ import pandas as pd
 
 from vitexp.data.datasets import DATASETS, split_classes
 from vitexp.errors import UserError
-from vitexp.rows import DIVERGED_ERR
+from vitexp.data.datasets import chance_err
+from vitexp.rows import CHANCE_MARGIN, CONVERGENCE_RULE, DIVERGED_ERR, converged_from
 from vitexp.store import TrialStore, read_runs
 
 NUMERIC = ("n_train", "seed", "lr", "wd", "epochs", "batch_size", "top1_err", "last_err", "val_err", "wall_s", "params_m", "n_test")
@@ -33,8 +34,6 @@ OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
 # pycls's bootstrap draws 25% of the runs; with fewer than this many per draw the "best"
 # is little more than the median sample, so no band is given
 MIN_PER_DRAW = 8
-# a finished run this close to the error of guessing learned nothing (on 10 classes: >= 85%)
-CHANCE_MARGIN = 5.0
 
 
 def choice_column(runs: pd.DataFrame) -> str:
@@ -72,21 +71,23 @@ def fewshot_columns(runs: pd.DataFrame) -> list[str]:
     return sorted((c for c in runs.columns if FEWSHOT.match(c)), key=lambda c: int(FEWSHOT.match(c)[1]))
 
 
-def load_runs(folders, required=("model", "top1_err")) -> pd.DataFrame:
+def load_runs(folders, required=("model", "top1_err"), define: bool = True) -> pd.DataFrame:
     """runs.csv of each folder, concatenated and cleaned: numbers parsed, `study`
     filled from study.toml where missing, `status` defaulting to "ok", `diverged`
-    a bool, diverged runs at 100% error; `source` names the folder of each row."""
+    a bool, diverged runs at 100% error, `converged` by today's rule; `source` names the
+    folder of each row. DEFINE: register the folders' [models.NAME] for the figures' colours."""
     frames = []
     for folder in folders:
         df = read_runs(folder, required)
         df["source"] = str(folder)
         kind = study_kind(folder)
-        _define_models(folder)
+        if define:
+            _define_models(folder)
         if "study" not in df:
             df["study"] = kind or "train"
         elif kind:
             df["study"] = df["study"].fillna(kind)
-        frames.append(df)
+        frames.append(_recheck_convergence(df, Path(folder)))
     runs = pd.concat(frames, ignore_index=True)
     runs["study"] = runs["study"].fillna("train").astype(str)
     runs["status"] = runs["status"].fillna("failed").astype(str) if "status" in runs else "ok"
@@ -105,6 +106,32 @@ def load_runs(folders, required=("model", "top1_err")) -> pd.DataFrame:
         raise UserError(f"{row['source']}/runs.csv: trial {_name(row)} is ok but has no top1_err; "
                         f"rerun the study to rebuild runs.csv")
     return runs
+
+
+def _recheck_convergence(runs: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """`converged` by today's rule (vitexp/rows.py), from FOLDER's history.csv, for the rows
+    recorded under an earlier one (their `converged_rule` is not today's); the flag as recorded
+    stays as `converged_recorded`."""
+    path = TrialStore(folder, create=False).history_table
+    if "converged" not in runs or "key" not in runs or not path.is_file():
+        return runs
+    rule = _numeric(runs, "converged_rule") if "converged_rule" in runs else pd.Series(math.nan, index=runs.index)
+    old = (rule != CONVERGENCE_RULE).to_numpy()
+    if not old.any():
+        return runs
+    try:
+        hist = pd.read_csv(path, dtype={"key": str}, usecols=["key", "epoch", "train_loss"])
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return runs
+    by_key = {k: g.to_dict("records") for k, g in hist.groupby("key")}
+    final = _numeric(runs, "last_err")
+    if "val_err" in runs:
+        final = _numeric(runs, "val_err").fillna(final)
+    diverged = _boolean(runs, "diverged") if "diverged" in runs else pd.Series(False, index=runs.index)
+    dataset = runs["dataset"] if "dataset" in runs else pd.Series(None, index=runs.index)
+    again = [not d and converged_from(by_key.get(k, []), f, ds) for k, f, d, ds in zip(runs["key"], final, diverged, dataset)]
+    flags = np.where(old, again, _boolean(runs, "converged"))
+    return runs.assign(converged_recorded=runs["converged"], converged=flags)
 
 
 def _name(row) -> str:
@@ -208,17 +235,6 @@ def arms(runs: pd.DataFrame) -> pd.DataFrame:
         return runs
     taught = runs["teacher_model"].notna()
     return runs.assign(model=runs["model"].where(~taught, runs["model"] + TAUGHT + runs["teacher_model"].astype(str)))
-
-
-def chance_err(dataset) -> float:
-    """Top-1 error (%) of guessing, for a named data set (NaN where the classes are unknown)."""
-    try:
-        base, classes = split_classes(str(dataset))
-    except UserError:
-        return math.nan
-    info = DATASETS.get(base)
-    k = len(classes) if classes else info.num_classes if info else None
-    return 100.0 * (1 - 1 / k) if k else math.nan
 
 
 def edf_summary(runs: pd.DataFrame) -> pd.DataFrame:

@@ -530,6 +530,43 @@ def report_cmd(dirs: List[Path] = typer.Argument(..., help="study folders (of an
     _print_paths(write_report(dirs, out, n_boot=n_boot, seed=seed))
 
 
+@app.command()
+def claims(dirs: Optional[List[Path]] = typer.Argument(None, help="results roots (or study folders) that "
+                                                                      "hold the folders the claims name "
+                                                                      "[default: results]"),
+               claims_file: Optional[Path] = typer.Option(None, "--claims", help="the claims file [default: "
+                                                                             "experiments/claims.toml]"),
+               fmt: str = typer.Option("table", "--format", help="table | md | csv | json"),
+               plot: bool = typer.Option(True, "--plot/--no-plot", help="draw the forest plot (DIR/figures/verdicts.png)"),
+               readme: Optional[Path] = typer.Option(None, "--readme", help="also rewrite this README's generated "
+                                                                            "claims table")):
+    """Every claim's verdict from the committed results, under one rule (experiments/claims.toml)."""
+    from vitexp import claims as vclaims
+    from vitexp.report import figure_dir
+
+    formats = ("table", "md", "csv", "json")
+    if fmt not in formats:
+        from vitexp.errors import unknown
+
+        raise unknown("--format", fmt, formats)
+    roots = dirs or [Path("results")]
+    table = vclaims.claims_table(roots, claims_file)
+    if fmt == "md":
+        console.print(vclaims.markdown(table), markup=False)
+    elif fmt == "csv":
+        console.print(table.to_csv(index=False), end="", markup=False)
+    elif fmt == "json":
+        console.print(table.to_json(orient="records", indent=1), markup=False)
+    else:
+        _print_table(vclaims.display(table).drop(columns="paper says"), title="Claims (rule: vitexp claims --help)")
+        console.print(f"rule: {vclaims.RULE}", markup=False)
+    if plot:
+        paths = vclaims.forest_plot(table, figure_dir([roots[0]], None))
+        err_console.print(f"wrote {paths[0]}", markup=False)
+    if readme is not None:
+        err_console.print(f"wrote {vclaims.write_readme(readme, table)}", markup=False)
+
+
 # --- bench -------------------------------------------------------------------------------------------
 @app.command("bench")
 def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model name, a preset's (--preset) or timm:NAME"),

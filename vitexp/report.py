@@ -108,7 +108,7 @@ def write_report(folders, out=None, n_boot: int = 2500, seed: int = 0) -> list[P
         more, paths = _section(kind, runs[runs["study"] == kind], out, n_boot, seed)
         blocks += more
         figures += paths
-    blocks += _failed(runs) + _provenance(runs, folders)
+    blocks += _claims(folders) + _failed(runs) + _provenance(runs, folders)
     md, page = out / "report.md", out / "report.html"
     atomic_write(md, render_markdown(blocks, out))
     atomic_write(page, render_html(blocks))
@@ -133,6 +133,27 @@ def _section(kind: str, runs: pd.DataFrame, out: Path, n_boot: int, seed: int) -
     blocks += [(b[0], _by_model(b[1])) if b[0] == "table" and "model" in b[1] else b
                for b in study.tables(runs, n_boot, seed)]
     return blocks, paths
+
+
+def _claims(folders) -> list[tuple]:
+    """The rows of the verdict table (vitexp/claims.py) that read one of FOLDERS, each
+    evaluated with the folders beside it."""
+    from vitexp import claims
+
+    if not claims.default_claims().is_file():
+        return []
+    blocks = []
+    for folder in folders:
+        try:
+            table = claims.claims_table([folder.parent], folder=folder.name)
+        except UserError as e:
+            blocks.append(("p", f"{folder}: the claims that read it cannot be evaluated here ({e})."))
+            continue
+        if len(table):
+            blocks.append(("table", claims.display(table)))
+    if not blocks:
+        return []
+    return [("h2", "Claims that read these results"), ("p", claims.RULE)] + blocks
 
 
 def _overview(runs: pd.DataFrame) -> pd.DataFrame:

@@ -38,7 +38,7 @@ import pandas as pd
 from vitexp.errors import UserError
 from vitexp.fileio import DiskFull, _tmp_owner, atomic_write, atomic_write_csv, tmp_path
 from vitexp.rows import HISTORY_COLUMNS, HISTORY_IDENTITY, RUN_COLUMNS
-from vitexp.rows import converged as rows_converged
+from vitexp.rows import CONVERGENCE_RULE, converged_from
 from vitexp.tomlfile import read_toml
 
 RUNS = "runs.csv"
@@ -441,6 +441,7 @@ class TrialStore:
             for key, row in rows.items():  # rows recorded before the convergence rule existed
                 if "converged" not in row and row.get("status") == "ok" and hist[key] is not None and "epochs" in row:
                     row["converged"] = _converged(row, hist[key])
+                    row["converged_rule"] = CONVERGENCE_RULE
             runs = pd.DataFrame(list(rows.values()))
             if not runs.empty:
                 first = [c for c in RUN_COLUMNS if c in runs.columns]
@@ -472,9 +473,9 @@ class TrialStore:
 
 
 def _converged(row: dict, history: pd.DataFrame) -> bool:
-    col = "ema_err" if str(row.get("ema", True)).lower() == "true" else "test_err"
-    evals = [(int(e), float(v)) for e, v in zip(history["epoch"], history[col]) if v == v]
-    return str(row.get("diverged")).lower() != "true" and rows_converged(evals, int(row["epochs"]))
+    final = row.get("val_err", row.get("last_err"))
+    return str(row.get("diverged")).lower() != "true" and converged_from(
+        history.to_dict("records"), float(final) if final is not None else math.nan, row.get("dataset"))
 
 
 def _me() -> dict:
@@ -548,6 +549,11 @@ def _ends_mid_line(path: Path) -> bool:
             return f.read(1) != b"\n"
     except OSError:
         return False
+
+
+def has_runs(folder: str | Path) -> bool:
+    """Does FOLDER hold a runs.csv (a results folder)?"""
+    return (Path(folder) / RUNS).is_file()
 
 
 def read_runs(folder: str | Path, required=("model", "top1_err")) -> pd.DataFrame:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,17 @@ def split_classes(name: str) -> tuple[str, tuple[int, ...] | None]:
         raise UserError(f"dataset {name}: after ':' give two or more distinct classes of {base}'s 0-{k - 1}, "
                         f"as ranges or a list, e.g. {base}:0-4 or {base}:0,2,4")
     return base, tuple(classes)
+
+
+def chance_err(dataset) -> float:
+    """Top-1 error (%) of guessing, for a named data set (NaN where the classes are unknown)."""
+    try:
+        base, classes = split_classes(str(dataset))
+    except UserError:
+        return math.nan
+    info = DATASETS.get(base)
+    k = len(classes) if classes else info.num_classes if info else None
+    return 100.0 * (1 - 1 / k) if k else math.nan
 
 
 def _select(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from vitexp.errors import UserError, unknown
 from vitexp.tomlfile import read_toml
 
 TABLES = ("study", "train", "models", "tuned", "ranges")
+CLAIMS_FILE = "claims.toml"  # in experiments/: the claims file (vitexp/claims.py), not a preset
 
 
 def experiments_dir() -> Path:
@@ -26,7 +27,7 @@ def experiments_dir() -> Path:
 
 
 def list_presets(kind: str | None = None) -> list[str]:
-    names = sorted(p.stem for p in experiments_dir().glob("*.toml"))
+    names = sorted(p.stem for p in experiments_dir().glob("*.toml") if p.name != CLAIMS_FILE)
     return [n for n in names if kind is None or n.startswith(kind + "_")]
 
 
@@ -39,7 +40,7 @@ def find_preset(name_or_path: str) -> Path:
             raise UserError(f"preset file {p} does not exist; give a path to a .toml or a name from experiments/")
         return p
     p = experiments_dir() / f"{name_or_path}.toml"
-    if not p.exists():
+    if not p.exists() or p.name == CLAIMS_FILE:
         if not list_presets():
             raise UserError(f"unknown preset '{name_or_path}': {experiments_dir()} holds no presets "
                             f"(set VITEXP_EXPERIMENTS to vitexp's experiments/ folder, or give a .toml path)")
