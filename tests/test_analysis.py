@@ -23,7 +23,7 @@ def load(tmp_path, rows, kind="stability", toml=None):
 def run(model, err, opt="adamw", status="ok", diverged=False, **kw):
     return {"key": f"{model}-{opt}-{err}-{kw}", "study": "stability", "status": status, "model": model,
             "optimizer": opt, "lr": 1e-3, "wd": 0.1, "epochs": 50, "n_train": 1000, "seed": 0, "batch_size": 128,
-            "top1_err": err, "diverged": diverged, "wall_s": 1.0, **kw}
+            "top1_err": err, "last_err": err, "diverged": diverged, "wall_s": 1.0, **kw}
 
 
 # -- EDF -----------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def test_edf_table_models_diverged_failed_and_gap(tmp_path):
         run("vit_p", 60.0, opt="sgd"),  # its own best (per optimizer)
     ])
     table = analysis.edf_table(runs).set_index(["optimizer", "model", "metric"])
-    p = table.loc[("adamw", "vit_p", "top1_err")]
+    p = table.loc[("adamw", "vit_p", "last_err")]
     assert p["error"].tolist() == [25, 30, 100]
     assert p["edf"].tolist() == [0, 0.5, 0.75]
     assert p["edf_right"].tolist() == [0.5, 0.75, 1.0]
@@ -138,10 +138,10 @@ def test_scale_summary_over_seeds(tmp_path):
             run("vit_p", 20.0, n_train=8000, seed=0, fewshot5_err=30.0),
             run("vit_p", float("nan"), n_train=8000, seed=1, diverged=True)]
     s = scale_summary(load(tmp_path, rows, "scale")).set_index(["metric", "n_train"])
-    small = s.loc[("top1_err", 1000)]
+    small = s.loc[("last_err", 1000)]
     assert (small["mean"], small["min"], small["max"], small["n"]) == (42.0, 40.0, 44.0, 2)
     assert small["std"] == pytest.approx(np.std([40, 44], ddof=1))
-    big = s.loc[("top1_err", 8000)]
+    big = s.loc[("last_err", 8000)]
     assert (big["mean"], big["n"], big["diverged"]) == (60.0, 2, 1)  # the diverged seed at 100
     assert s.loc[("fewshot5_err", 8000), "n"] == 1  # no few-shot error for the diverged seed
     assert s.loc[("fewshot5_err", 1000), "mean"] == 62.0

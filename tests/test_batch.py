@@ -84,12 +84,12 @@ def test_each_seed_takes_the_lr_its_held_out_images_chose():
     for seed, (val_a, val_b) in enumerate([(10.0, 12.0), (15.0, 11.0), (9.0, 9.0)]):
         for lr, val, test in ((0.1, val_a, 20.0 + seed), (0.4, val_b, 30.0 + seed)):
             rows.append(dict(model="vit_p_7mf", optimizer="sgd", batch_size=2048.0, epochs=5, seed=seed, lr=lr,
-                             val_err=val, top1_err=test, status="ok", diverged=False,
+                             val_err=val, top1_err=test, last_err=test, status="ok", diverged=False,
                              lr_rule="sqrt" if lr == 0.1 else "linear"))
     # batch_size is a float, as analysis.load_runs parses it: the tables still say "batch 2048"
     got = chosen(pd.DataFrame(rows)).sort_values("seed")
     assert got["lr"].tolist() == [0.1, 0.4, 0.1]  # a tie goes to the smaller lr
-    assert got["top1_err"].tolist() == [20.0, 31.0, 22.0]
+    assert got["last_err"].tolist() == [20.0, 31.0, 22.0]
     blocks = batch_tables(pd.DataFrame(rows))  # (h3, title), (table, frame), ...
     tables = {title: frame for (_, title), (_, frame) in zip(blocks[::2], blocks[1::2])}
     errors = next(f for t, f in tables.items() if t.startswith("Top-1"))
@@ -101,7 +101,7 @@ def test_each_seed_takes_the_lr_its_held_out_images_chose():
 
 def test_the_chosen_rule_names_its_factor():
     rows = [dict(model="resnet_7mf", optimizer="adamw", batch_size=128, epochs=5, seed=seed, lr=lr, val_err=val,
-                 top1_err=val, status="ok", diverged=False, lr_rule="none", lr_factor=factor)
+                 top1_err=val, last_err=val, status="ok", diverged=False, lr_rule="none", lr_factor=factor)
             for seed, vals in enumerate([(9.0, 7.0), (8.0, 7.5), (6.0, 7.0)])
             for lr, factor, val in zip((0.8, 0.2), (float("nan"), 0.25), vals)]
     assert chosen(pd.DataFrame(rows)).sort_values("seed")["lr"].tolist() == [0.2, 0.2, 0.8]

@@ -271,9 +271,9 @@ def test_the_report_pairs_each_student_with_its_plain_twin():
     rows = []
     for seed, (plain, taught) in enumerate([(40.0, 30.0), (44.0, 30.0)]):
         base = {"status": "ok", "n_train": 100.0, "seed": seed, "diverged": False, "converged": True}
-        rows += [dict(base, model="resnet_7mf", top1_err=10.0, teacher_model=None),
-                 dict(base, model="vit_p_7mf", top1_err=plain, teacher_model=None),
-                 dict(base, model="vit_p_7mf", top1_err=taught, teacher_model="resnet_7mf",
+        rows += [dict(base, model="resnet_7mf", last_err=10.0, teacher_model=None),
+                 dict(base, model="vit_p_7mf", last_err=plain, teacher_model=None),
+                 dict(base, model="vit_p_7mf", last_err=taught, teacher_model="resnet_7mf",
                       teacher_agree=97.0 + seed)]
     blocks = STUDY.tables(pd.DataFrame(rows))
     at = next(i for i, (kind, b) in enumerate(blocks) if kind == "h3" and b.startswith("Distilled arm minus"))

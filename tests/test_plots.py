@@ -86,7 +86,7 @@ def finished_runs(*folders):
     """runs.csv as a user would read it: results only, diverged at 100."""
     runs = pd.concat([pd.read_csv(f / "runs.csv") for f in folders], ignore_index=True)
     runs = runs[runs["status"] == "ok"].copy()
-    runs.loc[runs["diverged"], "top1_err"] = 100.0
+    runs.loc[runs["diverged"], "last_err"] = 100.0
     return runs
 
 
@@ -113,8 +113,8 @@ def test_cdf_csv_is_the_edf_of_runs_csv(studies, cdf):
     table = pd.read_csv(out / "cdf.csv")
     runs = finished_runs(studies["adamw"], studies["sgd"])
     for (opt, model), g in runs.groupby(["optimizer", "model"]):
-        err = np.sort(g["top1_err"].to_numpy())
-        for metric, values in (("top1_err", err), ("gap", err - err[0])):
+        err = np.sort(g["last_err"].to_numpy())
+        for metric, values in (("last_err", err), ("gap", err - err[0])):
             got = table[(table["optimizer"] == opt) & (table["model"] == model) & (table["metric"] == metric)]
             assert got["error"].to_numpy() == pytest.approx(np.unique(values))
             below = [np.mean(values < e) for e in np.unique(values)]  # F(e) = share strictly below e
@@ -122,7 +122,7 @@ def test_cdf_csv_is_the_edf_of_runs_csv(studies, cdf):
             assert got["edf_right"].iloc[-1] == 1.0
             assert got["n"].iloc[0] == len(err) and got["failed"].iloc[0] == (model == "vit_p_1gf")
     # the diverged run is the last step, at 100
-    p = table[(table["optimizer"] == "sgd") & (table["model"] == "vit_p_1gf") & (table["metric"] == "top1_err")]
+    p = table[(table["optimizer"] == "sgd") & (table["model"] == "vit_p_1gf") & (table["metric"] == "last_err")]
     assert p["error"].iloc[-1] == 100.0 and p["edf"].iloc[-1] == pytest.approx(32 / 33)
     assert p["diverged"].iloc[0] == 1
 
@@ -136,7 +136,7 @@ def test_lrwd_csv_holds_every_run_and_the_band(studies, cdf):
     mine = pts.sort_values(["model", "value"])
     theirs = runs.sort_values(["model", "lr"])
     assert mine["value"].to_numpy() == pytest.approx(theirs["lr"].to_numpy())
-    assert mine["top1_err"].to_numpy() == pytest.approx(theirs["top1_err"].to_numpy())
+    assert mine["last_err"].to_numpy() == pytest.approx(theirs["last_err"].to_numpy())
     for (model, param), g in table[table["element"] != "run"].groupby(["model", "param"]):
         b = g.set_index("element")["value"]
         assert b["lo"] <= b["best"] <= b["hi"]
@@ -162,7 +162,7 @@ def test_scale_csv_is_the_mean_over_seeds(studies, tmp_path):
     assert_files(paths, "scale")
     table = pd.read_csv(tmp_path / "scale.csv")
     runs = finished_runs(studies["scale"])
-    for metric in ("top1_err", "fewshot1_err", "fewshot5_err"):
+    for metric in ("last_err", "fewshot1_err", "fewshot5_err"):
         by_hand = runs.groupby(["model", "n_train"])[metric].agg(["mean", "min", "max"])
         got = table[table["metric"] == metric].set_index(["model", "n_train"])[["mean", "min", "max"]]
         pd.testing.assert_frame_equal(got.sort_index(), by_hand.sort_index(), check_names=False)
@@ -172,7 +172,7 @@ def test_optimizer_csv_is_the_gap_of_the_means(studies, tmp_path):
     paths = report.draw("optimizer", [studies["optimizer"]], tmp_path)
     assert_files(paths, "optimizer")
     table = pd.read_csv(tmp_path / "optimizer.csv")
-    means = finished_runs(studies["optimizer"]).groupby(["model", "optimizer", "epochs"])["top1_err"].mean()
+    means = finished_runs(studies["optimizer"]).groupby(["model", "optimizer", "epochs"])["last_err"].mean()
     gaps = table[table["panel"] == "gap"]
     assert len(gaps) == 9
     for r in gaps.itertuples():
@@ -268,7 +268,7 @@ def test_scale_figure_says_data_budget_seeds_and_marks_unconverged_points(tmp_pa
     caption = scale_caption(runs, summary)
     assert "shapes" in caption and "steps" in caption and "40–64 epochs" in caption and "2 seeds" in caption
     assert "open marker" in caption
-    flagged = summary[(summary["metric"] == "top1_err") & (summary["not_converged"] > 0)]
+    flagged = summary[(summary["metric"] == "last_err") & (summary["not_converged"] > 0)]
     assert list(zip(flagged["model"], flagged["n_train"])) == [("vit_p_1gf", 400)]
     seen = []
     real = plt.Axes.scatter

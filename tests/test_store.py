@@ -37,7 +37,7 @@ def test_only_the_store_names_the_folder_layout():
 
 
 def _row(key, err=50.0, status="ok"):
-    return {"key": key, "status": status, "model": "m", "top1_err": err}
+    return {"key": key, "status": status, "model": "m", "top1_err": err, "last_err": err}
 
 
 def test_new_records_reads_only_what_changed(tmp_path, monkeypatch):

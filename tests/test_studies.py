@@ -230,4 +230,4 @@ def test_search_chooses_on_held_out_images_not_test_images():
     assert (best["chosen_by"], best["lr"], best["last_err"]) == ("val_err", 0.1, 31.0)
     assert best["lr_edge"] == "" and best["median_err"] == 35.0
     old = tune_best(runs.drop(columns="val_err")).iloc[0]
-    assert (old["chosen_by"], old["lr"]) == ("top1_err", 0.01)
+    assert (old["chosen_by"], old["lr"]) == ("last_err", 0.01)

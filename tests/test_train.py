@@ -287,3 +287,22 @@ def test_runs_record_convergence_and_how_they_ran(tmp_path, tiny):
     row = run_trial(TrainConfig(model=SMALLEST_VIT_C, **tiny), out=tmp_path)
     assert isinstance(row["converged"], bool) and row["fused_k"] == 1 and row["amp"] is False
     assert row["data_dir"] == "generated"
+
+
+def test_a_dip_in_test_error_mid_run_is_not_what_is_reported(tmp_path):
+    """A trial whose test error dips mid-run (a lucky epoch) reports its final model's error;
+    the minimum stays in runs.csv as `top1_err` (pycls's convention) and no table reads it."""
+    from vitexp import analysis, rows
+    from vitexp.studies.scale import scale_summary
+
+    cfg = TrainConfig(model=SMALLEST_VIT_C, dataset="shapes", epochs=4)
+    hist = [{"epoch": e, "train_loss": v, "test_err": t, "ema_err": t}
+            for e, (v, t) in enumerate([(2.0, 50.0), (1.0, 20.0), (0.8, 40.0), (0.79, 35.0)])]
+    got = rows.summary(cfg, hist, diverged=False)
+    assert (got["top1_err"], got["last_err"]) == (20.0, 35.0)
+    folder = tmp_path / "dip"
+    folder.mkdir()
+    pd.DataFrame([{"key": "a", "status": "ok", "model": SMALLEST_VIT_C, "n_train": 100, "seed": 0,
+                   "diverged": False, **got}]).to_csv(folder / "runs.csv", index=False)
+    summary = scale_summary(analysis.load_runs([folder]))
+    assert summary["mean"].tolist() == [35.0] and summary["metric"].tolist() == [analysis.ERR]

@@ -2,7 +2,11 @@
 tests and notebooks can check each plotted value without matplotlib.
 
 Conventions (PAPERS.md section 4):
-- A run's error is `top1_err` (the minimum over epochs of the evaluated test error).
+- A run's error is ERR, `last_err`: the final evaluated model's test error, which no
+  test image chose. runs.csv keeps `top1_err`, pycls's minimum over test
+  evaluations (early stopping on the test images), for comparison with the papers'
+  numbers; no figure, table or verdict reads it. A choice among runs (a search's best,
+  a sample's best run) reads the held-out error where the runs have one (`choice_column`).
   Diverged runs count at 100% error: they are results (the recipe failed), not gaps.
   Runs with status != "ok" (crashed trials) are left out of every number and only
   counted.
@@ -22,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vitexp.data.datasets import DATASETS, split_classes
-from vitexp.errors import UserError
 from vitexp.data.datasets import chance_err
+from vitexp.errors import UserError
 from vitexp.rows import CHANCE_MARGIN, CONVERGENCE_RULE, DIVERGED_ERR, converged_from
 from vitexp.store import TrialStore, read_runs
 
@@ -34,16 +37,22 @@ OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
 # pycls's bootstrap draws 25% of the runs; with fewer than this many per draw the "best"
 # is little more than the median sample, so no band is given
 MIN_PER_DRAW = 8
+ERR = "last_err"  # the reported error (see the module's conventions)
 
 
 def choice_column(runs: pd.DataFrame) -> str:
     """The error that chooses among runs (a search's best, a grid's lr): `val_err`, the final
-    model's error on held-out training images, where every finished run has one; else
-    `top1_err`, which folders from before held-out selection have (the test images then chose)."""
+    model's error on held-out training images, where every finished run has one; else ERR,
+    the final test error, in folders from before held-out selection (the test images then chose)."""
     ok = finished(runs) if "status" in runs else runs
     if "val_err" in ok and len(ok) and ok["val_err"].notna().all():
         return "val_err"
-    return "top1_err"
+    return ERR
+
+
+def best_err(runs: pd.DataFrame) -> float:
+    """The error of the best of RUNS, the best chosen by `choice_column`."""
+    return float(runs.loc[runs[choice_column(runs)].idxmin(), ERR])
 
 
 # -- loading ----------------------------------------------------------------------
@@ -71,7 +80,7 @@ def fewshot_columns(runs: pd.DataFrame) -> list[str]:
     return sorted((c for c in runs.columns if FEWSHOT.match(c)), key=lambda c: int(FEWSHOT.match(c)[1]))
 
 
-def load_runs(folders, required=("model", "top1_err"), define: bool = True) -> pd.DataFrame:
+def load_runs(folders, required=("model",), define: bool = True) -> pd.DataFrame:
     """runs.csv of each folder, concatenated and cleaned: numbers parsed, `study`
     filled from study.toml where missing, `status` defaulting to "ok", `diverged`
     a bool, diverged runs at 100% error, `converged` by today's rule; `source` names the
@@ -99,11 +108,18 @@ def load_runs(folders, required=("model", "top1_err"), define: bool = True) -> p
     runs["diverged"] = _boolean(runs, "diverged") if "diverged" in runs else False
     if "converged" in runs:
         runs["converged"] = _boolean(runs, "converged")
-    runs.loc[runs["diverged"], "top1_err"] = DIVERGED_ERR
-    lost = (runs["status"] == "ok") & runs["top1_err"].isna()
+    if ERR not in runs and "top1_err" not in runs:
+        raise UserError(f"{runs['source'].iloc[0]}/runs.csv has no {ERR} column; give a folder written by "
+                        f"a vitexp study, or rerun its study to rebuild runs.csv")
+    if "top1_err" in runs:  # rows from before last_err existed: their minimum is all there is
+        runs[ERR] = runs[ERR].fillna(runs["top1_err"]) if ERR in runs else runs["top1_err"]
+    for col in (ERR, "top1_err", "val_err"):
+        if col in runs:
+            runs.loc[runs["diverged"], col] = DIVERGED_ERR
+    lost = (runs["status"] == "ok") & runs[ERR].isna()
     if lost.any():
         row = runs[lost].iloc[0]
-        raise UserError(f"{row['source']}/runs.csv: trial {_name(row)} is ok but has no top1_err; "
+        raise UserError(f"{row['source']}/runs.csv: trial {_name(row)} is ok but has no error; "
                         f"rerun the study to rebuild runs.csv")
     return runs
 
@@ -211,12 +227,12 @@ def edf_steps(errors) -> pd.DataFrame:
 
 
 def edf_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """EDF corners per optimizer and model, for the error itself (metric `top1_err`)
-    and for its difference to the best run of that model and optimizer (`gap`)."""
+    """EDF corners per optimizer and model, for the error itself (metric ERR) and for its
+    difference to the best run of that model and optimizer (`gap`; `best_err`)."""
     parts = []
     for (opt, model), g in finished(runs).groupby(["optimizer", "model"], sort=True):
-        err = g["top1_err"].to_numpy()
-        for metric, values in (("top1_err", err), ("gap", err - err.min())):
+        err = g[ERR].to_numpy()
+        for metric, values in ((ERR, err), ("gap", err - best_err(g))):
             steps = edf_steps(values)
             steps.insert(0, "metric", metric)
             steps.insert(0, "model", model)
@@ -245,14 +261,14 @@ def edf_summary(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (opt, model), g in runs.groupby(["optimizer", "model"], sort=True):
         ok = finished(g)
-        err = ok["top1_err"].to_numpy()
+        err = ok[ERR].to_numpy()
         chance = (ok["dataset"].map(chance_err) if "dataset" in ok else pd.Series(math.nan, ok.index)).to_numpy()
         rows.append({"optimizer": opt, "model": model, "n": len(err), "diverged": int(ok["diverged"].sum()),
                      "failed": len(g) - len(ok),
                      "at_chance": int((~ok["diverged"].to_numpy() & (err >= chance - CHANCE_MARGIN)).sum()),
                      "min": err.min() if len(err) else math.nan, "mean": err.mean() if len(err) else math.nan,
                      "median": np.median(err) if len(err) else math.nan,
-                     "within_4": float(edf(err - err.min(), [4.0])[0]) if len(err) else math.nan})
+                     "within_4": float(edf(err - best_err(ok), [4.0])[0]) if len(err) else math.nan})
     return pd.DataFrame(rows)
 
 
@@ -301,7 +317,7 @@ def hparam_bands(runs: pd.DataFrame, n_boot: int = 2500, seed: int = 0) -> pd.Da
             ok = g[np.isfinite(g[param]) & (g[param] > 0)]
             if ok.empty:
                 continue
-            band = bootstrap_best(ok[param], ok["top1_err"], n_boot=n_boot, seed=seed)
+            band = bootstrap_best(ok[param], ok[choice_column(ok)], n_boot=n_boot, seed=seed)
             if band["n_sample"] < MIN_PER_DRAW:  # too few runs: the "best" would be noise
                 band.update(lo=math.nan, best=math.nan, hi=math.nan)
             rows.append({"optimizer": opt, "model": model, "param": param, **band})
@@ -311,12 +327,12 @@ def hparam_bands(runs: pd.DataFrame, n_boot: int = 2500, seed: int = 0) -> pd.Da
 # -- single runs --------------------------------------------------------------------------
 
 def model_table(runs: pd.DataFrame, by=("model",)) -> pd.DataFrame:
-    """Per group: n, diverged, failed, mean/min top1_err of the runs with a result."""
+    """Per group: n, diverged, failed, mean/min error (ERR) of the runs with a result."""
     by = [c for c in by if c in runs]
     rows = []
     for keys, g in runs.groupby(by, sort=True):
         ok = finished(g)
         keys = keys if isinstance(keys, tuple) else (keys,)
         rows.append({**dict(zip(by, keys)), "n": len(ok), "diverged": int(ok["diverged"].sum()),
-                     "failed": len(g) - len(ok), "mean_err": ok["top1_err"].mean(), "min_err": ok["top1_err"].min()})
+                     "failed": len(g) - len(ok), "mean_err": ok[ERR].mean(), "min_err": ok[ERR].min()})
     return pd.DataFrame(rows)

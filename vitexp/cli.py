@@ -175,7 +175,7 @@ def train(out: Path, **kwargs):
     from vitexp.store import TrialStore
     from vitexp.sweep.plan import check_folder
     from vitexp.trainer import run_trial
-    from vitexp.ui import StudyProgress, trial_images, trial_label
+    from vitexp.ui import StudyProgress, error_phrase, trial_images, trial_label
 
     teacher = kwargs.pop("teacher")  # a trial to find, not the config's teacher table
     fields = _preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))
@@ -190,7 +190,7 @@ def train(out: Path, **kwargs):
     check_folder(store, "train")  # single runs never mix into a study's folder
     done = store.result(cfg.key())
     if done is not None and done.get("status") == "ok":
-        console.print(f"trial {cfg.key()} already in {out}: top1_err {done['top1_err']:.2f}% (nothing to do)")
+        console.print(f"trial {cfg.key()} already in {out}: {error_phrase(done)} (nothing to do)")
         return
     runtime.resolve_device(cfg.device)
     check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
@@ -212,8 +212,8 @@ def train(out: Path, **kwargs):
     if main:
         status = "DIVERGED" if row["diverged"] else "done"
         console.print(f"{status}: {row['model']} {row['dataset']} n={row['n_train']} {row['optimizer']} "
-                      f"lr={row['lr']:.3g} wd={row['wd']:.3g} top1_err {row['top1_err']:.2f}% "
-                      f"(last {row['last_err']:.2f}%, {'converged' if row['converged'] else 'NOT converged'}) "
+                      f"lr={row['lr']:.3g} wd={row['wd']:.3g} {error_phrase(row)} "
+                      f"({'converged' if row['converged'] else 'NOT converged'}) "
                       f"in {row['wall_s']:.1f}s -> {out}/runs.csv")
 
 

@@ -197,7 +197,7 @@ def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only:
     require_results(runs)
     ok = analysis.finished(runs)
     group = [c for c in ("model", "optimizer") if c in ok]
-    chosen = ok.loc[ok.groupby(group)["top1_err"].idxmin()] if best_only else ok
+    chosen = ok.loc[ok.groupby(group)[analysis.choice_column(ok)].idxmin()] if best_only else ok
     hist = history[history["key"].astype(str).isin(set(chosen["key"].astype(str)))].copy()
     if hist.empty:
         raise UserError("history.csv holds no epochs of these runs; rerun the study to rebuild it")
@@ -211,11 +211,11 @@ def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only:
     styles, dashes = model_styles(chosen["model"]), _dashes(chosen)
     with style():
         fig, axes = figure(1, 2, width=4.6, height=3.4)
-        for _, trial in chosen.sort_values(group + ["top1_err"]).iterrows():
+        for _, trial in chosen.sort_values(group + [analysis.ERR]).iterrows():
             h = hist[hist["key"].astype(str) == str(trial["key"])].sort_values("epoch")
             st, ls = styles[trial["model"]], dashes(trial)
             label = " ".join([trial["model"], str(trial.get("optimizer", ""))] + _varying(chosen, trial)
-                             + [f"({trial['top1_err']:.1f}%)"])
+                             + [f"({trial[analysis.ERR]:.1f}%)"])
             axes[0][0].plot(h["epoch"], h["train_loss"], color=st["color"], ls=ls, label=label)
             ev = h[h["error"].notna()]
             axes[0][1].plot(ev["epoch"], ev["error"], color=st["color"], ls=ls, marker=st["marker"], ms=3.5)

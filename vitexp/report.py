@@ -64,7 +64,7 @@ def plot_curves(folders, out=None, every: bool = False) -> list[Path]:
     """Learning curves (training loss, test error per epoch) of FOLDERS' best trial per model
     (and optimizer), or of EVERY trial."""
     folders = [Path(f) for f in folders]
-    runs = analysis.load_runs(folders, required=("key", "model", "top1_err"))
+    runs = analysis.load_runs(folders, required=("key", "model", "last_err"))
     history = pd.concat([_history(f) for f in folders], ignore_index=True)
     return plots.plot_curves(runs, history, figure_dir(folders, out), best_only=not every)
 
@@ -189,7 +189,7 @@ def _convergence(runs: pd.DataFrame) -> list[tuple]:
         key = study.must_converge(analysis.finished(g)) if study else analysis.finished(g)
         bad = key[~key["converged"]]
         if len(bad):
-            names = ", ".join(sorted({f"{r.model} ({r.top1_err:.1f}%)" for r in bad.itertuples()}))
+            names = ", ".join(sorted({f"{r.model} ({r.last_err:.1f}%)" for r in bad.itertuples()}))
             out.append(("p", f"WARNING: {source}: {len(bad)} of the {len(key)} trials this {kind} study rests on "
                              f"did not converge (best error in the last quarter of the budget and still moving "
                              f"by 0.5 points or more): {names}. Train them longer before drawing conclusions."))

@@ -31,7 +31,14 @@ def trial_summary(label: str, row: dict) -> str:
     if row.get("status", "ok") != "ok":
         return f"{label}: FAILED ({row.get('error')}); a rerun retries it"
     flags = " DIVERGED" if row["diverged"] else "" if row.get("converged", True) else " (not converged)"
-    return f"{label}: top1_err {row['top1_err']:.2f}%{flags}"
+    return f"{label}: {error_phrase(row)}{flags}"
+
+
+def error_phrase(row: dict) -> str:
+    """A trial's reported error: its final model's test error, and its held-out error where it
+    has one ("err 23.60%, held-out 22.10%")."""
+    held = row.get("val_err")
+    return f"err {row['last_err']:.2f}%" + (f", held-out {held:.2f}%" if held is not None and held == held else "")
 
 
 def trial_images(cfg) -> float:

@@ -55,7 +55,7 @@ class Study:
     sets: tuple[str, ...] = ("model", "seed", "subset_seed", "optimizer", "lr", "wd", "epochs", "fewshot")
     # [study] keys that, besides the kind and the data set, make two specs one study (one folder)
     identity: tuple[str, ...] = ()
-    needs: tuple[str, ...] = ("model", "top1_err")  # runs.csv columns its figures need
+    needs: tuple[str, ...] = ("model", "last_err")  # runs.csv columns its figures need
     plot_command: str | None = None  # the CLI command that draws its figures
     bootstrap: bool = False  # its figures and tables draw bootstrap samples (--n-boot, --seed)
     several: str = "several are concatenated into one figure set"  # what giving its plot command several folders does

@@ -39,7 +39,7 @@ class Optimizer(Study):
                                        "(default 1; several: chosen per seed on --holdout images)", many=True),
              Knob("lr_rule_batch", int, "the batch size the tuned lr was found at, that sqrt and none scale "
                                         "from (default: the [train] batch size)"))
-    needs = ("model", "optimizer", "epochs", "batch_size", "top1_err")
+    needs = ("model", "optimizer", "epochs", "batch_size", "last_err")
     plot_command = "plot-optimizer"
 
     def trials(self, spec, base, trial):
@@ -140,11 +140,11 @@ def chosen(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def optimizer_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model, optimizer, batch size and epochs: mean/min/max/std top1_err over seeds (of
+    """Per model, optimizer, batch size and epochs: mean/min/max/std error (ERR) over seeds (of
     each seed's chosen lr), n, diverged."""
     ok = chosen(runs)
     g = ok.groupby(["model", "optimizer", "batch_size", "epochs"], sort=True)
-    out = g["top1_err"].agg(["mean", "min", "max", "std", "count"]).rename(columns={"count": "n"})
+    out = g[analysis.ERR].agg(["mean", "min", "max", "std", "count"]).rename(columns={"count": "n"})
     out["diverged"] = g["diverged"].sum().astype(int)
     out = out.reset_index()
     out[["batch_size", "epochs"]] = out[["batch_size", "epochs"]].astype(int)

@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from vitexp import analysis, plots
+from vitexp.analysis import ERR
 from vitexp.data.loaders import num_batches
 from vitexp.errors import UserError
 from vitexp import models as vmodels
@@ -42,7 +43,7 @@ class Scale(Study):
              Knob("teachers", str, "distilled arms, comma-separated STUDENT=TEACHER model pairs (DeiT): each size "
                                    "and seed's STUDENT learns from that size and seed's TEACHER trial", many=True))
     sets = Study.sets + ("n_train", "eval_every")
-    needs = ("model", "n_train", "top1_err")
+    needs = ("model", "n_train", "last_err")
     plot_command = "plot-scale"
 
     def trials(self, spec, base, trial):
@@ -119,7 +120,7 @@ class Scale(Study):
         """Said from the figure's own numbers (its CSV): its panels and what a point is."""
         table = pd.read_csv(figure.with_suffix(".csv"))
         shots = [analysis.FEWSHOT.match(m)[1] for m in dict.fromkeys(table["metric"]) if analysis.FEWSHOT.match(m)]
-        top = table[table["metric"] == "top1_err"]
+        top = table[table["metric"] == ERR]
         point = "one run per point" if top["n"].max() == 1 else "the mean over seeds with a min–max band"
         return (f"Top-1 error vs training-set size (log x) per model, {point}"
                 + (f"; further panels: {', '.join(shots)}-shot linear-probe errors of the frozen features." if shots
@@ -154,12 +155,12 @@ def teacher_pairs(value) -> list[tuple[str, str]]:
 
 
 def scale_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model, training-set size and metric (top1_err and each fewshot{k}_err):
+    """Per model, training-set size and metric (ERR and each fewshot{k}_err):
     mean, std (ddof 1; NaN for one seed), min, max and n over seeds; diverged runs
-    count at 100 for top1_err and are counted in `diverged`."""
+    count at 100 for ERR and are counted in `diverged`."""
     ok = analysis.finished(runs)
     rows = []
-    for metric in ["top1_err"] + analysis.fewshot_columns(ok):
+    for metric in [ERR] + analysis.fewshot_columns(ok):
         for (model, size), g in ok.groupby(["model", "n_train"], sort=True):
             v = g[metric].dropna()
             if v.empty:
@@ -179,10 +180,10 @@ def distilled_minus_plain(runs: pd.DataFrame) -> pd.Series:
     ok = analysis.finished(runs)
     if "teacher_model" not in ok or ok["teacher_model"].isna().all():
         return pd.Series(dtype=float)
-    plain = ok[ok["teacher_model"].isna()].set_index(["model", "n_train", "seed"])["top1_err"]
+    plain = ok[ok["teacher_model"].isna()].set_index(["model", "n_train", "seed"])[ERR]
     taught = analysis.arms(ok[ok["teacher_model"].notna()])
     twin = plain.reindex(pd.MultiIndex.from_frame(ok.loc[taught.index, ["model", "n_train", "seed"]]))
-    diff = pd.Series(taught["top1_err"].to_numpy() - twin.to_numpy(),
+    diff = pd.Series(taught[ERR].to_numpy() - twin.to_numpy(),
                      index=pd.MultiIndex.from_frame(taught[["model", "n_train", "seed"]].astype({"n_train": int})))
     return diff.dropna()
 
@@ -200,8 +201,8 @@ def teacher_agreement(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def cnn_gaps(summary: pd.DataFrame) -> pd.DataFrame:
-    """Each ViT's mean top1_err minus the CNN's, per size (one CNN in the study)."""
-    top = summary[summary["metric"] == "top1_err"]
+    """Each ViT's mean error (ERR) minus the CNN's, per size (one CNN in the study)."""
+    top = summary[summary["metric"] == ERR]
     cnns = [m for m in plots.model_order(top["model"]) if plots.family(m) == "cnn"]
     if len(cnns) != 1:
         return pd.DataFrame()
@@ -241,7 +242,7 @@ def scale_caption(runs: pd.DataFrame, summary: pd.DataFrame) -> str:
     if set(cols) <= set(ok.columns) and ok[cols].notna().all().all():
         steps = [int(e) * num_batches(int(n), int(b), True) for e, b, n in ok[cols].itertuples(index=False)]
         budget = f"{_span(steps)} steps, {_span([int(e) for e in ok['epochs']])} epochs"
-    n = summary.loc[summary["metric"] == "top1_err", "n"]
+    n = summary.loc[summary["metric"] == ERR, "n"]
     phrase = "one run per point" if n.max() == 1 else seeds_phrase(n, std=False) + ", band: min–max"
     open_note = "; open marker: a run there not converged" if summary["not_converged"].sum() else ""
     return f"{data}, budget {budget}\n({phrase}{open_note})"

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from vitexp import analysis, plots
+from vitexp.analysis import ERR
 from vitexp.config import OPTIMIZERS
 from vitexp.errors import unknown
 from vitexp.studies.base import RANGE_ABOVE, RANGE_BELOW, Knob, Study, int_knob, ints, lr_wd_samples
@@ -30,7 +31,7 @@ class Stability(Study):
              Knob("sample_seed", int, "seed of the (lr, wd) sampler"),
              Knob("epochs", int, "epochs of every trial [preset; paper: 50]"))
     identity = ("optimizer",)
-    needs = ("model", "optimizer", "lr", "wd", "top1_err")
+    needs = ("model", "optimizer", "lr", "wd", "last_err")
     plot_command = "plot-cdf"
     bootstrap = True
     several = "several are concatenated (e.g. an AdamW and an SGD sweep, drawn side by side)"
@@ -90,9 +91,9 @@ def _bands_table(runs: pd.DataFrame, n_boot: int, seed: int) -> list[tuple]:
 
 
 def best_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The lowest-error run of each model and optimizer."""
+    """The best run of each model and optimizer, chosen by `analysis.choice_column`."""
     ok = analysis.finished(runs)
-    return ok.loc[ok.groupby(["optimizer", "model"])["top1_err"].idxmin()] if len(ok) else ok
+    return ok.loc[ok.groupby(["optimizer", "model"])[analysis.choice_column(ok)].idxmin()] if len(ok) else ok
 
 
 def plot_cdf(runs: pd.DataFrame, out: Path, n_boot: int = 2500, seed: int = 0) -> list[Path]:
@@ -103,8 +104,9 @@ def plot_cdf(runs: pd.DataFrame, out: Path, n_boot: int = 2500, seed: int = 0) -
     ok = analysis.finished(runs)
     opts = plots.optimizers(ok)
     alive = ok[~ok["diverged"]]
-    gaps = alive["top1_err"] - alive.groupby(["optimizer", "model"])["top1_err"].transform("min")
-    xlims = {"top1_err": plots.span(alive["top1_err"] if len(alive) else [analysis.DIVERGED_ERR]),
+    best = {k: analysis.best_err(g) for k, g in ok.groupby(["optimizer", "model"])}
+    gaps = alive[ERR] - [best[k] for k in zip(alive["optimizer"], alive["model"])]
+    xlims = {ERR: plots.span(alive[ERR] if len(alive) else [analysis.DIVERGED_ERR]),
              "gap": (-0.5, plots.span(gaps if len(gaps) else [analysis.DIVERGED_ERR])[1])}
     with plots.style():
         fig, axes = plots.figure(len(opts), 2, width=4.4, height=3.3)
@@ -118,7 +120,7 @@ def plot_cdf(runs: pd.DataFrame, out: Path, n_boot: int = 2500, seed: int = 0) -
 def _cdf_row(axes, opt, table, summary, styles, labels, xlims) -> None:
     handles, name = [], analysis.OPTIMIZER_NAMES.get(opt, opt)
     n_opt = int(summary.loc[summary["optimizer"] == opt, "n"].sum())
-    for j, metric in enumerate(("top1_err", "gap")):
+    for j, metric in enumerate((ERR, "gap")):
         ax = axes[j]
         for model in plots.model_order(summary.loc[summary["optimizer"] == opt, "model"]):
             steps = table[(table["optimizer"] == opt) & (table["model"] == model) & (table["metric"] == metric)]
@@ -128,12 +130,12 @@ def _cdf_row(axes, opt, table, summary, styles, labels, xlims) -> None:
             s = summary[(summary["optimizer"] == opt) & (summary["model"] == model)].iloc[0]
             line, = ax.step(np.r_[x[0], x, max(x[-1], xlims[metric][1])], np.r_[0, y, y[-1]], where="post",
                             color=styles[model]["color"], label=_cdf_label(labels[model], s))
-            handles += [line] if metric == "top1_err" else []
+            handles += [line] if metric == ERR else []
         ax.set_xlim(*xlims[metric])
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("top-1 error e (%)" if metric == "top1_err" else "error − best run of the model, e (points)")
-        ax.set_ylabel("fraction of runs with error < e" if metric == "top1_err" else "fraction with error − best < e")
-        ax.set_title(f"{name} ({n_opt} runs): " + ("top-1 error" if metric == "top1_err"
+        ax.set_xlabel("top-1 error e (%)" if metric == ERR else "error − best run of the model, e (points)")
+        ax.set_ylabel("fraction of runs with error < e" if metric == ERR else "fraction with error − best < e")
+        ax.set_title(f"{name} ({n_opt} runs): " + ("top-1 error" if metric == ERR
                                                     else "difference to the best run"))
     axes[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), handlelength=1.2)
 
@@ -161,7 +163,7 @@ def plot_lrwd(runs: pd.DataFrame, out: Path, n_boot: int = 2500, seed: int = 0) 
 def _save_lrwd(runs, bands, opt, styles, labels, out) -> list[Path]:
     ok = analysis.finished(runs)
     models = plots.model_order(ok["model"])
-    alive = ok.loc[~ok["diverged"], "top1_err"]
+    alive = ok.loc[~ok["diverged"], ERR]
     ylim = plots.span(alive if len(alive) else [analysis.DIVERGED_ERR])
     xr = {p: (float(ok.loc[ok[p] > 0, p].min()), float(ok[p].max())) for p in ("lr", "wd")}
     rows = []
@@ -187,7 +189,7 @@ def _save_lrwd(runs, bands, opt, styles, labels, out) -> list[Path]:
         fig.suptitle(f"{analysis.OPTIMIZER_NAMES.get(opt, opt)}: error vs lr and wd " + (
             "(line: bootstrap best, band: 2.5–97.5%)" if drawn else
             f"(too few runs per model for a bootstrap band: it needs {analysis.MIN_PER_DRAW * 4})"))
-        table = pd.DataFrame(rows, columns=["optimizer", "model", "param", "element", "value", "top1_err", "diverged"])
+        table = pd.DataFrame(rows, columns=["optimizer", "model", "param", "element", "value", ERR, "diverged"])
         return plots.save(fig, table, out, f"lrwd_{opt}")
 
 
@@ -203,7 +205,7 @@ def _lrwd_panel(ax, g, band, param, opt, model, st, xr, ylim, ref_batch=None) ->
     the runs give it, at the reference batch REF_BATCH (the paper's convention)."""
     pts = g[np.isfinite(g[param]) & (g[param] > 0)]
     good, bad = pts[~pts["diverged"]], pts[pts["diverged"]]
-    ax.scatter(good[param], good["top1_err"], s=18, color=st["color"], alpha=0.8, edgecolor="none", marker=st["marker"])
+    ax.scatter(good[param], good[ERR], s=18, color=st["color"], alpha=0.8, edgecolor="none", marker=st["marker"])
     if len(bad):
         ax.scatter(bad[param], np.full(len(bad), ylim[1]), marker="x", s=22, color="crimson", clip_on=False)
     name = f"{param} at batch {ref_batch}" if ref_batch else param
@@ -214,9 +216,9 @@ def _lrwd_panel(ax, g, band, param, opt, model, st, xr, ylim, ref_batch=None) ->
         ax.axvline(b["best"], color="k", lw=1.2)
         xlabel = f"{name}: best {b['best']:.2g}, good [{b['lo']:.2g}, {b['hi']:.2g}]"
         rows += [{"optimizer": opt, "model": model, "param": param, "element": e, "value": b[e],
-                  "top1_err": np.nan, "diverged": False} for e in ("lo", "best", "hi")]
-    rows += [{"optimizer": opt, "model": model, "param": param, "element": "run", "value": v, "top1_err": e,
-              "diverged": d} for v, e, d in zip(pts[param], pts["top1_err"], pts["diverged"])]
+                  ERR: np.nan, "diverged": False} for e in ("lo", "best", "hi")]
+    rows += [{"optimizer": opt, "model": model, "param": param, "element": "run", "value": v, ERR: e,
+              "diverged": d} for v, e, d in zip(pts[param], pts[ERR], pts["diverged"])]
     plots.log_axis(ax, *xr)
     ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)

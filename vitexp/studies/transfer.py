@@ -51,7 +51,7 @@ class Transfer(Study):
              Knob("fewshot", int, "comma-separated shots of the linear probe on the target", many=True))
     sets = Study.sets + ("n_train", "eval_every", "fewshot_data", "init_from", "holdout")
     identity = ("target",)
-    needs = ("model", "role", "size", "top1_err")
+    needs = ("model", "role", "size", "last_err")
     plot_command = "plot-transfer"
 
     def trials(self, spec, base, trial):

@@ -27,7 +27,7 @@ class Tune(Study):
              Knob("samples", int, "(lr, wd) pairs per model and optimizer [preset, else 16]"),
              Knob("sample_seed", int, "seed of the (lr, wd) sampler"),
              Knob("epochs", int, "epochs of every trial [preset]"))
-    needs = ("model", "optimizer", "lr", "wd", "top1_err")
+    needs = ("model", "optimizer", "lr", "wd", "last_err")
     plot_command = "plot-tune"
     bootstrap = True
     several = "several are concatenated (e.g. the first round of a search and its widened second round)"
