@@ -178,3 +178,12 @@ def test_the_report_of_a_folder_shows_the_claims_that_read_it(results, tmp_path)
     blocks = _claims([REPO / "results" / "optimizer_fashion-mnist_cpu_p16_long"])
     tables = [b[1] for b in blocks if b[0] == "table"]
     assert len(tables) == 1 and list(tables[0]["claim"]) == ["(c) Fashion-MNIST, batch 2048, 16x16 stem at 64 px"]
+
+
+def test_an_arm_written_before_its_study_ran_is_untested_until_its_folder_exists(results, tmp_path):
+    text = arm("later", "clear").replace('["synthetic"]', '["not_yet"]').replace("expect", "planned = true\nexpect")
+    path = claims_file(tmp_path / "c.toml", text)
+    row = claims.claims_table([results], path).iloc[0]
+    assert (row["verdict"], row["converged"]) == ("untested", "not run yet")
+    (results / "synthetic").rename(results / "not_yet")
+    assert claims.claims_table([results], path).iloc[0]["verdict"] == "reproduces"

@@ -47,9 +47,10 @@ N_BOOT = 2000  # bootstrap draws of an EDF arm's interval (seeded: the table is 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 ARM_KEYS = ("name", "folders", "kind", "plus", "minus", "by", "pair", "choose", "metric", "expect",
-            "min_effect", "within", "paper")
+            "min_effect", "within", "paper", "planned")
 CLAIM_KEYS = ("id", "title", "paper", "source", "arms")
 SPECIAL = ("fixed_budget",)  # selector keys that are not columns
+PLANNED = "not run yet"  # an arm written before its study ran, shown before its folder exists
 COLUMNS = ["claim", "arm", "paper", "effect", "lo", "hi", "interval", "seeds", "converged", "verdict"]
 
 
@@ -70,6 +71,7 @@ class Arm:
     choose: str | None = None
     metric: str = "last_err"
     within: float = 4.0
+    planned: bool = False  # written before its study ran: no folder yet is "untested", not an error
 
     @property
     def label(self) -> str:
@@ -140,7 +142,8 @@ def _arm(claim: dict, t: dict) -> Arm:
                paper=str(t.get("paper", claim.get("paper", ""))), folders=[str(f) for f in t["folders"]],
                plus=t["plus"], minus=t.get("minus", []), expect=t["expect"], min_effect=float(t["min_effect"]),
                kind=t.get("kind", "contrast"), by=list(t.get("by", [])), pair=list(t.get("pair", ["seed"])),
-               choose=t.get("choose"), metric=str(t.get("metric", "last_err")), within=float(t.get("within", 4.0)))
+               choose=t.get("choose"), metric=str(t.get("metric", "last_err")), within=float(t.get("within", 4.0)),
+               planned=bool(t.get("planned", False)))
 
 
 # -- evaluation --------------------------------------------------------------------------------------
@@ -293,9 +296,13 @@ def evaluate(arms: list[Arm], roots=("results",)) -> pd.DataFrame:
     rests on, and the verdict by RULE."""
     cache, rows = {}, []
     for arm in arms:
-        runs = arm_runs(arm, roots, cache)
-        _check_columns(arm, runs)
-        r = evaluate_edf(arm, runs) if arm.kind == "edf" else evaluate_contrast(arm, runs)
+        if arm.planned and any(find_folder(f, roots) is None for f in arm.folders):
+            r = {"effect": math.nan, "lo": math.nan, "hi": math.nan, "interval": "t", "seeds": 0, "of_seeds": 0,
+                 "converged": PLANNED, "testable": False}
+        else:
+            runs = arm_runs(arm, roots, cache)
+            _check_columns(arm, runs)
+            r = evaluate_edf(arm, runs) if arm.kind == "edf" else evaluate_contrast(arm, runs)
         rows.append({"claim": arm.claim, "arm": arm.name, "paper": arm.paper, "kind": arm.kind, "expect": arm.expect,
                      "min_effect": arm.min_effect, "folders": " ".join(arm.folders), **r,
                      "verdict": verdict(r["effect"], r["lo"], r["hi"], r["testable"], arm.expect, arm.min_effect)})
@@ -323,7 +330,8 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
     out = []
     for r in table.itertuples():
         interval = "" if r.lo != r.lo else f" ({r.lo:+.2f} to {r.hi:+.2f})"
-        seeds = f"{r.seeds}/{int(r.of_seeds)}" if r.kind == "contrast" else f"{r.converged.split('/')[1]} runs"
+        runs = r.converged.split("/")[1].split()[0] if "/" in r.converged else "0"
+        seeds = f"{r.seeds}/{int(r.of_seeds)}" if r.kind == "contrast" else f"{runs} runs"
         out.append({"claim": f"({r.claim}) {r.arm}", "paper says": r.paper,
                     "effect (95% interval)": f"{_num(r.effect)}{interval}", "delta": f"{r.min_effect:g}",
                     "seeds": seeds, "converged": r.converged, "verdict": r.verdict})
@@ -386,7 +394,8 @@ def forest_plot(table: pd.DataFrame, out: Path) -> list[Path]:
             if r.oriented_effect == r.oriented_effect:
                 ax.plot(r.oriented_effect, y, "o" if r.kind == "contrast" else "s", color=colour, ms=4)
             else:
-                ax.text(0, y, " no converged seeds", color=colour, fontsize=6, va="center")
+                why = " not run yet" if r.converged == PLANNED else " no converged seeds"
+                ax.text(0, y, why, color=colour, fontsize=6, va="center")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(n), [f"({r.claim}) {r.arm}" for r in data.itertuples()][::-1], fontsize=6.5)
         ax.set_ylim(-0.7, n - 0.3)
