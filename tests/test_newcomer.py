@@ -294,3 +294,32 @@ def test_a_dry_run_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
                        "--models", "vit_p_7mf", "--out", tmp_path / "o")
     assert code == 2 and "out of memory timing a few training steps" in err and "--image-size" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_folder_named_like_a_preset_in_the_working_directory_is_not_read_as_one(monkeypatch, tmp_path):
+    """A copied results folder `scale_shapes` in the cwd: plain `scale-study` still plans the
+    preset; a path (with a folder or .toml) is still read as one."""
+    from vitexp.sweep import resolve_spec
+
+    (tmp_path / "scale_shapes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_spec("scale", None, {}, {})["study"]["kind"] == "scale"
+    assert resolve_spec("scale", "scale_shapes", {}, {})["study"]["kind"] == "scale"
+    with pytest.raises(Exception, match="is a folder"):
+        resolve_spec("scale", "./scale_shapes", {}, {})
+
+
+def test_train_says_which_lr_and_wd_and_where_from_and_a_preset_gives_its_tuned_values(cli, tmp_path):
+    args = ["train", "--model", "vit_c_7mf", "--n-train", "128", "--n-test", "50", "--epochs", "1",
+            "--batch-size", "64", "--device", "cpu"]
+    zoo = cli(*args, "--dataset", "fashion-mnist", "--out", tmp_path / "a")
+    assert zoo.returncode == 0, zoo.stderr
+    first = zoo.stdout.splitlines()[0]
+    assert "lr 0.038 at the reference batch 2048 (peak 0.00119 at batch 64)" in first
+    assert "tuned on shapes" in first and "for fashion-mnist give --lr and --wd" in first
+    preset = cli(*args, "--dataset", "fashion-mnist", "--preset", "scale_fashion-mnist_cpu", "--out", tmp_path / "b")
+    assert "lr 0.043 at the reference batch 2048" in preset.stdout and "wd 0.0051: preset" in preset.stdout
+    given = cli(*args, "--dataset", "shapes", "--lr", "0.01", "--wd", "0.1", "--out", tmp_path / "c")
+    assert "wd 0.1: given" in given.stdout
+    done = [ln for ln in given.stdout.splitlines() if ln.strip()]
+    assert all(len(ln) <= 80 for ln in done) and "err " in given.stdout

@@ -175,7 +175,7 @@ def train(out: Path, **kwargs):
     from vitexp.store import TrialStore
     from vitexp.sweep.plan import check_folder
     from vitexp.trainer import run_trial
-    from vitexp.ui import StudyProgress, error_phrase, trial_images, trial_label
+    from vitexp.ui import StudyProgress, error_phrase, hparams_line, trial_images, trial_label
 
     teacher = kwargs.pop("teacher")  # a trial to find, not the config's teacher table
     fields = _preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))
@@ -185,6 +185,8 @@ def train(out: Path, **kwargs):
 
         teacher = find_source(teacher, "--teacher")
         fields.update(teacher=teacher.init_from(), extra={**fields.get("extra", {}), **teacher_columns(teacher)})
+    source = fields.get("extra", {}).pop("hparams_from", None)
+    source = source or ("given" if fields.get("lr") is not None and fields.get("wd") is not None else None)
     cfg = TrainConfig(**fields).validate().resolved()
     store = TrialStore(out, create=False)
     check_folder(store, "train")  # single runs never mix into a study's folder
@@ -195,6 +197,8 @@ def train(out: Path, **kwargs):
     runtime.resolve_device(cfg.device)
     check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
     main = runtime.dist_env().main  # under torchrun only rank 0 reports
+    if main:
+        console.print(hparams_line(cfg, source), markup=False)
     try:
         # only rank 0 writes the folder, and only it undoes what a refusal left
         with store.undo_on_refusal() if main else contextlib.nullcontext(), stop_on_signals(), \
@@ -212,20 +216,25 @@ def train(out: Path, **kwargs):
     if main:
         status = "DIVERGED" if row["diverged"] else "done"
         console.print(f"{status}: {row['model']} {row['dataset']} n={row['n_train']} {row['optimizer']} "
-                      f"lr={row['lr']:.3g} wd={row['wd']:.3g} {error_phrase(row)} "
-                      f"({'converged' if row['converged'] else 'NOT converged'}) "
-                      f"in {row['wall_s']:.1f}s -> {out}/runs.csv")
+                      f"lr={row['lr']:.3g} (peak {row['peak_lr']:.3g}) wd={row['wd']:.3g} {error_phrase(row)} "
+                      f"({'converged' if row['converged'] else 'NOT converged'}) in {row['wall_s']:.1f}s "
+                      f"-> {out}/runs.csv", soft_wrap=False)  # wrapped at words, not mid-word
 
 
 def _preset_model(fields: dict, preset: str | None) -> dict:
-    """FIELDS with the preset's definition of the model ([models.NAME]; its [tuned.NAME] values
-    fill --lr and --wd where not given)."""
+    """FIELDS with the preset's definition of the model ([models.NAME]) and its [tuned.NAME]
+    values for the optimizer filling --lr and --wd where not given."""
     if preset is None:
         return fields
     from vitexp.sweep.presets import read_preset
 
     _, tables = read_preset(preset)
-    return {**fields, "model_def": tables.get("models", {}).get(fields["model"], {})}
+    out = {**fields, "model_def": tables.get("models", {}).get(fields["model"], {})}
+    tuned = tables.get("tuned", {}).get(fields["model"], {}).get(fields.get("optimizer") or "adamw")
+    if tuned is not None:
+        out.update({k: v for k, v in zip(("lr", "wd"), tuned) if out.get(k) is None})
+        out["extra"] = {**out.get("extra", {}), "hparams_from": f"preset {preset}"}
+    return out
 
 
 app.command("train")(with_params(train, [

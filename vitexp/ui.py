@@ -208,3 +208,27 @@ def study_progress(cfgs: list, workers: int, enabled: bool | None) -> StudyProgr
     """The progress of a run of CFGS, its ETA from each trial's images and its model's FLOPs per image."""
     trials = trial_costs(cfgs)
     return StudyProgress(len(cfgs), sum(i for _, i, _ in trials), enabled, trials=trials, workers=workers)
+
+
+def hparams_line(cfg, source: str | None) -> str:
+    """Which lr and wd a trial (a resolved TrainConfig) trains with and where they come from
+    (SOURCE: "given", a preset's; None: the model zoo's); the lr both at the reference batch
+    (the papers' convention, as every table shows it) and at its peak."""
+    from vitexp.optim import peak_lr
+
+    spec = cfg.model_spec()
+    line = (f"lr {cfg.lr:.3g} at the reference batch {cfg.lr_batch_size} (peak {peak_lr(cfg):.3g} at batch "
+            f"{cfg.batch_size}), wd {cfg.wd:.3g}: {source or tuned_source(cfg)}")
+    if source is None and spec.builtin and spec.resolution < 224 and cfg.dataset != "shapes":
+        line += f"; for {cfg.dataset} give --lr and --wd, or a --preset with [tuned] values (e.g. its *_cpu presets)"
+    return line
+
+
+def tuned_source(cfg) -> str:
+    """Where the model zoo's lr/wd of CFG's model come from."""
+    spec = cfg.model_spec()
+    if not spec.builtin:
+        return "the model's own tuned values"
+    if spec.resolution >= 224:
+        return f"[EC] Table 4's {cfg.optimizer} values (tuned on ImageNet)"
+    return f"the model zoo's {cfg.optimizer} values for {cfg.model}, tuned on shapes (results/tune_shapes)"

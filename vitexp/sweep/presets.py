@@ -31,9 +31,15 @@ def list_presets(kind: str | None = None) -> list[str]:
     return [n for n in names if kind is None or n.startswith(kind + "_")]
 
 
+def looks_like_path(name_or_path: str) -> bool:
+    """A .toml file or a path with a folder in it; a bare name is a preset's, whatever the
+    working directory holds (a copied results folder may share a preset's name)."""
+    return name_or_path.endswith(".toml") or any(sep in name_or_path for sep in ("/", os.sep))
+
+
 def find_preset(name_or_path: str) -> Path:
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
+    if looks_like_path(name_or_path):
         if p.is_dir():
             raise UserError(f"preset {p} is a folder; give a .toml file or a preset name from experiments/")
         if not p.exists():
