@@ -323,3 +323,20 @@ def test_train_says_which_lr_and_wd_and_where_from_and_a_preset_gives_its_tuned_
     assert "wd 0.1: given" in given.stdout
     done = [ln for ln in given.stdout.splitlines() if ln.strip()]
     assert all(len(ln) <= 80 for ln in done) and "err " in given.stdout
+
+
+def test_the_cpu_gets_the_cpu_preset_and_presets_lists_them_all(cli):
+    from vitexp.sweep import resolve_spec
+    from vitexp.sweep.presets import list_presets
+
+    assert resolve_spec("scale", None, {}, {"dataset": "fashion-mnist", "device": "cpu"})["study"]["preset"] == \
+        "scale_fashion-mnist_cpu"
+    assert resolve_spec("scale", None, {}, {"dataset": "fashion-mnist", "device": "cuda"})["study"]["preset"] == \
+        "scale_fashion-mnist"
+    out = cli("presets", "--kind", "scale")
+    assert out.returncode == 0, out.stderr
+    rows = {ln.split()[0]: ln.split() for ln in out.stdout.splitlines()[2:]}
+    assert set(rows) == set(list_presets("scale"))
+    assert rows["scale_fashion-mnist_cpu"][1:5] == ["scale", "fashion-mnist", "cpu", "45"]
+    assert rows["scale_fashion-mnist"][3] == "gpu" and rows["scale_shapes"][3] == "cpu"
+    assert "claims" not in " ".join(rows)  # the claims file is not a preset

@@ -50,13 +50,14 @@ def _option(default, decls: list[str], help: str, annotation, flag: bool = False
                                     show_default=default is not None), "annotation": annotation}
 
 
-def _config_params(overrides: bool, exclude=()) -> list[inspect.Parameter]:
+def _config_params(overrides: bool, exclude=(), kind: str | None = None) -> list[inspect.Parameter]:
     """One CLI option per TrainConfig field, with the field's help text. With
     `overrides` every default is None ("not given"), for commands whose presets
-    supply the values."""
+    supply the values; KIND's default preset's value (else the field's default) is in the help."""
     from vitexp.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
+    preset_train = _default_study(kind, "train") if kind is not None else {}
     params = []
     for f in dataclasses.fields(TrainConfig):
         if f.name in TrainConfig.NOT_OPTIONS or f.name in exclude:
@@ -67,6 +68,9 @@ def _config_params(overrides: bool, exclude=()) -> list[inspect.Parameter]:
         base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
         default = None if overrides or f.default is dataclasses.MISSING else f.default
         help_ = f.metadata.get("help", "")
+        if overrides and kind is not None:
+            value = preset_train.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+            help_ += _shown(kind, value) if not isinstance(value, bool) else ""
         if base is bool:
             o = _option(default, [f"{flag}/--no-{flag[2:]}"], help_, Optional[bool], flag=True)
         elif typing.get_origin(base) is list:  # comma lists, like every list option of vitexp
@@ -310,15 +314,22 @@ def finetune(source: str = typer.Option(..., "--from", help="the finished trial 
 
 
 # --- studies ----------------------------------------------------------------------------------------
-def _default_study(kind: str) -> dict:
-    """The [study] table of KIND's default preset (empty where it cannot be read)."""
+def _default_study(kind: str, table: str = "study") -> dict:
+    """The [study] (or TABLE) of KIND's default preset (empty where it cannot be read)."""
     from vitexp.sweep.presets import default_preset, load_preset
     from vitexp.studies import STUDIES
 
     try:
-        return load_preset(default_preset(kind, None), list(STUDIES))["study"]
+        return load_preset(default_preset(kind, None), list(STUDIES))[table]
     except UserError:
         return {}
+
+
+def _shown(kind: str, value) -> str:
+    """' [KIND_shapes: VALUE]': the default preset's value in an option's help."""
+    if value is None or value == []:
+        return ""
+    return f" [{kind}_shapes: {','.join(map(str, value)) if isinstance(value, list) else value}]"
 
 
 def _common_params(study) -> list[inspect.Parameter]:
@@ -335,8 +346,10 @@ def _common_params(study) -> list[inspect.Parameter]:
         "plot": _option(True, ["--plot/--no-plot"], "draw the study's figures when it completes", bool, flag=True),
         "progress": _option(None, ["--progress/--no-progress"], "live progress [default: on a terminal]",
                             Optional[bool], flag=True),
-        "models": _option(None, ["--models"], "comma-separated model names", Optional[str]),
-        "seeds": _option(None, ["--seeds"], "comma-separated seeds", Optional[str]),
+        "models": _option(None, ["--models"], "comma-separated model names"
+                          + _shown(study.kind, _default_study(study.kind).get("models")), Optional[str]),
+        "seeds": _option(None, ["--seeds"], "comma-separated seeds"
+                         + _shown(study.kind, _default_study(study.kind).get("seeds", [0])), Optional[str]),
         "workers": _option(None, ["--workers"], "trials at once (worker processes) "
                            "[default: 1 on a GPU; on a CPU one single-thread worker per core]", Optional[int]),
         "trials_per_gpu": _option(None, ["--trials-per-gpu"], "old name of --workers", Optional[int], hidden=True),
@@ -354,15 +367,9 @@ def _knob_params(study) -> list[inspect.Parameter]:
     """One option per study knob; its help names the default preset's value."""
     preset = _default_study(study.kind)
 
-    def shown(k) -> str:
-        v = preset.get(k.name)
-        if v is None:
-            return ""
-        v = ",".join(map(str, v)) if isinstance(v, list) else v
-        return f" [{study.kind}_shapes: {v}]"
-
     return [inspect.Parameter(k.name, inspect.Parameter.KEYWORD_ONLY,
-                              **_option(None, [f"--{k.name.replace('_', '-')}"], k.help + shown(k),
+                              **_option(None, [f"--{k.name.replace('_', '-')}"],
+                                        k.help + _shown(study.kind, preset.get(k.name)),
                                         Optional[str] if k.many else Optional[k.type])) for k in study.knobs]
 
 
@@ -422,6 +429,8 @@ def _dry_run(plan, workers: int | None) -> None:
     shown = table.drop(columns=["dataset"]).rename(columns={"optimizer": "opt"})
     _print_table(_summarised(shown), f"{plan.study.kind} study '{plan.spec['study']['preset']}' on "
                                      f"{table['dataset'].iloc[0]} -> {plan.out} ({len(table)} trials)")
+    console.print(f"preset {plan.spec['study']['preset']}; `vitexp presets --kind {plan.study.kind}` lists the others "
+                  f"with their data set, device and size")
     todo = plan.pending()
     if todo:
         preflight(plan, todo)
@@ -451,7 +460,8 @@ def _study_command(study):
         run_study_command(study, kwargs)
 
     command.__doc__ = study.help
-    params = _common_params(study) + _knob_params(study) + _config_params(overrides=True, exclude=study.sets)
+    params = _common_params(study) + _knob_params(study) + _config_params(overrides=True, exclude=study.sets,
+                                                                           kind=study.kind)
     return with_params(command, params)
 
 
@@ -537,6 +547,23 @@ def report_cmd(dirs: List[Path] = typer.Argument(..., help="study folders (of an
     from vitexp.report import write_report
 
     _print_paths(write_report(dirs, out, n_boot=n_boot, seed=seed))
+
+
+@app.command()
+def presets(kind: Optional[str] = typer.Option(None, "--kind", help="only this study kind's presets (scale, "
+                                                                   "stability, optimizer, tune, transfer)")):
+    """Every study preset: its kind, data set, the device it is sized for, trials and training
+    images (`STUDY --preset NAME --dry-run` estimates its time on this machine). Presets live in
+    experiments/ beside the package, or in $VITEXP_EXPERIMENTS."""
+    from vitexp.sweep.plan import preset_table
+
+    table = preset_table(kind)
+    if table.empty:
+        from vitexp.errors import unknown
+        from vitexp.studies import STUDIES
+
+        raise unknown("--kind", str(kind), list(STUDIES))
+    _print_table(table.drop(columns="description"), title=f"{len(table)} presets")
 
 
 @app.command()

@@ -42,7 +42,7 @@ class Scale(Study):
              Knob("fewshot", int, "comma-separated shots of the linear few-shot eval, e.g. 1,5,10", many=True),
              Knob("teachers", str, "distilled arms, comma-separated STUDENT=TEACHER model pairs (DeiT): each size "
                                    "and seed's STUDENT learns from that size and seed's TEACHER trial", many=True))
-    sets = Study.sets + ("n_train", "eval_every")
+    sets = ("model", "seed", "subset_seed", "epochs", "fewshot", "n_train", "eval_every")  # --optimizer, --lr, --wd: overrides
     needs = ("model", "n_train", "last_err")
     plot_command = "plot-scale"
 

@@ -49,7 +49,8 @@ class Transfer(Study):
              Knob("lrs", float, "comma-separated fine-tuning lrs at batch 512", many=True),
              Knob("holdout", float, "share of the target's training images that chooses the lr"),
              Knob("fewshot", int, "comma-separated shots of the linear probe on the target", many=True))
-    sets = Study.sets + ("n_train", "eval_every", "fewshot_data", "init_from", "holdout")
+    sets = ("model", "seed", "subset_seed", "epochs", "fewshot", "n_train", "eval_every", "fewshot_data", "init_from",
+            "holdout")  # --optimizer, --lr, --wd: the pre-training's overrides
     identity = ("target",)
     needs = ("model", "role", "size", "last_err")
     plot_command = "plot-transfer"

@@ -24,7 +24,7 @@ from vitexp.ui import trial_images, trial_label
 def resolve_spec(kind: str, preset: str | None, study_overrides: dict, train_overrides: dict) -> dict:
     """Preset (by name, path, or the kind's default for the data set) + command-line
     overrides: study-level knobs into [study], TrainConfig fields into [train]."""
-    name = preset or default_preset(kind, train_overrides.get("dataset"))
+    name = preset or default_preset(kind, train_overrides.get("dataset"), _on_cpu(train_overrides.get("device")))
     spec = load_preset(name, list(studies.STUDIES))
     if spec["study"]["kind"] != kind:
         raise UserError(f"preset {name} is a {spec['study']['kind']} study, not a {kind} study; "
@@ -33,6 +33,33 @@ def resolve_spec(kind: str, preset: str | None, study_overrides: dict, train_ove
     spec["study"].update({k: v for k, v in study_overrides.items() if v is not None})
     spec["train"].update({k: v for k, v in train_overrides.items() if v is not None})
     return spec
+
+
+def _on_cpu(device: str | None) -> bool:
+    """Will trials run on the CPU: --device cpu, or auto on a machine without CUDA."""
+    if device in (None, "auto"):
+        import torch
+
+        return not torch.cuda.is_available()
+    return str(device) == "cpu"
+
+
+def preset_table(kind: str | None = None) -> pd.DataFrame:
+    """Every preset (of KIND): its study kind, data set, the device it is sized for, its trials
+    and training images, its description; for `vitexp presets`."""
+    from vitexp.sweep.presets import list_presets, load_preset, preset_device
+
+    rows = []
+    for name in list_presets(kind):
+        spec = load_preset(name, list(studies.STUDIES))
+        cfgs = studies.trials(spec)
+        known = all(t.n_train or vdata.dataset_info(t.dataset).n_train for t in cfgs)  # an image folder's: not
+        rows.append({"preset": name, "kind": spec["study"]["kind"], "dataset": spec["train"].get("dataset", "shapes"),
+                     "device": preset_device(name, spec), "n": len(cfgs),
+                     "images (M)": round(sum(trial_images(t) for t in cfgs) / 1e6, 2) if known else "?",
+                     "description": spec["study"].get("description", "")})
+    return pd.DataFrame(rows, columns=["preset", "kind", "dataset", "device", "n", "images (M)", "description"]
+                        ).rename(columns={"n": "n trials"})
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -97,10 +97,21 @@ def load_preset(name_or_path: str, kinds) -> dict:
     return d
 
 
-def default_preset(kind: str, dataset: str | None) -> str:
-    """`<kind>_<dataset>` when such a preset exists, else `<kind>_shapes`."""
+def default_preset(kind: str, dataset: str | None, cpu: bool = False) -> str:
+    """`<kind>_<dataset>_cpu` on a CPU and `<kind>_<dataset>` elsewhere, when such a preset
+    exists (the CPU one sized for hours on two cores, the other for a GPU), else `<kind>_shapes`."""
     if dataset:
         name = f"{kind}_{dataset.split(':')[0]}"
-        if name in list_presets():
-            return name
+        for pick in ([f"{name}_cpu"] if cpu else []) + [name]:
+            if pick in list_presets():
+                return pick
     return f"{kind}_shapes"
+
+
+def preset_device(name: str, spec: dict) -> str:
+    """What a preset is sized for: its [train] device, else cpu for the *_cpu and shapes presets."""
+    device = spec.get("train", {}).get("device")
+    if device and device != "auto":
+        return str(device)
+    dataset = str(spec.get("train", {}).get("dataset", "shapes")).split(":")[0]
+    return "cpu" if "_cpu" in name or dataset == "shapes" else "gpu"
