@@ -162,7 +162,7 @@ def test_a_full_disk_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_corrupt_files_in_a_study_folder_are_set_aside_and_their_trials_rerun(tmp_path):
+def test_corrupt_files_in_a_study_folder_are_set_aside_and_their_trials_rerun(tmp_path, caplog):
     spec = resolve_spec("stability", None, {"samples": 3, "epochs": 1, "models": ["vit_p_7mf"]},
                         {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"})
     keys = [t.key() for t in trials(spec)]
@@ -179,6 +179,8 @@ def test_corrupt_files_in_a_study_folder_are_set_aside_and_their_trials_rerun(tm
     assert aside == sorted([f"{keys[0]}.json.corrupt", f"{keys[1]}.json.corrupt", f"{keys[2]}.history.csv.corrupt",
                             f"{keys[2]}.json.corrupt", ".lock.corrupt"])
     assert "unreadable" in (st / "log.txt").read_text()
+    said = [r.getMessage() for r in caplog.records if ".lock is unreadable" in r.getMessage()]
+    assert said and "a new lock file takes its place" in said[0] and "trial" not in said[0]  # a lock is no trial
     assert len(collect([st], tmp_path / "merged")) == 3  # collect goes on too
 
 

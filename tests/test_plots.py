@@ -300,3 +300,20 @@ def test_one_models_curves_differ_by_the_field_that_differs(tmp_path):
     finally:
         plots.mpl.axes.Axes.plot = real
     assert len(set(s for s in styles if s)) == 3  # three sizes, three dashes
+
+
+def test_curves_say_which_weights_gave_the_error(tmp_path):
+    """A history without the EMA's error is drawn from the raw weights' and says so, in the
+    title and in the data file's `evaluated` column."""
+    folder = write_study(tmp_path / "c", [row("vit_p_1gf", 40.0)], "scale")
+    hist = pd.read_csv(folder / "history.csv").drop(columns="ema_err")
+    hist.to_csv(folder / "history.csv", index=False)
+    seen = []
+    real = plots.mpl.axes.Axes.set_title
+    plots.mpl.axes.Axes.set_title = lambda ax, t, *a, **kw: seen.append(t) or real(ax, t, *a, **kw)
+    try:
+        report.plot_curves([folder], tmp_path / "fig")
+    finally:
+        plots.mpl.axes.Axes.set_title = real
+    assert set(pd.read_csv(tmp_path / "fig" / "curves.csv")["evaluated"]) == {"model"}
+    assert any("raw weights" in t for t in seen)

@@ -220,6 +220,14 @@ BAD = [  # (id, [models] table of my_convit or extra preset text, needles)
     ("redefines-a-built-in", None, ["redefines the built-in model 'vit_p_7mf'"]),
     ("init-unknown", '{ timm = "convit_tiny", img_size = 32, patch_size = 8, init = "jax" }',
      ["unknown init in [models.my_convit] 'jax'", "torchvision"]),
+    ("negative-width", '{ family = "vit_p", width = -64, depth = 2, heads = 1, mlp = 64, patch = 8 }',
+     ["width must be a positive whole number, got -64"]),
+    ("heads-do-not-divide", '{ family = "vit_p", width = 64, depth = 2, heads = 5, mlp = 64, patch = 8 }',
+     ["width 64 does not split into 5 heads"]),
+    ("width-a-word", '{ family = "vit_c", width = "wide", depth = 2, heads = 1, mlp = 64, patch = 8 }',
+     ["width must be a positive whole number, got 'wide'"]),
+    ("stage-widths-mismatch", '{ family = "resnet", layers = [1, 1], widths = [8, 16, 32] }',
+     ["3 widths for 2 stages"]),
 ]
 
 

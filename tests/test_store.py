@@ -79,7 +79,7 @@ def test_the_watcher_reports_new_records_without_scanning_the_folder(tmp_path, m
     assert bar.done_trials == 1
 
 
-def test_collect_leaves_its_inputs_byte_for_byte(tmp_path):
+def test_collect_leaves_its_inputs_byte_for_byte_and_names_what_it_left_out(tmp_path, caplog):
     from vitexp.sweep import collect
 
     a, b = TrialStore(tmp_path / "a"), TrialStore(tmp_path / "b")
@@ -91,6 +91,8 @@ def test_collect_leaves_its_inputs_byte_for_byte(tmp_path):
     assert sorted(runs.key) == ["k1", "k2"]
     assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
     assert (tmp_path / "c" / "trials" / "k1.history.csv").read_bytes() == a.history_path("k1").read_bytes()
+    named = [r.getMessage() for r in caplog.records if "k3.json" in r.getMessage()]
+    assert named and "left out" in named[0] and "JSONDecodeError" in named[0]
 
 
 def test_fused_channels_last_keeps_values_and_lays_out_each_member():

@@ -74,3 +74,30 @@ def test_collect_carries_the_weights(tmp_path):
     collect([tmp_path / "a"], tmp_path / "merged")
     (key,) = src.kept_weights()
     assert TrialStore(tmp_path / "merged").weights_path(key).read_bytes() == src.weights_path(key).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "foreign"])
+def test_damaged_kept_weights_are_one_line_and_the_source_is_untouched(tmp_path, damage):
+    """A weights/KEY.pt of random bytes, cut short, or a torch file that is not vitexp's:
+    `finetune --from` and `train --teacher` say which file and what is wrong, exit 2, and
+    leave the source folder as it was."""
+    from conftest import assert_user_error, run_cli
+
+    src = tmp_path / "src"
+    cfg = TrainConfig(**{**CFG.to_dict(), "epochs": 1})
+    run_trial(cfg, out=src)
+    path = TrialStore(src).weights_path(cfg.key())
+    if damage == "random":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        torch.save({"something": torch.zeros(2)}, path)
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    common = ["--dataset", "shapes", "--n-train", "64", "--n-test", "50", "--device", "cpu"]
+    ft = run_cli("finetune", "--from", src, "--out", tmp_path / "ft", *common)
+    assert_user_error(ft, str(path.name), "weights")
+    taught = run_cli("train", "--model", "vit_p_7mf", "--teacher", src, "--out", tmp_path / "t", *common)
+    assert_user_error(taught, str(path.name), "weights")
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "t").exists()

@@ -175,6 +175,7 @@ def train(out: Path, **kwargs):
     from vitexp import runtime
     from vitexp.config import TrainConfig
     from vitexp.data import check_data
+    from vitexp.data import dataset_info as vdata_info
     from vitexp.errors import stop_on_signals
     from vitexp.store import TrialStore
     from vitexp.sweep.plan import check_folder
@@ -203,6 +204,10 @@ def train(out: Path, **kwargs):
     main = runtime.dist_env().main  # under torchrun only rank 0 reports
     if main:
         console.print(hparams_line(cfg, source), markup=False)
+        n = cfg.n_train or vdata_info(cfg.dataset).n_train
+        if fields.get("precise_bn") and n and fields["precise_bn"] >= n:
+            console.print(f"--precise-bn {fields['precise_bn']:,}: at least the {n:,} training images, so all of "
+                          f"them (keyed as all)", markup=False)
     try:
         # only rank 0 writes the folder, and only it undoes what a refusal left
         with store.undo_on_refusal() if main else contextlib.nullcontext(), stop_on_signals(), \

@@ -105,7 +105,7 @@ class TrainConfig:
     ema: bool = _f(True, "evaluate an EMA of the weights (the papers' protocol)")
     ema_decay: float = _f(0.999, "per step; warmed up as min(decay, (1+n)/(10+n))")
     precise_bn: int = _f(0, "before each evaluation, recompute BatchNorm statistics of the model and its EMA "
-                         "on this many training images (pycls: 8192); 0 = off")
+                         "on this many training images (pycls: 8192; more than the training set: all of them); 0 = off")
     fewshot: list[int] = field(default_factory=list, metadata={"help": "k-shot linear eval of frozen features at the end, e.g. 1,5,10"})
     fewshot_data: str | None = _f(None, "the data set of the few-shot eval (its training images give the shots, its "
                                         "test images the error; at this trial's image size); None: the trial's own")

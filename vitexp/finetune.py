@@ -83,8 +83,23 @@ def _fit(name: str, w: torch.Tensor, target: torch.Tensor, model: nn.Module) -> 
                     f"{tuple(target.shape)}; fine-tune on images of the same channels (1 or 3)")
 
 
+WEIGHTS_KEYS = ("model", "state_dict", "image_size", "in_chans", "num_classes", "dataset")  # what rebuilding needs
+
+
 def read_weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A kept weights file (trainer.keep_weights writes them), or one line naming the file and
+    what is wrong with it: unreadable (random bytes, cut short) or not vitexp's."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights-only errors of every kind: the file is not usable
+        why = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"{path} is not a readable weights file ({type(e).__name__}: {why}); rerun the trial "
+                        f"that kept it, or give another") from None
+    missing = [k for k in WEIGHTS_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UserError(f"{path} is a torch file but not vitexp's kept weights (no {', '.join(missing)}); give "
+                        f"a weights/KEY.pt that a vitexp trial wrote")
+    return saved
 
 
 # -- where the weights come from ------------------------------------------------------------

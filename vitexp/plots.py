@@ -208,6 +208,7 @@ def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only:
     ema = hist["ema_err"] if "ema_err" in hist else pd.Series(np.nan, index=hist.index)
     test = hist["test_err"] if "test_err" in hist else pd.Series(np.nan, index=hist.index)
     hist["error"] = np.where(ema.notna(), ema, test)
+    hist["evaluated"] = np.where(ema.notna(), "ema", np.where(test.notna(), "model", ""))
     styles, dashes = model_styles(chosen["model"]), _dashes(chosen)
     with style():
         fig, axes = figure(1, 2, width=4.6, height=3.4)
@@ -220,7 +221,10 @@ def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only:
             ev = h[h["error"].notna()]
             axes[0][1].plot(ev["epoch"], ev["error"], color=st["color"], ls=ls, marker=st["marker"], ms=3.5)
         axes[0][0].set_title("training loss")
-        axes[0][1].set_title("test error at evaluated epochs (markers)")
+        which = set(hist.loc[hist["evaluated"] != "", "evaluated"])
+        of = {"ema": "the EMA's", "model": "the raw weights' (no EMA recorded)"}
+        axes[0][1].set_title("test error at evaluated epochs (markers):\n" + " / ".join(of[w] for w in sorted(which)),
+                             fontsize="medium")
         axes[0][1].set_ylabel("top-1 error (%)")
         for ax in axes[0]:
             ax.set_xlabel("epoch")
@@ -228,4 +232,4 @@ def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only:
         fig.suptitle("Learning curves" + (": the best trial per model" + (" and optimizer" if "optimizer" in group
                                                                             else "") if best_only else ""))
         table = hist.merge(chosen[["key"] + group].astype({"key": str}), on="key", suffixes=("_h", ""))
-        return save(fig, table[["key"] + group + ["epoch", "train_loss", "error"]], Path(out), "curves")
+        return save(fig, table[["key"] + group + ["epoch", "train_loss", "error", "evaluated"]], Path(out), "curves")

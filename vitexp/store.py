@@ -68,12 +68,12 @@ def is_study_folder(path: str | Path) -> bool:
     return (Path(path) / TRIALS).is_dir()
 
 
-def set_aside(path: Path, why: str) -> None:
-    """Rename a file vitexp cannot read to PATH.corrupt (kept for a look, never read again)."""
+def set_aside(path: Path, why: str, then: str = "its trial runs again") -> None:
+    """Rename a file vitexp cannot read to PATH.corrupt (kept for a look, never read again);
+    THEN says what happens instead."""
     with contextlib.suppress(OSError):
         os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
-        log.warning("%s is unreadable (%s); set aside as %s%s, its trial runs again", path, why, path.name,
-                    CORRUPT_SUFFIX)
+        log.warning("%s is unreadable (%s); set aside as %s%s, %s", path, why, path.name, CORRUPT_SUFFIX, then)
 
 
 class TrialStore:
@@ -205,7 +205,7 @@ class TrialStore:
         """An exclusive lock on the folder (POSIX advisory, shared file systems included)."""
         path = self.root / ".lock"
         if path.exists() and not path.is_file():
-            set_aside(path, "not a file")
+            set_aside(path, "not a file", "a new lock file takes its place")
         with open(path, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -241,14 +241,19 @@ class TrialStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            if self.repair:
-                set_aside(path, type(e).__name__)
+            self._unreadable(path, type(e).__name__)
             return None
         if not isinstance(row, dict) or not isinstance(row.get("status"), str):
-            if self.repair:
-                set_aside(path, "not a trial record")
+            self._unreadable(path, "not a trial record")
             return None
         return row
+
+    def _unreadable(self, path: Path, why: str) -> None:
+        """Set a damaged record aside; in a folder only read (repair off), name it and leave it."""
+        if self.repair:
+            set_aside(path, why)
+        else:
+            log.warning("%s is unreadable (%s); left out (this folder is only read)", path, why)
 
     def finished(self) -> dict[str, dict]:
         """key -> row of every recorded trial (failed ones included)."""

@@ -215,12 +215,42 @@ def define(name: str, table, tuned: dict | None = None) -> ModelSpec:
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)}: vitexp's {family} builder needs "
                         f"{', '.join(required)}")
+    _check_values(where, kwargs)
     if family in ("vit_p", "vit_c"):
         kwargs["conv_stem"] = family == "vit_c"
     resolution = table.get("resolution", DEFAULT_RESOLUTION)
     if isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= 1024:
         raise UserError(f"{where} resolution must be a whole number of px in [8, 1024], got {resolution!r}")
     return _register(ModelSpec(name, family, resolution, kwargs, tuned or {}), table)
+
+
+POSITIVE_INTS = ("width", "depth", "heads", "mlp", "patch", "group_width", "stem_width", "stem_stride")
+INT_LISTS = ("layers", "widths", "depths")
+
+
+def _check_values(where: str, kwargs: dict) -> None:
+    """A [models.NAME] table's builder keywords are numbers a model can have, checked before any
+    builder sees them: one line per impossible value."""
+    def whole(v, least=1) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    for k, v in kwargs.items():
+        if k in POSITIVE_INTS and not whole(v):
+            raise UserError(f"{where} {k} must be a positive whole number, got {v!r}")
+        if k == "registers" and not whole(v, 0):
+            raise UserError(f"{where} registers must be a whole number >= 0, got {v!r}")
+        if k in INT_LISTS and not (isinstance(v, tuple) and v and all(whole(x) for x in v)):
+            raise UserError(f"{where} {k} must be a list of positive whole numbers, e.g. [2, 2, 2], got {v!r}")
+        if k == "stem" and v is not None and not (isinstance(v, tuple) and v and all(
+                isinstance(x, tuple) and len(x) == 2 and all(whole(y) for y in x) for x in v)):
+            raise UserError(f"{where} stem must be a list of [channels, stride] pairs, e.g. [[16, 2], [32, 2]], "
+                            f"got {v!r}")
+    if "heads" in kwargs and "width" in kwargs and kwargs["width"] % kwargs["heads"]:
+        raise UserError(f"{where} width {kwargs['width']} does not split into {kwargs['heads']} heads; give a "
+                        f"width that is a multiple of heads")
+    if "widths" in kwargs and "layers" in kwargs and len(kwargs["widths"]) != len(kwargs["layers"]):
+        raise UserError(f"{where} gives {len(kwargs['widths'])} widths for {len(kwargs['layers'])} stages (layers); "
+                        f"give one width per stage")
 
 
 def _tuples(v):

@@ -98,6 +98,10 @@ def identity(spec: dict) -> dict:
     return out
 
 
+# bytes of a path, Linux's 4,096, less room for the names a study folder holds (checkpoints/KEY.pt, ...)
+OUT_MAX = 4096 - 256
+
+
 def check_folder(store: TrialStore, spec: dict | str) -> None:
     """Refuse a folder that holds another study (another kind, data set or identity key),
     a file in its place, or an unreadable study.toml."""
@@ -105,6 +109,14 @@ def check_folder(store: TrialStore, spec: dict | str) -> None:
     kind, out = mine["kind"], store.root
     if str(out) in ("", "."):
         raise UserError("--out must name a folder for the results, e.g. --out runs/mystudy")
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"--out {ascii(str(out))} has bytes that are not UTF-8 text; give a UTF-8 name") from None
+    if len(os.fsencode(out.absolute())) > OUT_MAX:
+        raise UserError(f"--out is a path of {len(os.fsencode(out.absolute())):,} bytes; a study folder's path "
+                        f"must stay under {OUT_MAX:,} (the file system's 4,096 less its files' names): give a "
+                        f"shorter --out")
     long = [p for p in out.parts if len(p.encode()) > 255]
     if long:
         raise UserError(f"--out has a name of {len(long[0].encode())} bytes ({long[0][:20]}...); a file system "
