@@ -340,3 +340,22 @@ def test_the_cpu_gets_the_cpu_preset_and_presets_lists_them_all(cli):
     assert rows["scale_fashion-mnist_cpu"][1:5] == ["scale", "fashion-mnist", "cpu", "45"]
     assert rows["scale_fashion-mnist"][3] == "gpu" and rows["scale_shapes"][3] == "cpu"
     assert "claims" not in " ".join(rows)  # the claims file is not a preset
+
+
+def test_a_dry_run_times_a_batch_that_fits_and_says_when_none_does(monkeypatch, capsys, tmp_path):
+    """The timed steps shrink their batch to what the free memory holds; where one image would
+    not fit, the dry run says its estimate is unavailable instead of allocating it."""
+    from vitexp import bench
+    from vitexp.config import TrainConfig
+
+    cfg = TrainConfig(model="resnet_7mf", dataset="shapes", batch_size=128, image_size=256, device="cpu")
+    info = __import__("vitexp").data.dataset_info("shapes")
+    acts = __import__("vitexp").models.complexity("resnet_7mf", resolution=256, in_chans=3, num_classes=10)["acts_m"]
+    per_image = acts * 1e6 * bench.TRAIN_BYTES_PER_ACT
+    monkeypatch.setattr(bench, "free_memory", lambda dev: int(2 * 5.5 * per_image))  # room for 5 images
+    assert bench.timing_batch(cfg, __import__("torch").device("cpu"), 256, info) == 4  # 32 -> 16 -> 8 -> 4
+    monkeypatch.setattr(bench, "free_memory", lambda dev: int(per_image))  # not one
+    code, out, _ = in_process(monkeypatch, capsys, "stability", "--dry-run", "--device", "cpu", "--image-size", "256",
+                              "--models", "resnet_7mf", "--out", tmp_path / "o")
+    assert code == 0 and "no time estimate" in out and "does not fit in memory" in out
+    assert not (tmp_path / "o").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import resource
 import time
 from datetime import datetime, timezone
@@ -278,11 +279,39 @@ def calibrate(plan, workers: int | None, steps: int = 3) -> tuple[dict[str, floa
         torch.set_num_threads(before)
 
 
+# a training step holds about this many bytes per forward activation: the float32 activation kept for
+# the backward pass, its gradient, and the workspace of the layer computing it
+TRAIN_BYTES_PER_ACT = 12
+
+
+def free_memory(dev: torch.device) -> int:
+    """Bytes free for a timing step on DEV (the GPU's free memory, else the host's available)."""
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def timing_batch(cfg: TrainConfig, dev: torch.device, size: int, info) -> int:
+    """The batch of the dry run's timed steps: the trial's (at most 32 on a CPU), halved until its
+    estimated training memory fits in half the free memory; 0 when one image would not fit."""
+    batch = cfg.batch_size if dev.type == "cuda" else min(cfg.batch_size, 32)
+    acts = vmodels.complexity(cfg.model_spec(), resolution=size, in_chans=info.in_chans,
+                              num_classes=info.num_classes)["acts_m"] * 1e6
+    budget = free_memory(dev) // 2
+    while batch and batch * acts * TRAIN_BYTES_PER_ACT > budget:
+        batch //= 2
+    return batch
+
+
 def _images_per_s(cfg: TrainConfig, steps: int) -> float:
+    """Training images/s of a few timed steps on random data; NaN where one image's step would
+    not fit in memory (the dry run then says its estimate is unavailable)."""
     dev = resolve_device(cfg.device)
     info = vdata.dataset_info(cfg.dataset)
     size = cfg.image_size or info.image_size
-    batch = cfg.batch_size if dev.type == "cuda" else min(cfg.batch_size, 32)
+    batch = timing_batch(cfg, dev, size, info)
+    if not batch:
+        return math.nan
     net = vmodels.build_model(cfg.model_spec(), image_size=size, in_chans=info.in_chans,
                               num_classes=info.num_classes).to(dev)
     opt = build_optimizer(net, cfg, dev)

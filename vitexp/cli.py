@@ -444,10 +444,13 @@ def _dry_run(plan, workers: int | None) -> None:
     console.print(f"to run: {cost['trials_todo']} trials ({cost['trials_done']} done), "
                   f"{cost['train_images']:,} training images,")
     console.print(f"{cost['train_pflop']:.3g} PFLOP (forward+backward ~ 3x forward)")
-    console.print(f"estimated {cost['seconds'] / k / 60:.1f} min on this machine with {k} worker process(es)")
+    if cost["seconds"] == cost["seconds"]:
+        console.print(f"estimated {cost['seconds'] / k / 60:.1f} min on this machine with {k} worker process(es)")
+    else:
+        console.print("no time estimate: a training step of one image would not fit in this machine's free memory")
     console.print("(evaluation not included), from training img/s per process measured here:")
     for m, v in speed.items():
-        console.print(f"  {m} {v:.0f}")
+        console.print(f"  {m} {v:.3g}" if v == v else f"  {m}: one image's step does not fit in memory here")
 
 
 def _summarised(df, head: int = 20, tail: int = 5):
