@@ -145,3 +145,12 @@ def test_trial_label_tells_a_distilled_or_fine_tuned_trial_from_its_plain_twin()
     assert taught.startswith(trial_label(plain)) and taught.endswith("(teacher resnet_7mf n=400)")
     assert tuned.endswith("(from resnet_7mf n=400)")
     assert trial_label({**plain, "teacher": "{}"}) == trial_label(plain)  # a CSV row's empty teacher
+
+
+def test_the_report_says_what_elapsed_and_compute_mean(tmp_path):
+    from vitexp.report import write_report
+    from conftest import REPO
+
+    md = write_report([REPO / "results" / "scale_shapes"], tmp_path / "r")[0].read_text()
+    assert "elapsed: from the first trial's start to the last one's end, pauses between runs included" in md
+    assert "compute: the trials' own wall times summed" in md

@@ -101,7 +101,10 @@ def write_report(folders, out=None, n_boot: int = 2500, seed: int = 0) -> list[P
         raise UserError(f"cannot write the report to {out} ({e.strerror}); pick a writable --out") from None
     blocks = [("h1", "vitexp report"),
               ("p", f"Made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {', '.join(map(str, folders))}."),
-              ("h2", "Overview"), ("table", _overview(runs))] + _convergence(runs)
+              ("h2", "Overview"), ("table", _overview(runs)),
+              ("p", "elapsed: from the first trial's start to the last one's end, pauses between runs "
+                    "included (a folder's README gives the time it ran, pauses left out); compute: the "
+                    "trials' own wall times summed (two workers run two at once).")] + _convergence(runs)
     figures = []
     kinds = [k for k in studies.STUDIES if k in set(runs["study"])]
     for kind in kinds + sorted(set(runs["study"]) - set(kinds)):
