@@ -35,7 +35,7 @@ def test_flop_counts_equal_the_analytic_count_of_the_matmuls(name):
     gradient, which nothing needs."""
     k = vmodels.get_spec(name).kwargs
     fwd, embed = vit_p_macs(32, k["patch"], 3, k["width"], k["depth"], k["mlp"], 10)
-    assert 1e9 * vmodels.complexity(name, num_classes=10)["gflops"] == pytest.approx(fwd, rel=1e-9)
+    assert 1e9 * vmodels.complexity(name, num_classes=10)["gmacs"] == pytest.approx(fwd, rel=1e-9)
     net = vmodels.build_model(name, num_classes=10)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     assert train_flops_per_image(net, x, y) == pytest.approx(2 * (3 * fwd - embed), rel=1e-9)
@@ -52,7 +52,7 @@ def test_bench_on_cpu_gives_sensible_numbers(tmp_path):
     row = bench("vit_p_25mf", "shapes", batch_size=32, steps=3, warmup=1, device="cpu")
     assert row["images_per_s"] > 0 and row["step_ms"] > 0 and 0 <= row["data_frac"] <= 1
     assert row["train_gflop_per_image"] == pytest.approx(
-        3 * 2 * vmodels.complexity("vit_p_25mf", num_classes=10)["gflops"], rel=0.1)
+        3 * 2 * vmodels.complexity("vit_p_25mf", num_classes=10)["gmacs"], rel=0.1)
     assert row["tflops"] == pytest.approx(row["train_gflop_per_image"] * row["images_per_s"] / 1e3)
     assert row["mfu"] != row["mfu"]  # NaN: no peak for a CPU
 

@@ -359,3 +359,28 @@ def test_a_dry_run_times_a_batch_that_fits_and_says_when_none_does(monkeypatch, 
                               "--models", "resnet_7mf", "--out", tmp_path / "o")
     assert code == 0 and "no time estimate" in out and "does not fit in memory" in out
     assert not (tmp_path / "o").exists()
+
+
+def test_a_config_is_checked_when_it_is_made():
+    from vitexp.config import TrainConfig
+    from vitexp.errors import UserError
+
+    for kw, needle in ((dict(model="vit_zz", lr=0.1), "unknown model 'vit_zz'"), (dict(lr=-1), "--lr must be"),
+                       (dict(epochs="3"), "epochs must be int"), (dict(optimizer="lamb"), "unknown optimizer")):
+        with pytest.raises(UserError, match=needle):
+            TrainConfig(**kw)
+
+
+@pytest.mark.slow
+def test_the_notebook_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "notebook.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MMACs a 32 px image" in proc.stdout and "one trial: final test error" in proc.stdout
+    assert (tmp_path / "study" / "runs.csv").exists() and "vit_c_7mf" in proc.stdout.splitlines()[-1]

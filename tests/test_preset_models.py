@@ -57,7 +57,7 @@ def test_a_defined_model_trains_resumes_after_a_kill_and_counts_its_flops(tmp_pa
     for k in ("top1_err", "last_err", "train_loss", "best_epoch"):
         assert resumed[k] == whole[k], k
     cost = complexity(cfg.model_spec(), 32, num_classes=10)
-    assert cost["gflops"] > 0 and cost["params_m"] == pytest.approx(
+    assert cost["gmacs"] > 0 and cost["params_m"] == pytest.approx(
         sum(p.numel() for p in build_model(cfg.model_spec(), 32, num_classes=10).parameters()) / 1e6)
 
 
@@ -66,8 +66,8 @@ def test_registers_cost_their_tokens_and_the_key_covers_every_keyword():
     without = dataclasses.replace(base, model_def={**REG_VIT, "registers": 0})
     # the registers are 4 more tokens beside 16 patches and the class token: every linear layer
     # of the blocks sees 21 tokens instead of 17
-    ratio = complexity(base.model_spec(), 32, num_classes=10)["gflops"] / complexity(
-        without.model_spec(), 32, num_classes=10)["gflops"]
+    ratio = complexity(base.model_spec(), 32, num_classes=10)["gmacs"] / complexity(
+        without.model_spec(), 32, num_classes=10)["gmacs"]
     assert 1.0 < ratio < 21 / 17 + 0.05
     keys = {base.key(), without.key(), dataclasses.replace(base, model_def={**REG_VIT, "depth": 3}).key(),
             _cfg("my_convit").key(), dataclasses.replace(_cfg("my_convit"), model_def={**CONVIT, "init": "timm"}).key()}
@@ -178,7 +178,7 @@ def test_models_lists_a_presets_models_counted_like_the_built_in_ones(tmp_path):
     assert df.loc["my_convit", "family"] == "vit_c"
     define("my_convit", {"timm": "convit_tiny", "family": "vit_c", "img_size": 32, "patch_size": 8,
                          "embed_dim": 8, "num_heads": 4, "depth": 2})
-    assert df.loc["my_convit", "gflops"] == pytest.approx(complexity("my_convit", 32, num_classes=10)["gflops"])
+    assert df.loc["my_convit", "gmacs"] == pytest.approx(complexity("my_convit", 32, num_classes=10)["gmacs"])
 
 
 @pytest.mark.slow
@@ -292,7 +292,7 @@ def test_the_soft_prior_models_cost_what_their_level_costs(preset):
     from vitexp.sweep.presets import read_preset
 
     _, tables = read_preset(preset)
-    level = complexity("vit_p_7mf", 32, num_classes=10)["gflops"]
+    level = complexity("vit_p_7mf", 32, num_classes=10)["gmacs"]
     assert tables["models"]
     for name in tables["models"]:
-        assert abs(complexity(name, 32, num_classes=10)["gflops"] / level - 1) <= 0.12, name
+        assert abs(complexity(name, 32, num_classes=10)["gmacs"] / level - 1) <= 0.12, name

@@ -17,7 +17,7 @@ from vitexp.store import TrialStore
 from vitexp.trainer import run_trial
 
 SMALLEST_VIT_C = min((n for n in vmodels.list_models() if n.startswith("vit_c_") and n.endswith("mf")),
-                     key=lambda n: vmodels.complexity(n)["gflops"])
+                     key=lambda n: vmodels.complexity(n)["gmacs"])
 
 
 def test_lr_schedule_values():

@@ -30,7 +30,7 @@ class Kill(Exception):
 @pytest.mark.parametrize("level", SMALL_LEVELS)
 def test_a_hybrid_costs_its_level_and_reads_the_vit_p_grid(level):
     """Within 12% of the level's ViT_P/ViT_C/ResNet, and as many tokens as its ViT_P twin."""
-    costs = {n: vm.complexity(n, 32, num_classes=10)["gflops"] for n in
+    costs = {n: vm.complexity(n, 32, num_classes=10)["gmacs"] for n in
              (f"hybrid_{level}", f"vit_p_{level}", f"vit_c_{level}", f"resnet_{level}")}
     assert max(costs.values()) / min(costs.values()) <= 1.12, costs
     hybrid, vit = vm.build_model(f"hybrid_{level}", num_classes=10), vm.build_model(f"vit_p_{level}", num_classes=10)

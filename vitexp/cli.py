@@ -144,8 +144,8 @@ def models(names: Optional[List[str]] = typer.Argument(None, help="only these mo
     if csv:
         sys.stdout.write(df.to_csv(index=False))
         return
-    _print_table(df.assign(params_m=df.params_m.round(2), gflops=df.gflops.round(3), acts_m=df.acts_m.round(2))
-                 .rename(columns={"params_m": "params M", "gflops": "GF", "acts_m": "acts M", "resolution": "res"}),
+    _print_table(df.assign(params_m=df.params_m.round(2), gmacs=df.gmacs.round(3), acts_m=df.acts_m.round(2))
+                 .rename(columns={"params_m": "params M", "gmacs": "GF", "acts_m": "acts M", "resolution": "res"}),
                  f"params: millions, with a {classes}-way head; GF: forward MACs x 1e-9; acts: millions")
 
 

@@ -12,6 +12,7 @@ they only slow learning down.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -145,9 +146,25 @@ class TrainConfig:
     KEYED_WHEN_SET = ("precise_bn", "model_def", "fewshot_data", "holdout", "init_from", "teacher", "distillation",
                       "distill_tau", "distill_alpha")
 
+    def __post_init__(self) -> None:
+        """A config is checked when made (a notebook's TrainConfig(lr=-1) is refused at once):
+        each field's type, range and choices, and a built-in model's name; what needs the data set
+        or builds a model waits for validate()."""
+        self._check_fields()
+        if not self.model_def:
+            from vitexp.models.registry import get_spec
+
+            get_spec(self.model)  # an unknown name: the closest ones
+
     def validate(self) -> "TrainConfig":
         """Raise UserError naming the first bad field: its type, then its range (RANGES),
         then what depends on the model and the data set."""
+        self._check_fields()
+        self._check_model_and_data()
+        return self
+
+    def _check_fields(self) -> None:
+        """Each field's type, range (RANGES) and choices."""
         self._check_types()
         for name, (lo, hi, closed, what) in RANGES.items():
             v = getattr(self, name)
@@ -160,8 +177,6 @@ class TrainConfig:
                 from vitexp.errors import unknown
 
                 raise unknown(name, getattr(self, name), choices)
-        self._check_model_and_data()
-        return self
 
     def _check_model_and_data(self) -> None:
         """Image size and crop within what the model allows; subset and batch within the data."""
@@ -216,11 +231,8 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         """Presets and notebooks can pass anything: say which field has the wrong type."""
-        hints = typing.get_type_hints(TrainConfig)
         for f in fields(self):
-            v, want = getattr(self, f.name), hints[f.name]
-            union = typing.get_origin(want) in (typing.Union, types.UnionType)
-            allowed = tuple(typing.get_origin(a) or a for a in (typing.get_args(want) if union else (want,)))
+            v, allowed = getattr(self, f.name), _allowed_types()[f.name]
             ok = isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
             if float in allowed and isinstance(v, int) and not isinstance(v, bool):
                 ok = True
@@ -307,6 +319,17 @@ KEEP_WEIGHTS_MAX_PARAMS = 10_000_000
 # 48-91 steps warm, 846-2,079 cold. 150 steps earns it back warm with room to spare.
 COMPILE_MIN_STEPS = 150
 PRECISE_BN_ALL = 8192  # pycls's count; how "every training image" is keyed where that is no more
+
+
+@functools.cache
+def _allowed_types() -> dict[str, tuple]:
+    """Field -> the types its value may have (from the annotations; read once: every config
+    is checked when made)."""
+    out = {}
+    for name, want in typing.get_type_hints(TrainConfig).items():
+        union = typing.get_origin(want) in (typing.Union, types.UnionType)
+        out[name] = tuple(typing.get_origin(a) or a for a in (typing.get_args(want) if union else (want,)))
+    return out
 
 
 def _precise_bn(asked: int, n: int | None) -> int:

@@ -198,7 +198,7 @@ def trial_costs(cfgs: list) -> list[tuple[str, float, float]]:
     for c in cfgs:
         if c.model not in gf:
             try:
-                gf[c.model] = vmodels.complexity(c.model_spec(), resolution=c.image_size)["gflops"]
+                gf[c.model] = vmodels.complexity(c.model_spec(), resolution=c.image_size)["gmacs"]
             except Exception:  # noqa: BLE001 - a cost it cannot count: the ETA takes it as average
                 gf[c.model] = 1.0
     return [(c.model, trial_images(c), gf[c.model]) for c in cfgs]

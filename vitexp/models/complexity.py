@@ -97,7 +97,7 @@ class _ActsCounter(TorchDispatchMode):
 
 
 def complexity(name_or_model, resolution: int | None = None, in_chans: int = 3, num_classes: int = 1000) -> dict:
-    """params_m, gflops, acts_m of one image at `resolution` (default: native, or the ViT's own size)
+    """params_m, gmacs (multiply-accumulates x 1e-9, the papers' "GF"), acts_m of one image at `resolution` (default: native, or the ViT's own size)
     of a model given by name, by spec (a trial's `cfg.model_spec()`) or as an object.
 
     A model object is counted on a meta-device copy, so its weights and BN
@@ -121,7 +121,7 @@ def _named(spec: ModelSpec, resolution: int, in_chans: int, num_classes: int) ->
     timm version for a timm model), then read from a small cache file (`vitexp models`
     takes a second, not 16)."""
     key = [spec.name, resolution, in_chans, num_classes, torch.__version__, spec.family,
-           sorted((k, str(v)) for k, v in spec.kwargs.items())]
+           sorted((k, str(v)) for k, v in spec.kwargs.items()), "params_m gmacs acts_m"]  # what a count holds
     if spec.timm is not None:
         import timm
 
@@ -152,7 +152,7 @@ def _count(model: torch.nn.Module, in_chans: int, resolution: int) -> dict:
     with flop_counter() as flops, _ActsCounter() as acts:
         model(x)
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "gflops": flops.get_total_flops() / 2 / 1e9,
+            "gmacs": flops.get_total_flops() / 2 / 1e9,
             "acts_m": acts.acts / 1e6}
 
 

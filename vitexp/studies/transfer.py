@@ -264,7 +264,7 @@ def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
         row = {"model": model}
         chans = int(g["in_chans"].iloc[0]) if "in_chans" in g else 1
         for res in sorted(set(g["image_size"].dropna().astype(int))):
-            row[f"GF at {res} px"] = round(complexity(get_spec(model), res, in_chans=chans, num_classes=5)["gflops"], 4)
+            row[f"GF at {res} px"] = round(complexity(get_spec(model), res, in_chans=chans, num_classes=5)["gmacs"], 4)
         for role in ("pretrain", "finetune"):
             row[f"{role} wall s"] = round(g.loc[g["role"] == role, "wall_s"].mean(), 1)
         rows.append(row)

@@ -254,7 +254,7 @@ def estimate_cost(plan: Plan, images_per_s: dict[str, float] | None = None) -> d
     for model, grp in todo.groupby("model"):
         first = next(t for k, t in plan.trials if t.model == model)
         fwd = 2e9 * vmodels.complexity(first.model_spec(), resolution=first.image_size or info.image_size, in_chans=info.in_chans,
-                                       num_classes=info.num_classes)["gflops"]
+                                       num_classes=info.num_classes)["gmacs"]
         n = sum(trial_images(per_trial[k]) for k in grp.key)
         images += int(n)
         flops += 3 * fwd * n
