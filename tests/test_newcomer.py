@@ -384,3 +384,34 @@ def test_the_notebook_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "MMACs a 32 px image" in proc.stdout and "one trial: final test error" in proc.stdout
     assert (tmp_path / "study" / "runs.csv").exists() and "vit_c_7mf" in proc.stdout.splitlines()[-1]
+
+
+def test_train_says_each_epoch_logs_and_status_reads_its_folder(cli, tmp_path):
+    out = tmp_path / "t"
+    ran = cli("train", "--model", "vit_c_7mf", "--dataset", "shapes", "--n-train", "128", "--n-test", "50",
+              "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--out", out)
+    assert ran.returncode == 0, ran.stderr
+    epochs = [ln for ln in (ran.stdout + ran.stderr).splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert all("loss" in ln and "lr" in ln and "EMA" in ln and "img/s" in ln for ln in epochs)
+    log = (out / "log.txt").read_text()
+    assert "train " in log and "lr@2048=" in log and ": err " in log
+    status = cli("status", out)
+    assert status.returncode == 0 and "train folder" in status.stdout and "err " in status.stdout
+
+
+def test_a_dry_run_shows_what_differs_and_times_each_model_at_each_size_and_batch(monkeypatch):
+    """A transfer study's fine-tunes differ from its pre-training in data set, batch and image
+    size: the table shows those columns, and the time estimate counts each trial at the speed
+    of its own model, size and batch."""
+    from vitexp.bench import speed_key
+    from vitexp.sweep import estimate_cost, make_plan, resolve_spec
+
+    spec = resolve_spec("transfer", "transfer_shapes", {"models": ["vit_c_7mf"], "sizes": [200], "seeds": [0]}, {})
+    plan = make_plan(spec, "/tmp/never-written")
+    keys = {speed_key(t) for _, t in plan.trials}
+    assert len(keys) >= 2 and any("64 px" in k for k in keys)
+    speeds = {k: (100.0 if "64 px" in k else 1000.0) for k in keys}
+    slow = estimate_cost(plan, speeds)["seconds"]
+    fast = estimate_cost(plan, {k: 1000.0 for k in keys})["seconds"]
+    assert slow > fast  # the 64 px fine-tunes are counted at their own speed

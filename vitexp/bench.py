@@ -257,10 +257,16 @@ def print_rows(rows: list[dict], console) -> None:
         console.print("mfu: not given on a CPU (no known peak FLOP/s); TFLOP/s are measured all the same")
 
 
+def speed_key(cfg: TrainConfig) -> str:
+    """What a trial's speed depends on: its model, image size and batch (a transfer study's
+    pre-training and its 64 px fine-tunes of one model differ)."""
+    return f"{cfg.model} {cfg.image_size or vdata.dataset_info(cfg.dataset).image_size} px batch {cfg.batch_size}"
+
+
 def calibrate(plan, workers: int | None, steps: int = 3) -> tuple[dict[str, float], int]:
-    """(model -> training images/s of one worker process here, worker processes): a few
-    timed steps of each model of PLAN on random data at its batch size (at most 32 on a
-    CPU), in the thread count each worker will have. For `--dry-run`'s time estimate."""
+    """(speed_key -> training images/s of one worker process here, worker processes): a few
+    timed steps of each model, image size and batch of PLAN on random data (the batch at most
+    32 on a CPU), in the thread count each worker will have. For `--dry-run`'s time estimate."""
     from vitexp.sweep.pool import workers as pool_size
 
     todo = plan.pending() or plan.trials
@@ -269,7 +275,7 @@ def calibrate(plan, workers: int | None, steps: int = 3) -> tuple[dict[str, floa
     if threads:
         torch.set_num_threads(threads)
     try:
-        return {m: _images_per_s(c, steps) for m, c in {c.model: c for _, c in todo}.items()}, k
+        return {m: _images_per_s(c, steps) for m, c in {speed_key(c): c for _, c in todo}.items()}, k
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "memory" not in str(e).lower() and "alloc" not in str(e).lower():
             raise

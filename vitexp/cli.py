@@ -175,12 +175,11 @@ def train(out: Path, **kwargs):
     from vitexp import runtime
     from vitexp.config import TrainConfig
     from vitexp.data import check_data
-    from vitexp.data import dataset_info as vdata_info
     from vitexp.errors import stop_on_signals
     from vitexp.store import TrialStore
     from vitexp.sweep.plan import check_folder
     from vitexp.trainer import run_trial
-    from vitexp.ui import StudyProgress, error_phrase, hparams_line, trial_images, trial_label
+    from vitexp.ui import StudyProgress, error_phrase, hparams_line, trial_images, trial_label, trial_summary
 
     teacher = kwargs.pop("teacher")  # a trial to find, not the config's teacher table
     fields = _preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))
@@ -203,31 +202,43 @@ def train(out: Path, **kwargs):
     check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
     main = runtime.dist_env().main  # under torchrun only rank 0 reports
     if main:
-        console.print(hparams_line(cfg, source), markup=False)
-        n = cfg.n_train or vdata_info(cfg.dataset).n_train
-        if fields.get("precise_bn") and n and fields["precise_bn"] >= n:
-            console.print(f"--precise-bn {fields['precise_bn']:,}: at least the {n:,} training images, so all of "
-                          f"them (keyed as all)", markup=False)
+        _say_settings(cfg, fields, source)
     try:
         # only rank 0 writes the folder, and only it undoes what a refusal left
         with store.undo_on_refusal() if main else contextlib.nullcontext(), stop_on_signals(), \
-                StudyProgress(1, trial_images(cfg), enabled=None if main else False) as bar:
+                StudyProgress(1, trial_images(cfg), enabled=None if main else False, epoch_lines=main) as bar:
             bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
             if main:
                 store.create()
+                store.logger().info("train %s: %s; %s", cfg.key(), trial_label(cfg.to_dict()), hparams_line(cfg, source))
                 if teacher is not None:
                     stage_source(teacher, store.root)
             row = run_trial(cfg, store=store, progress=bar)
             if main:
                 store.rebuild()
+                store.logger().info("trial %s %s", cfg.key(), trial_summary(trial_label(cfg.to_dict()), row))
     finally:
         runtime.close_distributed()
+        store.close_log()
     if main:
         status = "DIVERGED" if row["diverged"] else "done"
         console.print(f"{status}: {row['model']} {row['dataset']} n={row['n_train']} {row['optimizer']} "
                       f"lr={row['lr']:.3g} (peak {row['peak_lr']:.3g}) wd={row['wd']:.3g} {error_phrase(row)} "
                       f"({'converged' if row['converged'] else 'NOT converged'}) in {row['wall_s']:.1f}s "
                       f"-> {out}/runs.csv", soft_wrap=False)  # wrapped at words, not mid-word
+
+
+def _say_settings(cfg, fields: dict, source: str | None) -> None:
+    """Before a single trial: which lr/wd it takes and from where, and what an out-of-range
+    --precise-bn becomes."""
+    from vitexp.data import dataset_info
+    from vitexp.ui import hparams_line
+
+    console.print(hparams_line(cfg, source), markup=False)
+    n = cfg.n_train or dataset_info(cfg.dataset).n_train
+    if fields.get("precise_bn") and n and fields["precise_bn"] >= n:
+        console.print(f"--precise-bn {fields['precise_bn']:,}: at least the {n:,} training images, so all of them "
+                      f"(keyed as all)", markup=False)
 
 
 def _preset_model(fields: dict, preset: str | None) -> dict:
@@ -431,7 +442,10 @@ def _dry_run(plan, workers: int | None) -> None:
     from vitexp.sweep.plan import preflight
 
     table = describe(plan)
-    shown = table.drop(columns=["dataset"]).rename(columns={"optimizer": "opt"})
+    alike = [c for c in ("dataset", "batch_size", "image_size") if table[c].nunique(dropna=False) <= 1]
+    ref = plan.trials[0][1].lr_batch_size
+    shown = table.drop(columns=alike).rename(columns={"optimizer": "opt", "lr": f"lr@{ref}", "batch_size": "batch",
+                                                      "image_size": "px"})
     _print_table(_summarised(shown), f"{plan.study.kind} study '{plan.spec['study']['preset']}' on "
                                      f"{table['dataset'].iloc[0]} -> {plan.out} ({len(table)} trials)")
     console.print(f"preset {plan.spec['study']['preset']}; `vitexp presets --kind {plan.study.kind}` lists the others "

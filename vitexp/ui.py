@@ -17,7 +17,9 @@ console = Console(stderr=True, highlight=False)
 def trial_label(c: dict) -> str:
     """How logs and progress name a trial (from its config or its recorded row)."""
     size = c.get("n_train") or "all"
-    label = f"{c['model']} n={size} {c['optimizer']} lr={c['lr']:.2g} wd={c['wd']:.2g} {c['epochs']}ep s{c['seed']}"
+    ref = c.get("lr_batch_size") or 2048  # the lr is given at this batch (the papers' convention), not the peak
+    label = (f"{c['model']} n={size} {c['optimizer']} lr@{ref}={c['lr']:.2g} wd={c['wd']:.2g} {c['epochs']}ep "
+             f"s{c['seed']}")
     # a distilled or fine-tuned trial shares every field above with its plain twin: name its source
     for field, word in (("teacher", "teacher"), ("init_from", "from")):
         source = c.get(field)
@@ -97,8 +99,9 @@ class StudyProgress:
     FIXED = 50  # columns of the counter, bar, times and ETA: the trials in flight get the rest
 
     def __init__(self, total_trials: int = 1, total_images: float = 1.0, enabled: bool | None = None,
-                 trials: list[tuple[str, float, float]] | None = None, workers: int = 1):
+                 trials: list[tuple[str, float, float]] | None = None, workers: int = 1, epoch_lines: bool = False):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.epoch_lines = epoch_lines  # one line per epoch (a single trial's run), on a terminal and piped
         self.quiet = False  # worker processes: the parent reports
         self.total_trials, self.total_images = total_trials, max(float(total_images), 1.0)
         self.done_trials, self.done_images = 0, 0.0
@@ -187,7 +190,18 @@ class StudyProgress:
         info = f"ep {epoch:.1f}/{epochs}" + (f" (resumed at {self.resumed_from})" if self.resumed_from else "")
         if event["event"] == "epoch":
             info += f" loss {event['train_loss']:.3f}"
+            if self.epoch_lines:
+                self.say(epoch_line(event, epochs))
         self._update(f"{label} {info}")
+
+
+def epoch_line(event: dict, epochs: int) -> str:
+    """A finished epoch's numbers: its training loss, the lr it ended at (its peak scale, the
+    scheduled value), and the test errors where it was evaluated."""
+    line = f"epoch {event['epoch']}/{epochs}: loss {event['train_loss']:.4f}, lr {event['lr']:.3g}"
+    errs = [f"{name} {event[col]:.2f}%" for name, col in (("test err", "test_err"), ("EMA", "ema_err"))
+            if event.get(col) == event.get(col) and event.get(col) is not None]
+    return line + (", " + ", ".join(errs) if errs else "") + f", {event['images_per_s']:.0f} img/s"
 
 
 def trial_costs(cfgs: list) -> list[tuple[str, float, float]]:

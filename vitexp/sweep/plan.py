@@ -234,32 +234,35 @@ def describe(plan: Plan) -> pd.DataFrame:
     rows = []
     for key, t in plan.trials:
         rows.append({"key": key, "model": t.model, "dataset": t.dataset, "n_train": t.n_train,
-                     "optimizer": t.optimizer, "lr": t.lr, "wd": t.wd, "epochs": t.epochs,
+                     "optimizer": t.optimizer, "batch_size": t.batch_size, "lr": t.lr, "wd": t.wd,
+                     "epochs": t.epochs, "image_size": t.image_size,
                      "seed": t.seed, "status": done.get(key, {}).get("status", "todo")})
     return pd.DataFrame(rows)
 
 
 def estimate_cost(plan: Plan, images_per_s: dict[str, float] | None = None) -> dict:
     """Training images and FLOPs of the trials still to run (3x the forward FLOPs per
-    image for forward + backward), and with IMAGES_PER_S (model -> measured training
-    images/s on this device) the estimated wall time of running them one after another."""
+    image for forward + backward, each at its own image size), and with IMAGES_PER_S
+    (`bench.speed_key` -> measured training images/s on this device) the estimated wall time
+    of running them one after another (NaN where a speed could not be measured)."""
     from vitexp import models as vmodels
+    from vitexp.bench import speed_key
     from vitexp.data import dataset_info
 
     table = describe(plan)
     todo = table[table.status != "ok"]
-    info = dataset_info(plan.spec["train"].get("dataset", "shapes"))
     per_trial = dict(plan.trials)
     flops, images, seconds = 0.0, 0, 0.0
-    for model, grp in todo.groupby("model"):
-        first = next(t for k, t in plan.trials if t.model == model)
-        fwd = 2e9 * vmodels.complexity(first.model_spec(), resolution=first.image_size or info.image_size, in_chans=info.in_chans,
-                                       num_classes=info.num_classes)["gmacs"]
-        n = sum(trial_images(per_trial[k]) for k in grp.key)
+    for key in todo.key:
+        t = per_trial[key]
+        info = dataset_info(t.dataset)
+        fwd = 2e9 * vmodels.complexity(t.model_spec(), resolution=t.image_size or info.image_size,
+                                       in_chans=info.in_chans, num_classes=info.num_classes)["gmacs"]
+        n = trial_images(t)
         images += int(n)
         flops += 3 * fwd * n
         if images_per_s is not None:
-            seconds += n / images_per_s[model]
+            seconds += n / images_per_s[speed_key(t)]
     return {"trials_todo": len(todo), "trials_done": int((table.status == "ok").sum()),
             "train_images": images, "train_pflop": flops / 1e15,
             "seconds": seconds if images_per_s is not None else None}

@@ -11,12 +11,25 @@ from pathlib import Path
 from vitexp.errors import UserError
 from vitexp.store import TrialStore
 from vitexp.sweep.plan import make_plan
-from vitexp.ui import Eta, clock, trial_costs, trial_images, trial_label
+from vitexp.ui import Eta, clock, trial_costs, trial_images, trial_label, trial_summary
+
+
+def train_status(store: TrialStore) -> list[str]:
+    """A `vitexp train` folder: its trials, each with its error and flags (or why it failed),
+    and the one still running, if any."""
+    rows, claims = store.refresh(), store.claims()
+    lines = [f"train folder {store.root}: {len(rows)} trial(s) recorded, {len(claims)} running"]
+    lines += [f"  {trial_summary(trial_label(r), r)}" for r in rows.values() if r.get("model")]
+    lines += [f"  running {k} on {c.get('host')} pid {c.get('pid')} since {_since(c)}" for k, c in claims.items()]
+    return lines
 
 
 def study_status(folder: str | Path) -> list[str]:
     """Lines a user reads: counts, the trials in flight, the failed ones, the ETA."""
-    spec = TrialStore(folder, create=False).read_spec() if Path(folder).is_dir() else None
+    store = TrialStore(folder, create=False)
+    spec = store.read_spec() if Path(folder).is_dir() else None
+    if spec is None and store.exists() and store.finished():
+        return train_status(store)
     if spec is None:
         raise UserError(f"{folder} holds no study (no study.toml); give a folder written by a study --out")
     plan = make_plan(spec, folder)
