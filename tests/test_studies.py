@@ -231,3 +231,21 @@ def test_search_chooses_on_held_out_images_not_test_images():
     assert best["lr_edge"] == "" and best["median_err"] == 35.0
     old = tune_best(runs.drop(columns="val_err")).iloc[0]
     assert (old["chosen_by"], old["lr"]) == ("last_err", 0.01)
+
+
+def test_a_folder_built_by_several_commands_knows_them_all(tmp_path):
+    """Two commands into one folder (another model the second time): status counts both
+    commands' trials and says how many commands; collect carries both."""
+    from vitexp.store import TrialStore
+    from vitexp.sweep import collect
+    from vitexp.sweep.status import study_status
+
+    base = {"samples": 1, "epochs": 1}
+    train = {"n_train": 64, "n_test": 32, "batch_size": 32, "device": "cpu"}
+    for model in ("vit_p_7mf", "vit_c_7mf"):
+        run_study(resolve_spec("stability", None, {**base, "models": [model]}, train), tmp_path / "st")
+    assert len(TrialStore(tmp_path / "st").spec_paths()) == 2
+    lines = study_status(tmp_path / "st")
+    assert "2 trials: 2 done" in lines[0] and "(2 commands)" in lines[0] and lines[-1].startswith("finished")
+    collect([tmp_path / "st"], tmp_path / "merged")
+    assert "2 trials: 2 done" in study_status(tmp_path / "merged")[0]

@@ -5,7 +5,9 @@
     DIR/checkpoints/<key>.pt       the checkpoint of a trial in flight
     DIR/claims/<key>               which process is running a trial (and its heartbeat)
     DIR/runs.csv, DIR/history.csv  tidy tables, rebuilt from trials/ when a run ends
-    DIR/study.toml, DIR/log.txt    the resolved study spec; one line per event
+    DIR/study.toml, DIR/log.txt    the resolved study spec (the latest command's); one line per event
+    DIR/specs/<hash>.toml          every command's resolved spec (a folder several commands built)
+    DIR/weights/<key>.pt           a finished trial's kept weights
     DIR/tensorboard/<key>/         TensorBoard event files, when asked for
 
 This module is the only code that knows these names: everything else asks the store.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -44,6 +47,7 @@ from vitexp.tomlfile import read_toml
 RUNS = "runs.csv"
 HISTORY = "history.csv"
 SPEC = "study.toml"
+SPECS = "specs"  # every command's resolved study.toml, named by its hash: a folder several commands built
 LOG = "log.txt"
 TRIALS = "trials"
 WEIGHTS = "weights"
@@ -123,7 +127,20 @@ class TrialStore:
         return read_toml(self.spec_path, "study file") if self.spec_path.exists() else None
 
     def write_spec(self, text: str) -> None:
+        """study.toml (the latest command's) and a copy kept among every command's (`spec_paths`)."""
         atomic_write(self.spec_path, text)
+        self.keep_spec(text)
+
+    def keep_spec(self, text: str) -> None:
+        """Keep TEXT among the folder's commands' specs (collect keeps its inputs' this way)."""
+        (self.root / SPECS).mkdir(parents=True, exist_ok=True)
+        atomic_write(self.root / SPECS / f"{hashlib.sha256(text.encode()).hexdigest()[:12]}.toml", text)
+
+    def spec_paths(self) -> list[Path]:
+        """The study.toml of every command that ran into the folder, oldest first (a folder from
+        before they were kept: its one study.toml)."""
+        kept = sorted((self.root / SPECS).glob("*.toml"), key=lambda p: p.stat().st_mtime_ns)
+        return kept or ([self.spec_path] if self.spec_path.exists() else [])
 
     def tensorboard_dir(self, key: str) -> Path:
         return self.root / "tensorboard" / key

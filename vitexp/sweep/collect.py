@@ -76,5 +76,7 @@ def collect(folders: list[str | Path], out: str | Path, spec: dict | None = None
             have[key] = row
         if target.read_spec() is None and (spec is not None or src.spec_path.exists()):
             target.write_spec(dumps(spec) if spec is not None else src.spec_path.read_text())
+        for path in src.spec_paths() if spec is None else []:  # the commands that built the input
+            target.keep_spec(path.read_text())
     target.rebuild()
     return target.runs()

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from vitexp.errors import UserError
+from vitexp.tomlfile import read_toml
 from vitexp.store import TrialStore
 from vitexp.sweep.plan import make_plan
 from vitexp.ui import Eta, clock, trial_costs, trial_images, trial_label, trial_summary
@@ -32,17 +33,22 @@ def study_status(folder: str | Path) -> list[str]:
         return train_status(store)
     if spec is None:
         raise UserError(f"{folder} holds no study (no study.toml); give a folder written by a study --out")
-    plan = make_plan(spec, folder)
-    store = plan.store
+    plans = [make_plan(read_toml(p, "study file"), folder) for p in store.spec_paths()]  # every command's
+    plan = plans[-1]
     rows, claims = store.refresh(), store.claims()
-    keys = dict(plan.trials)
+    keys = {k: t for pl in plans for k, t in pl.trials}
     done = [k for k in keys if rows.get(k, {}).get("status") == "ok"]
     failed = [k for k in keys if rows.get(k, {}).get("status") == "failed" and k not in claims]
     running = [k for k in keys if k in claims]
     left = [k for k in keys if k not in done and k not in failed and k not in running]
     kept = len(store.kept_weights() & set(done))
     lines = [f"{plan.study.kind} study in {folder}: {len(keys)} trials: {len(done)} done ({kept} with kept weights), "
-             f"{len(running)} running, {len(failed)} failed, {len(left)} left"]
+             f"{len(running)} running, {len(failed)} failed, {len(left)} left"
+             + (f" ({len(plans)} commands)" if len(plans) > 1 else "")]
+    other = [k for k, r in rows.items() if k not in keys and r.get("status") == "ok"]
+    if other:
+        lines.append(f"  and {len(other)} more finished trial(s) in runs.csv from commands this folder kept no "
+                     f"record of (it keeps one per command since 2026-12-07)")
     for k in running:
         c = claims[k]
         lines.append(f"  running {trial_label(keys[k].to_dict())}: {_images(c) / trial_images(keys[k]):.0%} on "
@@ -52,8 +58,11 @@ def study_status(folder: str | Path) -> list[str]:
         lines.append(f"ETA {clock(_eta(rows, done, running, left, keys, claims))} (each trial at its model's "
                      f"measured speed, {len(running)} process(es) at work)")
     elif left or failed:
-        lines.append(f"stopped: {len(left) + len(failed)} trial(s) left; resume with: "
-                     f"vitexp {plan.study.command} --preset {store.spec_path} --out {folder}")
+        todo = set(left) | set(failed)
+        again = [pl for pl in plans if todo & {k for k, _ in pl.trials}]
+        lines.append(f"stopped: {len(todo)} trial(s) left; resume with: " + "; ".join(
+            f"vitexp {pl.study.command} --preset {p} --out {folder}"
+            for pl, p in zip(plans, store.spec_paths()) if pl in again))
     else:
         lines.append(f"finished: all {len(keys)} trials done")
     return lines
