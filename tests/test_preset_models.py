@@ -211,8 +211,8 @@ BAD = [  # (id, [models] table of my_convit or extra preset text, needles)
      ["timm cannot build convit_tiny", "colour", "[models.my_convit]"]),
     ("output-not-logits", '{ timm = "convit_tiny", img_size = 32, patch_size = 8, embed_dim = 8, depth = 1, '
                           'global_pool = "" }', ["outputs (2, 16, 10)", "not (2, 10)"]),
-    ("too-big-for-the-data", '{ timm = "vit_tiny_patch16_224" }',  # built for 224 px, given shapes' 32
-     ["my_convit cannot take 3-channel 32 px images", "image size"]),
+    ("too-big-for-the-data", '{ timm = "inception_v3" }',  # needs 75 px and more, takes no img_size
+     ["my_convit cannot take 3-channel 32 px images"]),
     ("builder-lacks-keys", '{ family = "vit_p", width = 64 }', ["lacks depth, heads, mlp, patch"]),
     ("builder-unknown-keyword", '{ family = "resnet", layers = [1, 1], colour = 2 }',
      ["unknown keyword of vitexp's resnet builder in [models.my_convit] 'colour'"]),
@@ -296,3 +296,14 @@ def test_the_soft_prior_models_cost_what_their_level_costs(preset):
     assert tables["models"]
     for name in tables["models"]:
         assert abs(complexity(name, 32, num_classes=10)["gmacs"] / level - 1) <= 0.12, name
+
+
+def test_a_timm_vit_at_its_defaults_is_built_at_the_datas_size(tmp_path):
+    """`timm:NAME` of a ViT (made for 224 px) trains on 32 px images: timm sizes its position
+    embeddings to the data; a timm CNN, which takes no img_size, is built as it is."""
+    from vitexp.models import build_model, registry
+
+    vit = build_model(registry.get_spec("timm:vit_tiny_patch16_224"), image_size=32, in_chans=3, num_classes=10)
+    assert vit(torch.zeros(2, 3, 32, 32)).shape == (2, 10) and vit.patch_embed.img_size == (32, 32)
+    cnn = build_model(registry.get_spec("timm:resnet18"), image_size=32, in_chans=3, num_classes=10)
+    assert cnn(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

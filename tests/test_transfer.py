@@ -251,3 +251,15 @@ def test_the_claims_differences_are_paired_by_size_and_seed():
     assert hyb64["vit_p_7mf"] == f"+4.50 ± {pd.Series([7.0, 2.0]).std():.2f}"  # (25-2)-(15+1), (21-2)-(16+1)
     res = tables[titles[4]].set_index("model")["n=100"]
     assert "64 px minus" in titles[4] and res["vit_p_7mf"] == "-2.00 ± 0.00" and res["resnet_7mf"] == "+1.00 ± 0.00"
+
+
+def test_a_finetune_budget_in_epochs_or_steps():
+    from vitexp.config import TrainConfig
+    from vitexp.errors import UserError
+    from vitexp.finetune import budget_steps
+
+    base = TrainConfig(dataset="fashion-mnist", n_train=1000, batch_size=100)
+    assert budget_steps(None, None, base, 0.1) == 500 and budget_steps(40, None, base, 0.1) == 40
+    assert budget_steps(None, 3, base, 0.1) == 3 * 9  # 900 images after the held-out tenth: 9 batches
+    with pytest.raises(UserError, match="not both"):
+        budget_steps(40, 3, base, 0.1)

@@ -280,7 +280,10 @@ def finetune(source: str = typer.Option(..., "--from", help="the finished trial 
              n_train: Optional[int] = typer.Option(None, "--n-train", help="class-balanced subset of the target's "
                                                    "training images (None: all)"),
              n_test: Optional[int] = typer.Option(None, "--n-test", help="first n of the target's test set"),
-             steps: int = typer.Option(500, "--steps", help="optimisation steps (a fixed number, [ViT] App. B.1.1)"),
+             steps: Optional[int] = typer.Option(None, "--steps", help="optimisation steps (a fixed number, [ViT] App. "
+                                                 "B.1.1) [default: 500]"),
+             epochs: Optional[int] = typer.Option(None, "--epochs", help="or epochs of the target's training images, "
+                                                  "as every other command counts (instead of --steps)"),
              lr: Optional[str] = typer.Option(None, "--lr", help="comma-separated lrs at batch 512 to choose from on "
                                               "the held-out split [default: 0.001,0.003,0.01,0.03]"),
              holdout: float = typer.Option(0.1, "--holdout", help="fraction of the target's training images held "
@@ -298,7 +301,7 @@ def finetune(source: str = typer.Option(..., "--from", help="the finished trial 
     from vitexp.config import TrainConfig
     from vitexp.data import check_data
     from vitexp.errors import stop_on_signals
-    from vitexp.finetune import FINETUNE_LRS, chosen, plan_finetune, stage_source
+    from vitexp.finetune import FINETUNE_LRS, budget_steps, chosen, plan_finetune, stage_source
     from vitexp.store import TrialStore
     from vitexp.sweep.plan import check_folder
     from vitexp.trainer import run_trial
@@ -307,7 +310,7 @@ def finetune(source: str = typer.Option(..., "--from", help="the finished trial 
     lrs = parse_list(lr, float, "lr") or list(FINETUNE_LRS)
     base = TrainConfig(dataset=dataset, image_size=image_size, n_train=n_train, n_test=n_test, seed=seed,
                        subset_seed=seed, batch_size=batch_size, device=device, data_dir=data_dir)
-    src, cfgs = plan_finetune(source, base, steps, lrs, holdout, model)
+    src, cfgs = plan_finetune(source, base, budget_steps(steps, epochs, base, holdout), lrs, holdout, model)
     store = TrialStore(out, create=False)
     check_folder(store, "finetune")
     check_data(dataset, data_dir, n_train, n_test)

@@ -34,6 +34,7 @@ FINETUNE_RECIPE = dict(optimizer="sgd", momentum=0.9, nesterov=False, wd=0.0, gr
                        label_smoothing=0.0, mixup=0.0, cutmix=0.0, dropout=0.0, ema=False, precise_bn=0,
                        min_lr_frac=0.0)
 FINETUNE_LRS = (0.001, 0.003, 0.01, 0.03)  # [ViT] App. B.1.1's grid, at batch 512
+FINETUNE_STEPS = 500  # `vitexp finetune`'s default budget
 WARMUP_SHARE = 0.05  # of the fine-tune's steps ([ViT]: 500 of 10,000)
 HOLDOUT = 0.1  # [ViT]: 2-10% of the target's training images choose the lr
 
@@ -176,13 +177,30 @@ def finetune_fields(source: Source, dataset: str, n_train: int | None, batch_siz
     """The TrainConfig fields of a fine-tune of SOURCE on DATASET (N_TRAIN of its training
     images, HOLDOUT of them held out to judge the lr by) at IMAGE_SIZE (None: the source's):
     [ViT]'s recipe at LR (batch 512) for STEPS steps, evaluated halfway and at the end."""
-    n = n_train or dataset_info(dataset).n_train
-    train_n = n - max(dataset_info(dataset).num_classes, round(holdout * n)) if holdout else n
-    epochs = max(1, math.ceil(steps / max(1, train_n // batch_size)))
+    epochs = max(1, math.ceil(steps / steps_per_epoch(dataset, n_train, batch_size, holdout)))
     return dict(**FINETUNE_RECIPE, model=source.model, model_def=source.model_def, dataset=dataset, n_train=n_train,
                 image_size=image_size or source.image_size, batch_size=batch_size, lr=lr, epochs=epochs,
                 eval_every=max(1, epochs // 2), warmup_epochs=WARMUP_SHARE * epochs, holdout=holdout, fewshot=[],
                 fewshot_data=None, init_from=source.init_from())
+
+
+def steps_per_epoch(dataset: str, n_train: int | None, batch_size: int, holdout: float) -> int:
+    """Full batches of a fine-tune's training images (its held-out share left out)."""
+    n = n_train or dataset_info(dataset).n_train
+    train_n = n - max(dataset_info(dataset).num_classes, round(holdout * n)) if holdout else n
+    return max(1, train_n // batch_size)
+
+
+def budget_steps(steps: int | None, epochs: int | None, base: TrainConfig, holdout: float) -> int:
+    """A fine-tune's budget in steps from --steps or --epochs (of the target's training images
+    at base's batch; one of them, default 500 steps)."""
+    if steps is not None and epochs is not None:
+        raise UserError("give --steps or --epochs, not both: a fine-tune's budget is one of them")
+    if epochs is None:
+        return FINETUNE_STEPS if steps is None else steps
+    if epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {epochs}")
+    return epochs * steps_per_epoch(base.dataset, base.n_train, base.batch_size, holdout)
 
 
 def check_target(source: Source, dataset: str) -> None:

@@ -60,12 +60,23 @@ def build_timm(spec: ModelSpec, *, image_size: int, in_chans: int, num_classes: 
         raise unknown(f"init in [models.{spec.name}]", str(init), INITS)
     if "img_size" in kwargs:
         kwargs["img_size"] = image_size
+    common = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=dropout)
     try:
-        model = timm.create_model(spec.timm, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                  drop_rate=dropout, **kwargs)
+        if "img_size" not in kwargs and image_size != spec.resolution:
+            # `timm:NAME` on images of another size: timm's ViTs take any img_size (position
+            # embeddings sized to it); a model that takes no img_size (a CNN) is built as it is
+            with contextlib.suppress(TypeError):
+                model = timm.create_model(spec.timm, img_size=image_size, **common, **kwargs)
+                return _finish(model, spec, init, in_chans, image_size)
+        model = timm.create_model(spec.timm, **common, **kwargs)
     except (TypeError, ValueError, AssertionError, KeyError) as e:
         raise UserError(f"timm cannot build {spec.timm} with {kwargs or 'its defaults'}: {e or type(e).__name__}; "
                         f"fix the keywords in [models.{spec.name}]") from None
+    return _finish(model, spec, init, in_chans, image_size)
+
+
+def _finish(model: nn.Module, spec: ModelSpec, init: str, in_chans: int, image_size: int) -> nn.Module:
+    """A built timm model made ready: vitexp's init where asked, buffers sized by one forward."""
     if init == "torchvision":
         _torchvision_init(model)
     # some timm models size a buffer at their first forward (ConViT's rel_indices); one forward
