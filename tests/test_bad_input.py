@@ -135,7 +135,7 @@ CASES = [  # one subprocess each: the issue's list, in its order
     ("out-holds-another-study", lambda t: {"dir": _study_folder(t, "stability", optimizer="adamw")},
      ["scale-study", "--out", "{dir}"], ["holds a stability study", "another --out"], "same"),
     ("csv-missing-columns", lambda t: {"dir": _runs_csv(t, "key,model\nk1,vit_p_25mf\n")},
-     ["plot-cdf", "{dir}"], ["lacks column(s)", "top1_err"], "same"),
+     ["plot-cdf", "{dir}"], ["lacks column(s)", "last_err"], "same"),
     ("csv-unparsable-value", lambda t: {"dir": _runs_csv(
         t, "key,study,status,model,optimizer,lr,wd,top1_err\nk1,stability,ok,vit_p_25mf,adamw,1e-3,0.1,n/a%\n")},
      ["plot-cdf", "{dir}"], ["column top1_err has unparsable value 'n/a%'"], "same"),

@@ -38,7 +38,6 @@ RULE = ("Effects are oriented so that the paper's direction is positive. Reprodu
         "claim of no effect (expect none) reproduces when the interval lies inside (-delta, delta) and "
         "does not when it excludes zero with |effect| >= delta. Intervals: t over seeds; for an EDF "
         "share, a percentile bootstrap over runs.")
-VERDICTS = ("reproduces", "does not", "inconclusive", "untested")
 EXPECTS = ("positive", "negative", "none")
 KINDS = ("contrast", "edf")
 MIN_SEEDS = 2
@@ -214,8 +213,9 @@ def _term_cells(arm: Arm, rows: pd.DataFrame, sel: dict) -> pd.DataFrame:
         n = int(rows.groupby(keys).size().max())
         raise UserError(f"{arm.label}: the selector {sel} matches {n} runs in one cell of {keys}; narrow it "
                         f"(e.g. lr, epochs) or give `choose = \"val_err\"`")
-    ok = rows["converged"].astype(bool) | bool(sel.get("fixed_budget", False))
-    return rows.assign(_ok=ok.values).set_index(keys)[[arm.metric, "_ok"]]
+    conv = rows["converged"].astype(bool)
+    ok = conv | bool(sel.get("fixed_budget", False))  # a fixed budget's trials count as run
+    return rows.assign(_ok=ok.values, _conv=conv.values).set_index(keys)[[arm.metric, "_ok", "_conv"]]
 
 
 def evaluate_contrast(arm: Arm, runs: pd.DataFrame) -> dict:
@@ -234,8 +234,9 @@ def evaluate_contrast(arm: Arm, runs: pd.DataFrame) -> dict:
     ok = np.logical_and.reduce([c.loc[index, "_ok"].values for _, c in cells])
     per = pd.DataFrame({"effect": effect.values, "ok": ok}, index=index).reset_index()
     n_trials = sum(len(c.loc[index]) for _, c in cells)
-    n_ok = sum(int(c.loc[index, "_ok"].sum()) for _, c in cells)
-    converged = f"{n_ok}/{n_trials}"
+    n_ok = sum(int(c.loc[index, "_conv"].sum()) for _, c in cells)
+    fixed = sum(bool(sel.get("fixed_budget")) for sel in arm.plus + arm.minus)
+    converged = f"{n_ok}/{n_trials}" + (f" ({fixed} of {len(cells)} terms a fixed budget)" if fixed else "")
     if arm.by:
         whole = per.groupby(arm.by)["ok"].transform("all")
         used = per.loc[whole, arm.by].drop_duplicates()
