@@ -137,7 +137,8 @@ CASES = [  # one subprocess each: the issue's list, in its order
     ("csv-missing-columns", lambda t: {"dir": _runs_csv(t, "key,model\nk1,vit_p_25mf\n")},
      ["plot-cdf", "{dir}"], ["lacks column(s)", "last_err"], "same"),
     ("csv-unparsable-value", lambda t: {"dir": _runs_csv(
-        t, "key,study,status,model,optimizer,lr,wd,top1_err\nk1,stability,ok,vit_p_25mf,adamw,1e-3,0.1,n/a%\n")},
+        t, "key,study,status,model,optimizer,lr,wd,top1_err,last_err\n"
+           "k1,stability,ok,vit_p_25mf,adamw,1e-3,0.1,n/a%,n/a%\n")},
      ["plot-cdf", "{dir}"], ["column top1_err has unparsable value 'n/a%'"], "same"),
     ("plot-empty-folder", lambda t: {"dir": (t / "empty").mkdir() or t / "empty"},
      ["plot-cdf", "{dir}"], ["no runs.csv in", "run a study"], "same"),

@@ -407,8 +407,8 @@ def test_two_processes_on_one_folder_run_every_trial_exactly_once(tmp_path):
         assert p.wait(timeout=600) == 0, (tmp_path / f"p{i}.err").read_text()
     runs = check_consistent(out)
     assert len(runs) == 4 and (runs.status == "ok").all()
-    # log.txt: one line per trial run ("trial KEY <label>: top1_err ..."), from either process
-    ran = [ln.split()[4] for ln in (out / "log.txt").read_text().splitlines() if ": top1_err" in ln]
+    # log.txt: one line per trial run ("trial KEY <label>: err ..."), from either process
+    ran = [ln.split()[4] for ln in (out / "log.txt").read_text().splitlines() if ": err " in ln]
     assert sorted(ran) == sorted(runs.key), ran
     assert not list((out / "claims").iterdir())
 

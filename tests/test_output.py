@@ -27,7 +27,7 @@ def test_piped_progress_keeps_count_time_and_eta_and_cuts_nothing(study):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 4 and "…" not in p.stderr + p.stdout
     for i, ln in enumerate(lines, 1):
-        assert ln.startswith(f"[{i}/4 0:") and " eta " in ln and "top1_err" in ln
+        assert ln.startswith(f"[{i}/4 0:") and " eta " in ln and ": err " in ln
     assert "vit_p_7mf" in p.stderr and "vit_c_7mf" in p.stderr  # names whole, the twins told apart
     assert "ui.py" not in p.stderr  # plain lines, no source paths
 
@@ -74,7 +74,7 @@ def test_plot_curves_draws_the_best_trial_per_model(study, tmp_path):
     assert p.returncode == 0, p.stderr
     table = pd.read_csv(tmp_path / "curves.csv")
     runs = pd.read_csv(out / "runs.csv")
-    best = runs.loc[runs.groupby(["model", "optimizer"]).top1_err.idxmin(), "key"]
+    best = runs.loc[runs.groupby(["model", "optimizer"]).last_err.idxmin(), "key"]
     assert set(table.key) == set(best) and (tmp_path / "curves.png").exists()
     assert len(table) == 2 * len(best)  # every epoch of each
     p = run_cli("plot-curves", out, "--all", "--out", tmp_path / "all")

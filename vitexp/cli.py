@@ -451,8 +451,7 @@ def _dry_run(plan, workers: int | None) -> None:
                                                       "image_size": "px"})
     _print_table(_summarised(shown), f"{plan.study.kind} study '{plan.spec['study']['preset']}' on "
                                      f"{table['dataset'].iloc[0]} -> {plan.out} ({len(table)} trials)")
-    console.print(f"preset {plan.spec['study']['preset']}; `vitexp presets --kind {plan.study.kind}` lists the others "
-                  f"with their data set, device and size")
+    console.print(f"preset {plan.spec['study']['preset']} (`vitexp presets` lists them all)")
     todo = plan.pending()
     if todo:
         preflight(plan, todo)
