@@ -77,11 +77,11 @@ def test_collect_carries_the_weights(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["random", "truncated", "foreign"])
-def test_damaged_kept_weights_are_one_line_and_the_source_is_untouched(tmp_path, damage):
+def test_damaged_kept_weights_are_one_line_and_the_source_is_untouched(tmp_path, cli, damage):
     """A weights/KEY.pt of random bytes, cut short, or a torch file that is not vitexp's:
     `finetune --from` and `train --teacher` say which file and what is wrong, exit 2, and
     leave the source folder as it was."""
-    from conftest import assert_user_error, run_cli
+    from conftest import assert_user_error
 
     src = tmp_path / "src"
     cfg = TrainConfig(**{**CFG.to_dict(), "epochs": 1})
@@ -95,9 +95,9 @@ def test_damaged_kept_weights_are_one_line_and_the_source_is_untouched(tmp_path,
         torch.save({"something": torch.zeros(2)}, path)
     before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
     common = ["--dataset", "shapes", "--n-train", "64", "--n-test", "50", "--device", "cpu"]
-    ft = run_cli("finetune", "--from", src, "--out", tmp_path / "ft", *common)
+    ft = cli("finetune", "--from", src, "--out", tmp_path / "ft", *common)
     assert_user_error(ft, str(path.name), "weights")
-    taught = run_cli("train", "--model", "vit_p_7mf", "--teacher", src, "--out", tmp_path / "t", *common)
+    taught = cli("train", "--model", "vit_p_7mf", "--teacher", src, "--out", tmp_path / "t", *common)
     assert_user_error(taught, str(path.name), "weights")
     assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "ft").exists() and not (tmp_path / "t").exists()
