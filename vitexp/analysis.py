@@ -28,7 +28,7 @@ import pandas as pd
 
 from vitexp.data.datasets import chance_err
 from vitexp.errors import UserError
-from vitexp.rows import CHANCE_MARGIN, CONVERGENCE_RULE, DIVERGED_ERR, converged_from
+from vitexp.rows import CHANCE_MARGIN, CONVERGENCE_RULE, DIVERGED_ERR, judged
 from vitexp.store import TrialStore, read_runs
 
 NUMERIC = ("n_train", "seed", "lr", "wd", "epochs", "batch_size", "top1_err", "last_err", "val_err", "wall_s", "params_m", "n_test")
@@ -140,12 +140,7 @@ def _recheck_convergence(runs: pd.DataFrame, folder: Path) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return runs
     by_key = {k: g.to_dict("records") for k, g in hist.groupby("key")}
-    final = _numeric(runs, "last_err")
-    if "val_err" in runs:
-        final = _numeric(runs, "val_err").fillna(final)
-    diverged = _boolean(runs, "diverged") if "diverged" in runs else pd.Series(False, index=runs.index)
-    dataset = runs["dataset"] if "dataset" in runs else pd.Series(None, index=runs.index)
-    again = [not d and converged_from(by_key.get(k, []), f, ds) for k, f, d, ds in zip(runs["key"], final, diverged, dataset)]
+    again = [judged(r, by_key.get(r["key"], [])) for r in runs.to_dict("records")]
     flags = np.where(old, again, _boolean(runs, "converged"))
     return runs.assign(converged_recorded=runs["converged"], converged=flags)
 

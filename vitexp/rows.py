@@ -22,7 +22,7 @@ HISTORY_COLUMNS = ["key", "epoch", "train_loss", "test_err", "ema_err", "lr", "s
 # runs.csv column; history's own `lr` is the scheduled lr at the end of each epoch)
 HISTORY_IDENTITY = {"model": "model", "n_train": "n_train", "seed": "seed", "optimizer": "optimizer",
                     "trial_lr": "lr", "wd": "wd", "epochs": "epochs"}
-# The convergence rule (one place; README "Training recipe"): a trial has converged when it
+# The convergence rule (one place; README "Results layout"): a trial has converged when it
 # learned something, its final error more than CHANCE_MARGIN points below guessing, and its
 # training loss has flattened: over the last quarter of its epochs (after epoch
 # floor(CONVERGED_LATE x epochs)) it fell by at most CONVERGED_LATE_FALL of its whole fall since
@@ -61,14 +61,26 @@ def converged_from(history: list[dict], final_err: float, dataset) -> bool:
     return converged([h["train_loss"] for h in rows], final_err, chance_err(dataset))
 
 
+def judged(row: dict, history: list[dict]) -> bool:
+    """`converged` of a trial's row and history rows: the rule on its held-out error where it
+    has one, else its final test error; a diverged trial never. What the trainer records and
+    what older folders are judged by again when read."""
+    if str(row.get("diverged")).lower() == "true":
+        return False
+    final = row.get("val_err")
+    if final is None or final != final:
+        final = row.get("last_err")
+    return converged_from(history, math.nan if final is None else float(final), row.get("dataset"))
+
+
 def evaluated(history: list[dict], col: str) -> list[tuple[int, float]]:
     """(epoch, error) of the epochs that were evaluated."""
     return [(h["epoch"], h[col]) for h in history if not math.isnan(h[col])]
 
 
 def summary(cfg: TrainConfig, history: list[dict], diverged: bool) -> dict:
-    """top1_err, last_err, top1_err_model, best_epoch of a trial's history (`converged` comes
-    with the held-out error, in `finish`: the rule reads it where there is one)."""
+    """top1_err, last_err, top1_err_model, best_epoch of a trial's history (`converged` is
+    `judged` once the row has its held-out error, in trainer.summarise)."""
     col = "ema_err" if cfg.ema else "test_err"
     evals = evaluated(history, col)
     if diverged or not evals:

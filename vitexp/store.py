@@ -41,7 +41,7 @@ import pandas as pd
 from vitexp.errors import UserError
 from vitexp.fileio import DiskFull, _tmp_owner, atomic_write, atomic_write_csv, tmp_path
 from vitexp.rows import HISTORY_COLUMNS, HISTORY_IDENTITY, RUN_COLUMNS
-from vitexp.rows import CONVERGENCE_RULE, converged_from
+from vitexp.rows import CONVERGENCE_RULE, judged
 from vitexp.tomlfile import read_toml
 
 RUNS = "runs.csv"
@@ -495,9 +495,7 @@ class TrialStore:
 
 
 def _converged(row: dict, history: pd.DataFrame) -> bool:
-    final = row.get("val_err", row.get("last_err"))
-    return str(row.get("diverged")).lower() != "true" and converged_from(
-        history.to_dict("records"), float(final) if final is not None else math.nan, row.get("dataset"))
+    return judged(row, history.to_dict("records"))
 
 
 def _me() -> dict:

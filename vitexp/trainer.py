@@ -371,7 +371,7 @@ def summarise(t: Trial, started: str) -> dict:
                                            cfg.batch_size, train=False)
         row["val_err"] = DIVERGED_ERR if t.state.diverged else evaluate(evaluated, val, t.device, cfg.amp)
         row["n_holdout"] = len(t.bundle.val_y)  # n_train stays the config's (the key's): these came out of it
-    row["converged"] = rows.converged_from(hist, row.get("val_err", row["last_err"]), cfg.dataset)
+    row["converged"] = rows.judged(row, hist)
     row["converged_rule"] = rows.CONVERGENCE_RULE
     if cfg.fewshot and not t.state.diverged:  # eager even when compiled: once per trial, not worth a compile
         from vitexp.fewshot import fewshot_eval
