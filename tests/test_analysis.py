@@ -152,8 +152,9 @@ def test_optimizer_gap_and_training_length(tmp_path):
     for ep, adamw, sgd in ((50, 30.0, 36.0), (100, 26.0, 30.0), (200, 24.0, 27.0)):
         rows += [run("vit_p", adamw, epochs=ep), run("vit_p", sgd, opt="sgd", epochs=ep)]
         rows += [run("regnety", adamw - 5, epochs=ep), run("regnety", adamw - 6, opt="sgd", epochs=ep)]
-    summary = optimizer_summary(load(tmp_path, rows, "optimizer"))
-    gaps = optimizer_gaps(summary).set_index(["model", "epochs"])["gap"]
+    runs = load(tmp_path, rows, "optimizer")
+    summary = optimizer_summary(runs)
+    gaps = optimizer_gaps(runs).set_index(["model", "epochs"])["gap"]
     assert gaps[("vit_p", 50)] == 6.0 and gaps[("vit_p", 200)] == 3.0 and gaps[("regnety", 100)] == -1.0
     assert best_optimizer(summary) == {"regnety": "sgd", "vit_p": "adamw"}
     curves = length_curves(summary).set_index(["model", "optimizer", "epochs"])
@@ -161,6 +162,29 @@ def test_optimizer_gap_and_training_length(tmp_path):
     assert curves.loc[("vit_p", "sgd", 50), "delta"] == 9.0
     assert curves.loc[("vit_p", "adamw", 200), "delta"] == 0.0
     assert curves.loc[("regnety", "sgd", 50), "best"] and not curves.loc[("regnety", "adamw", 50), "best"]
+
+
+def test_optimizer_gap_is_paired_by_seed_with_a_t_interval(tmp_path):
+    # seed 2 ran AdamW only: it is in neither side of the paired gap
+    rows = [run("vit_p", a, seed=k) for k, a in enumerate((30.0, 32.0, 20.0))]
+    rows += [run("vit_p", s, opt="sgd", seed=k) for k, s in enumerate((34.0, 38.0))]
+    gap = optimizer_gaps(load(tmp_path, rows, "optimizer")).iloc[0]
+    assert (gap["gap"], gap["n"]) == (5.0, 2)  # mean of 4 and 6, not 36 - 27.33
+    assert gap["half"] == pytest.approx(12.706 * np.std([4, 6], ddof=1) / np.sqrt(2))
+    assert np.isnan(analysis.t_half([4.0])) and analysis.t975(200) == 1.96
+
+
+def test_edf_bands_contain_the_edf_and_rechoose_the_best(tmp_path):
+    runs = load(tmp_path, [run("vit_p", e, val_err=e + 1) for e in (20.0, 22.0, 25.0, 30.0, 45.0, 60.0)])
+    table = analysis.edf_table(runs, n_boot=400, seed=0)
+    assert (table["edf_lo"] <= table["edf_right"]).all() and (table["edf_right"] <= table["edf_hi"]).all()
+    gap = table[table["metric"] == "gap"]
+    # each draw chooses its own best, so F(0) >= 1/6 in every draw; with the best kept from the full
+    # sample, the third of draws that miss that run would put the band's low end at 0
+    assert gap["error"].iloc[0] == 0 and gap["edf_lo"].iloc[0] == pytest.approx(1 / 6)
+    assert table[table["metric"] == "last_err"]["edf_lo"].iloc[0] == 0  # a draw may miss the 20
+    assert analysis.edf_table(runs, n_boot=400, seed=0).equals(table)  # seeded
+    assert "edf_lo" not in analysis.edf_table(runs)
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -131,7 +131,8 @@ def test_curve_labels_name_what_differs_between_the_curves():
     chosen = pd.DataFrame({"model": ["m", "m"], "n_train": [400, 1600], "lr": [0.1, 0.1], "wd": [1e-4, 1e-4],
                            "seed": [0, 0], "epochs": [64, 40]})
     assert _varying(chosen, chosen.iloc[0]) == ["n=400", "64ep"]
-    assert _varying(chosen.iloc[:1], chosen.iloc[0]) == []  # one curve: nothing to tell apart
+    # one curve: nothing to tell apart but its training images (a scale study's best is one of its sizes)
+    assert _varying(chosen.iloc[:1], chosen.iloc[0]) == ["n=400"]
 
 
 def test_trial_label_tells_a_distilled_or_fine_tuned_trial_from_its_plain_twin():

@@ -317,3 +317,74 @@ def test_curves_say_which_weights_gave_the_error(tmp_path):
         plots.mpl.axes.Axes.set_title = real
     assert set(pd.read_csv(tmp_path / "fig" / "curves.csv")["evaluated"]) == {"model"}
     assert any("raw weights" in t for t in seen)
+
+
+# -- what a figure says ---------------------------------------------------------------------------
+
+def test_display_names_are_the_papers():
+    assert [plots.display_name(m) for m in ("vit_p_7mf", "vit_c_7mf_h4", "vit_p_7mf_p16", "regnety_1gf",
+                                            "resnet50", "hybrid_r50_vit_b16", "timm:convit_tiny", "my_net")] == [
+        "ViT_P-7MF", "ViT_C-7MF, 4 heads", "ViT_P-7MF, patch 16", "RegNetY-1GF", "ResNet-50", "R50+ViT-B/16",
+        "convit_tiny (timm)", "my_net"]
+    assert plots.display_name("vit_p_7mf" + analysis.TAUGHT + "resnet_7mf") == "ViT_P-7MF taught by ResNet-7MF"
+
+
+def figure_texts(monkeypatch, draw) -> dict:
+    """Every figure DRAW saves -> its texts (suptitle, panel titles, legend entries), by stem."""
+    seen = {}
+    real = plots.save
+
+    def spy(fig, table, out, stem):
+        texts = [fig.get_suptitle()] + [ax.get_title() for ax in fig.axes]
+        for legend in fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]:
+            texts += [t.get_text() for t in legend.get_texts()]
+        seen[stem] = "\n".join(texts)
+        return real(fig, table, out, stem)
+
+    monkeypatch.setattr(plots, "save", spy)
+    draw()
+    return seen
+
+
+def test_figures_name_the_data_the_budget_and_the_models(studies, tmp_path, monkeypatch):
+    texts = figure_texts(monkeypatch, lambda: (
+        report.draw("stability", [studies["adamw"], studies["sgd"]], tmp_path / "s", n_boot=50),
+        report.draw("optimizer", [studies["optimizer"]], tmp_path / "o"),
+        report.plot_curves([studies["scale"]], tmp_path / "c")))
+    assert set(texts) == {"cdf", "lrwd_adamw", "lrwd_sgd", "optimizer", "curves"}
+    for stem, text in texts.items():
+        assert "shapes" in text and "batch 128" in text, stem
+        assert "ViT_P-1GF" in text and "vit_p_1gf" not in text, stem
+    assert "1,000 training images, 50 epochs" in texts["cdf"] and "5–20 epochs" in texts["optimizer"]
+    assert "95% bootstrap" in texts["cdf"] and "95% t interval" in texts["optimizer"]
+    assert "n=8,000" in texts["curves"]  # the best trial of a scale study is one of its sizes: say which
+
+
+def test_cdf_bands_and_optimizer_gap_intervals_are_in_the_data_files(studies, cdf):
+    out, _ = cdf
+    table = pd.read_csv(out / "cdf.csv")
+    assert (table["edf_lo"] <= table["edf_right"] + 1e-12).all() and (table["edf_right"] <= table["edf_hi"] + 1e-12).all()
+    assert (table["edf_hi"] - table["edf_lo"]).max() > 0.1
+
+
+def test_optimizer_gap_bars_are_the_t_interval_over_seeds(studies, tmp_path):
+    report.draw("optimizer", [studies["optimizer"]], tmp_path)
+    gaps = pd.read_csv(tmp_path / "optimizer.csv").query("panel == 'gap'")
+    # optimizer_rows: seed 1 adds 0.1 to both optimizers, so every paired gap is exact
+    assert (gaps["n"] == 2).all() and gaps["half"].abs().max() < 1e-9
+    assert set(gaps.columns) >= {"value", "half", "n"}
+
+
+def test_transfer_panels_set_models_side_by_side_with_bars():
+    from vitexp.studies.scale import size_panel
+
+    part = pd.DataFrame([{"model": m, "size": n, "mean": 30.0 + i, "min": 25.0, "max": 40.0, "not_converged": 0}
+                         for i, m in enumerate(("vit_p_7mf", "vit_c_7mf", "resnet_7mf")) for n in (1000, 3000)])
+    fig, axes = plots.figure(1, 2)
+    styles, labels = plots.model_styles(part["model"]), {m: m for m in part["model"]}
+    size_panel(axes[0][0], part, "size", styles, labels, bars=True)
+    size_panel(axes[0][1], part, "size", styles, labels)
+    xs = [tuple(line.get_xdata()) for line in axes[0][0].get_lines() if line.get_label() in labels]
+    assert len(set(x[0] for x in xs)) == 3  # dodged: no two models at one x
+    assert not [c for c in axes[0][0].collections if type(c).__name__ == "FillBetweenPolyCollection"]
+    assert [c for c in axes[0][1].collections if "Poly" in type(c).__name__]  # the scale figure keeps bands

@@ -40,6 +40,23 @@ MIN_PER_DRAW = 8
 ERR = "last_err"  # the reported error (see the module's conventions)
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (tabled: no scipy dependency)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with DF degrees of freedom (the next tabled df below)."""
+    return T975[max(k for k in T975 if k <= df)] if df < 30 else 1.96 if df > 120 else T975[30]
+
+
+def t_half(values) -> float:
+    """Half the width of the 95% t interval of the mean of VALUES (NaN for fewer than two)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return t975(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) >= 2 else math.nan
+
+
 def choice_column(runs: pd.DataFrame) -> str:
     """The error that chooses among runs (a search's best, a grid's lr): `val_err`, the final
     model's error on held-out training images, where every finished run has one; else ERR,
@@ -221,19 +238,38 @@ def edf_steps(errors) -> pd.DataFrame:
                          "edf_right": np.searchsorted(errors, at, side="right") / len(errors)})
 
 
-def edf_table(runs: pd.DataFrame) -> pd.DataFrame:
+def edf_table(runs: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
     """EDF corners per optimizer and model, for the error itself (metric ERR) and for its
-    difference to the best run of that model and optimizer (`gap`; `best_err`)."""
+    difference to the best run of that model and optimizer (`gap`; `best_err`); with N_BOOT
+    draws, the pointwise 95% percentile band of each corner's `edf_right` (`edf_lo`, `edf_hi`)."""
     parts = []
     for (opt, model), g in finished(runs).groupby(["optimizer", "model"], sort=True):
         err = g[ERR].to_numpy()
+        bands = edf_bands(err, g[choice_column(g)].to_numpy(), n_boot, seed) if n_boot else {}
         for metric, values in ((ERR, err), ("gap", err - best_err(g))):
             steps = edf_steps(values)
+            if n_boot:
+                steps["edf_lo"], steps["edf_hi"] = bands[metric](steps["error"].to_numpy())
             steps.insert(0, "metric", metric)
             steps.insert(0, "model", model)
             steps.insert(0, "optimizer", opt)
             parts.append(steps)
     return pd.concat(parts, ignore_index=True)
+
+
+def edf_bands(err: np.ndarray, choose: np.ndarray, n_boot: int, seed: int) -> dict:
+    """metric -> (function of the corners x -> (lo, hi)): the 2.5 and 97.5 percentiles of
+    F(x) = fraction of runs <= x over N_BOOT resamples of the runs with replacement; for the gap
+    the best run is chosen again in each resample (by CHOOSE, the choosing error)."""
+    idx = np.random.default_rng(seed).integers(0, len(err), size=(n_boot, len(err)))
+    drawn = err[idx]
+    best = drawn[np.arange(n_boot), np.argmin(choose[idx], axis=1)]
+    samples = {ERR: drawn, "gap": drawn - best[:, None]}
+
+    def band(values):
+        return lambda x: tuple(np.percentile((values[:, :, None] <= x[None, None, :]).mean(axis=1), [2.5, 97.5],
+                                             axis=0))
+    return {metric: band(values) for metric, values in samples.items()}
 
 
 TAUGHT = " taught by "  # a distilled arm's name: "vit_p_7mf taught by resnet_7mf"

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vitexp import analysis
 from vitexp.errors import UserError, unknown
 from vitexp.tomlfile import read_toml
 
@@ -42,9 +43,6 @@ EXPECTS = ("positive", "negative", "none")
 KINDS = ("contrast", "edf")
 MIN_SEEDS = 2
 N_BOOT = 2000  # bootstrap draws of an EDF arm's interval (seeded: the table is the same every run)
-# two-sided 95% quantiles of Student's t by degrees of freedom (tabled: no scipy dependency)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 ARM_KEYS = ("name", "folders", "kind", "plus", "minus", "by", "pair", "choose", "metric", "expect",
             "min_effect", "within", "paper", "planned")
 CLAIM_KEYS = ("id", "title", "paper", "source", "arms")
@@ -75,11 +73,6 @@ class Arm:
     @property
     def label(self) -> str:
         return f"({self.claim}) {self.name}"
-
-
-def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t with DF degrees of freedom (the next tabled df below)."""
-    return T975[max(k for k in T975 if k <= df)] if df < 30 else 1.96 if df > 120 else T975[30]
 
 
 # -- the claims file ---------------------------------------------------------------------------------
@@ -161,8 +154,6 @@ def find_folder(name: str, roots) -> Path | None:
 
 def arm_runs(arm: Arm, roots, cache: dict) -> pd.DataFrame:
     """The finished runs of ARM's folders (rows of one trial key once)."""
-    from vitexp import analysis
-
     frames = []
     for name in arm.folders:
         folder = find_folder(name, roots)
@@ -245,7 +236,7 @@ def evaluate_contrast(arm: Arm, runs: pd.DataFrame) -> dict:
     by_seed = per[per["ok"]].groupby(arm.pair)["effect"].mean()
     n = len(by_seed)
     mean = float(by_seed.mean()) if n else math.nan
-    half = t975(n - 1) * float(by_seed.std(ddof=1)) / math.sqrt(n) if n >= MIN_SEEDS else math.nan
+    half = analysis.t975(n - 1) * float(by_seed.std(ddof=1)) / math.sqrt(n) if n >= MIN_SEEDS else math.nan
     return {"effect": mean, "lo": mean - half, "hi": mean + half, "interval": "t", "seeds": n,
             "of_seeds": per[arm.pair].drop_duplicates().shape[0], "converged": converged, "testable": n >= MIN_SEEDS}
 

@@ -87,14 +87,65 @@ def model_styles(models) -> dict[str, dict]:
     return out
 
 
+FAMILY_NAMES = {"vit_p": "ViT_P", "vit_c": "ViT_C", "hybrid": "hybrid", "resnet": "ResNet", "regnety": "RegNetY"}
+# a built-in model's name suffix -> what it says in words
+SUFFIX_NAMES = {"h": "{} heads", "p": "patch {}"}
+EXACT_NAMES = {"hybrid_r50_vit_b16": "R50+ViT-B/16"}  # the ViT paper's name
+_NAMED = re.compile(r"(vit_p|vit_c|hybrid|resnet|regnety)_(\d+(?:\.\d+)?)(mf|gf)((?:_[a-z]\d+)*)")
+
+
+def display_name(model: str) -> str:
+    """A model's name as the papers write it, for legends and titles (the tables keep the code
+    name): vit_p_7mf_h4 -> 'ViT_P-7MF, 4 heads', resnet50 -> 'ResNet-50', a distilled arm
+    'ViT_P-7MF taught by ResNet-7MF'; a name vitexp cannot read stays as it is."""
+    if analysis.TAUGHT in model:
+        return analysis.TAUGHT.join(display_name(part) for part in model.split(analysis.TAUGHT, 1))
+    if model.startswith("timm:"):
+        return f"{model[5:]} (timm)"
+    if model in EXACT_NAMES:
+        return EXACT_NAMES[model]
+    if m := re.fullmatch(r"resnet(\d+)", model):
+        return f"ResNet-{m[1]}"
+    m = _NAMED.fullmatch(model)
+    if m is None:
+        return model
+    words = [SUFFIX_NAMES[s[0]].format(s[1:]) for s in m[4].split("_")[1:]]
+    return ", ".join([f"{FAMILY_NAMES[m[1]]}-{m[2]}{m[3].upper()}"] + words)
+
+
 def model_labels(runs: pd.DataFrame) -> dict[str, str]:
-    """model -> legend label, with the parameter count (of the trained model, its head
-    sized for the data set's classes) when runs.csv has one."""
-    labels = {m: m for m in runs["model"].unique()}
+    """model -> legend label: its display name, with the parameter count (of the trained
+    model, its head sized for the data set's classes) when runs.csv has one."""
+    labels = {m: display_name(m) for m in runs["model"].unique()}
     if "params_m" in runs:
         for m, p in runs.dropna(subset=["params_m"]).groupby("model")["params_m"].first().items():
-            labels[m] = f"{m} ({p:.3g}M params)"
+            labels[m] = f"{labels[m]} ({p:.2g}M params)"
     return labels
+
+
+def span_text(values, fmt: str = "{:,}") -> str:
+    """'5,000' when every value is the same, else '500–60,000'."""
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def setting(runs: pd.DataFrame) -> str:
+    """What a figure's title must say of the runs it draws: the data set, the training images
+    and the budget (epochs, batch size), each a range where the runs differ:
+    'fashion-mnist, 5,000 training images, 10 epochs at batch 128'."""
+    ok = analysis.finished(runs)
+    parts = [", ".join(sorted(set(ok["dataset"].astype(str))))] if "dataset" in ok else []
+    if "n_train" in ok:
+        n = ok["n_train"]
+        known = [int(v) for v in n.dropna()]
+        parts.append((span_text(known) if known else "all") + " training images"
+                     + (" (some runs: all)" if known and n.isna().any() else ""))
+    budget = []
+    if "epochs" in ok and ok["epochs"].notna().any():
+        budget.append(span_text([int(v) for v in ok["epochs"].dropna()], "{:g}") + " epochs")
+    if "batch_size" in ok and ok["batch_size"].notna().any():
+        budget.append("batch " + span_text([int(v) for v in ok["batch_size"].dropna()], "{:g}"))
+    return ", ".join(parts + ([" at ".join(budget)] if budget else []))
 
 
 def optimizers(runs: pd.DataFrame) -> list[str]:
@@ -171,13 +222,14 @@ def count_label(v: float) -> str:
 
 # -- learning curves -------------------------------------------------------------------------
 
-_CURVE_TAGS = {"n_train": "n={:.0f}", "epochs": "{:.0f}ep", "lr": "lr={:.2g}", "wd": "wd={:.2g}", "seed": "s{:.0f}"}
+_CURVE_TAGS = {"n_train": "n={:,.0f}", "epochs": "{:.0f}ep", "lr": "lr={:.2g}", "wd": "wd={:.2g}", "seed": "s{:.0f}"}
 
 
 def _varying(chosen: pd.DataFrame, trial: pd.Series) -> list[str]:
-    """What tells this trial's curve from the others': the columns that differ among them."""
+    """What tells this trial's curve from the others': the columns that differ among them, and
+    always its training images (the best trial of a scale study is one size of several)."""
     return [tag.format(trial[c]) for c, tag in _CURVE_TAGS.items()
-            if c in chosen and chosen[c].nunique() > 1 and pd.notna(trial[c])]
+            if c in chosen and (chosen[c].nunique() > 1 or c == "n_train") and pd.notna(trial[c])]
 
 
 def _dashes(chosen: pd.DataFrame):
@@ -215,7 +267,9 @@ def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only:
         for _, trial in chosen.sort_values(group + [analysis.ERR]).iterrows():
             h = hist[hist["key"].astype(str) == str(trial["key"])].sort_values("epoch")
             st, ls = styles[trial["model"]], dashes(trial)
-            label = " ".join([trial["model"], str(trial.get("optimizer", ""))] + _varying(chosen, trial)
+            label = " ".join([display_name(trial["model"]),
+                              analysis.OPTIMIZER_NAMES.get(trial.get("optimizer"), str(trial.get("optimizer", "")))]
+                             + _varying(chosen, trial)
                              + [f"({trial[analysis.ERR]:.1f}%)"])
             axes[0][0].plot(h["epoch"], h["train_loss"], color=st["color"], ls=ls, label=label)
             ev = h[h["error"].notna()]
@@ -230,6 +284,7 @@ def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, out: Path, best_only:
             ax.set_xlabel("epoch")
         fig.legend(loc="outside right center")
         fig.suptitle("Learning curves" + (": the best trial per model" + (" and optimizer" if "optimizer" in group
-                                                                            else "") if best_only else ""))
+                                                                            else "") if best_only else "")
+                     + f"\n{setting(chosen)}")
         table = hist.merge(chosen[["key"] + group].astype({"key": str}), on="key", suffixes=("_h", ""))
         return save(fig, table[["key"] + group + ["epoch", "train_loss", "error", "evaluated"]], Path(out), "curves")

@@ -85,14 +85,16 @@ class Optimizer(Study):
         errors.columns = [c if isinstance(c, str) else f"{c} ep" for c in errors.columns]
         out = [("h3", f"Top-1 error (%) per model, optimizer and epochs, {seeds_phrase(summary['n'], std=False)} (best: the model's better "
                       f"optimizer at its longest schedule)"), ("table", errors)]
-        return out + gap_table(summary, "epochs", "{} ep", "")
+        return out + gap_table(runs, summary, "epochs", "{} ep", "")
 
     def captions(self, figure: Path) -> str:
         if figure.stem == "batch":
-            return ("At each model's longest schedule: (a) SGD minus AdamW mean top-1 error vs batch size; (b) "
+            return ("At each model's longest schedule: (a) SGD minus AdamW top-1 error vs batch size, paired by "
+                    "seed, with its 95% t interval; (b) "
                     "mean ± std error vs batch size, AdamW solid, SGD dashed; each seed at the lr its held-out "
                     "images chose. A red x marks a mean that includes diverged runs.")
-        return ("(a) SGD minus AdamW mean top-1 error per model and schedule; (b) mean errors vs epochs, AdamW "
+        return ("(a) SGD minus AdamW top-1 error per model and schedule, paired by seed, with its 95% t "
+                "interval; (b) mean errors vs epochs, AdamW "
                 "solid, SGD dashed; (c) error minus that of the longest schedule, each model with its best "
                 "optimizer. A red x marks a mean that includes diverged runs (at 100%).")
 
@@ -151,25 +153,36 @@ def optimizer_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def optimizer_gaps(summary: pd.DataFrame) -> pd.DataFrame:
-    """SGD minus AdamW mean error per model, batch size and epochs, where both were run."""
-    wide = summary.pivot_table(index=["model", "batch_size", "epochs"], columns="optimizer", values="mean")
-    if not {"adamw", "sgd"} <= set(wide.columns):
-        return pd.DataFrame(columns=["model", "batch_size", "epochs", "adamw", "sgd", "gap"])
-    wide = wide[["adamw", "sgd"]].dropna().reset_index()
-    wide["gap"] = wide["sgd"] - wide["adamw"]
-    wide.columns.name = None
-    return wide
+GAP_CELLS = ["model", "batch_size", "epochs"]
 
 
-def gap_table(summary: pd.DataFrame, column: str, label: str, title: str) -> list[tuple]:
-    """Report blocks of the SGD - AdamW gap per model (rows) and COLUMN (columns named LABEL)."""
-    gaps = optimizer_gaps(summary)
+def optimizer_gaps(runs: pd.DataFrame, cells: pd.DataFrame | None = None) -> pd.DataFrame:
+    """SGD minus AdamW error per model, batch size and epochs, paired by seed (each seed at its
+    chosen lr), where both ran: the mean (`gap`), the 95% t half-width over seeds (`half`, NaN
+    for one seed) and the seeds (`n`); with CELLS, only its (model, batch_size, epochs) rows."""
+    ok = chosen(runs)
+    wide = ok.pivot_table(index=GAP_CELLS + ["seed"], columns="optimizer", values=analysis.ERR)
+    if ok.empty or not {"adamw", "sgd"} <= set(wide.columns):
+        return pd.DataFrame(columns=GAP_CELLS + ["gap", "half", "n"])
+    per_seed = (wide["sgd"] - wide["adamw"]).dropna().groupby(level=GAP_CELLS)
+    out = pd.DataFrame({"gap": per_seed.mean(), "half": per_seed.agg(analysis.t_half),
+                        "n": per_seed.count()}).reset_index()
+    out[["batch_size", "epochs"]] = out[["batch_size", "epochs"]].astype(int)
+    return out if cells is None else out.merge(cells[GAP_CELLS].drop_duplicates(), on=GAP_CELLS)
+
+
+def gap_table(runs: pd.DataFrame, cells: pd.DataFrame, column: str, label: str, title: str) -> list[tuple]:
+    """Report blocks of the SGD - AdamW gap per model (rows) and COLUMN (columns named LABEL),
+    over CELLS' rows."""
+    gaps = optimizer_gaps(runs, cells)
     if gaps.empty:
         return []
-    wide = gaps.pivot(index="model", columns=column, values="gap").reset_index()
+    gaps["cell"] = [f"{g:+.2f}" if n < 2 else f"{g:+.2f} ± {h:.2f}" for g, h, n in
+                    zip(gaps["gap"], gaps["half"], gaps["n"])]
+    wide = gaps.pivot(index="model", columns=column, values="cell").reset_index()
     wide.columns = ["model"] + [label.format(c) for c in wide.columns[1:]]
-    return [("h3", f"Optimizer gap: SGD − AdamW mean top-1 error (points){title}"), ("table", wide)]
+    return [("h3", f"Optimizer gap: SGD − AdamW top-1 error (points){title}, paired by seed: mean ± 95% t "
+                   f"half-width over {plots.span_text(gaps['n'].tolist(), '{:g}')} seeds"), ("table", wide)]
 
 
 def at_longest(summary: pd.DataFrame) -> pd.DataFrame:
@@ -215,7 +228,7 @@ def batch_tables(runs: pd.DataFrame) -> list[tuple]:
     errors.columns = [c if isinstance(c, str) else f"batch {c}" for c in errors.columns]
     out = [("h3", f"Top-1 error (%) per model, optimizer and batch size at the longest schedule, "
                   f"{seeds_phrase(longest['n'])}"), ("table", errors)]
-    out += gap_table(longest, "batch_size", "batch {}", " per batch size")
+    out += gap_table(runs, longest, "batch_size", "batch {}", " per batch size")
     ch = chosen(runs)
     if "lr_rule" in ch or "lr_factor" in ch:
         ch = ch[ch["epochs"] == ch.groupby(["model", "optimizer", "batch_size"])["epochs"].transform("max")]
@@ -239,7 +252,7 @@ def plot_batch(runs: pd.DataFrame, out: Path) -> list[Path]:
     plots.require_results(runs)
     summary = optimizer_summary(runs)
     longest = at_longest(summary)
-    gaps = optimizer_gaps(longest)
+    gaps = optimizer_gaps(runs, longest)
     models = plots.model_order(summary["model"])
     styles, labels = plots.model_styles(models), plots.model_labels(runs)
     batches = sorted(set(summary["batch_size"]))
@@ -249,7 +262,8 @@ def plot_batch(runs: pd.DataFrame, out: Path) -> list[Path]:
         for model in models:
             st = styles[model]
             g = gaps[gaps["model"] == model].sort_values("batch_size")
-            ax_a.plot(g["batch_size"], g["gap"], color=st["color"], marker=st["marker"])
+            ax_a.errorbar(g["batch_size"], g["gap"], yerr=g["half"].fillna(0), color=st["color"], marker=st["marker"],
+                          capsize=2)
             for opt in plots.optimizers(longest):
                 d = longest[(longest["model"] == model) & (longest["optimizer"] == opt)].sort_values("batch_size")
                 ax_b.errorbar(d["batch_size"], d["mean"], yerr=d["std"].fillna(0), ls=plots.OPT_LINES.get(opt, ":"),
@@ -261,16 +275,16 @@ def plot_batch(runs: pd.DataFrame, out: Path) -> list[Path]:
             ax.set_xlabel("batch size")
         ax_a.axhline(0, color="k", lw=0.8)
         ax_a.set_ylabel("SGD − AdamW top-1 error (points)")
-        ax_a.set_title("(a) optimizer gap")
+        ax_a.set_title("(a) optimizer gap, paired by seed\n(bars: 95% t interval)", fontsize="medium")
         ax_b.set_ylabel("top-1 error (%)")
         ax_b.set_title("(b) error, mean ± std over seeds")
         keys = [Line2D([], [], color=styles[m]["color"], marker=styles[m]["marker"], label=labels[m]) for m in models]
         keys += [Line2D([], [], color="0.3", ls=plots.OPT_LINES.get(o, ":"), label=analysis.OPTIMIZER_NAMES.get(o, o))
                  for o in plots.optimizers(longest)]
         fig.legend(handles=keys, loc="outside right center")
-        fig.suptitle("Optimizer gap vs batch size (each seed at its held-out-chosen lr)")
+        fig.suptitle(f"Optimizer gap vs batch size: {plots.setting(runs)}\n(each seed at its held-out-chosen lr)")
         table = pd.concat([gaps.assign(panel="gap").rename(columns={"gap": "value"})[
-                               ["panel", "model", "batch_size", "epochs", "value"]],
+                               ["panel", "model", "batch_size", "epochs", "value", "half", "n"]],
                            longest.assign(panel="error").rename(columns={"mean": "value"})], ignore_index=True)
         return plots.save(fig, table, out, "batch")
 
@@ -280,7 +294,7 @@ def plot_optimizer(runs: pd.DataFrame, out: Path) -> list[Path]:
     longest schedule's, each model with its best optimizer."""
     plots.require_results(runs)
     summary = optimizer_summary(runs)
-    gaps, curves, best = optimizer_gaps(summary), length_curves(summary), best_optimizer(summary)
+    gaps, curves, best = optimizer_gaps(runs), length_curves(summary), best_optimizer(summary)
     models = plots.model_order(summary["model"])
     styles, labels = plots.model_styles(models), plots.model_labels(runs)
     with plots.style():
@@ -294,10 +308,10 @@ def plot_optimizer(runs: pd.DataFrame, out: Path) -> list[Path]:
         if summary["diverged"].any():
             marks.append(Line2D([], [], ls="", marker="x", color="crimson", label="includes diverged runs (at 100%)"))
         fig.legend(handles=keys + marks, loc="outside right center")
-        fig.suptitle("Optimizer and training-length stability")
+        fig.suptitle(f"Optimizer and training-length stability: {plots.setting(runs)}")
         table = pd.concat([
             gaps.assign(panel="gap", optimizer="sgd-adamw").rename(columns={"gap": "value"})[
-                ["panel", "model", "optimizer", "epochs", "value"]],
+                ["panel", "model", "optimizer", "epochs", "value", "half", "n"]],
             summary.assign(panel="error").rename(columns={"mean": "value"}),
             curves[curves["best"]].assign(panel="delta").rename(columns={"delta": "value"}).drop(columns="mean"),
         ], ignore_index=True)
@@ -312,7 +326,8 @@ def _gap_panel(ax, gaps, summary, models, styles) -> None:
     for i, model in enumerate(models):
         g = gaps[gaps["model"] == model]
         pos = np.array([epochs.index(e) - 0.4 + width * (i + 0.5) for e in g["epochs"]])
-        ax.bar(pos, g["gap"], width=width, color=styles[model]["color"], edgecolor=styles[model]["color"], lw=1.5)
+        ax.bar(pos, g["gap"], width=width, color=styles[model]["color"], edgecolor=styles[model]["color"], lw=1.5,
+               yerr=g["half"].fillna(0), error_kw={"elinewidth": 1, "capsize": 2, "ecolor": "0.2"})
         hit = np.array([diverged[(model, e)] > 0 for e in g["epochs"]], dtype=bool)
         ax.scatter(pos[hit], np.maximum(g["gap"].to_numpy()[hit], 0), **MARK)
     if gaps.empty:
@@ -323,7 +338,7 @@ def _gap_panel(ax, gaps, summary, models, styles) -> None:
     ax.grid(axis="x", visible=False)
     ax.set_xlabel("epochs")
     ax.set_ylabel("SGD − AdamW top-1 error (points)")
-    ax.set_title("(a) optimizer gap")
+    ax.set_title("(a) optimizer gap, paired by seed\n(bars: 95% t interval)", fontsize="medium")
 
 
 def _curve_panels(ax_b, ax_c, curves, summary, models, styles, best) -> None:

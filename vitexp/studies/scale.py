@@ -241,16 +241,11 @@ def scale_caption(runs: pd.DataFrame, summary: pd.DataFrame) -> str:
     budget, cols = "?", ["epochs", "batch_size", "n_train"]
     if set(cols) <= set(ok.columns) and ok[cols].notna().all().all():
         steps = [int(e) * num_batches(int(n), int(b), True) for e, b, n in ok[cols].itertuples(index=False)]
-        budget = f"{_span(steps)} steps, {_span([int(e) for e in ok['epochs']])} epochs"
+        budget = f"{plots.span_text(steps)} steps, {plots.span_text([int(e) for e in ok['epochs']])} epochs"
     n = summary.loc[summary["metric"] == ERR, "n"]
     phrase = "one run per point" if n.max() == 1 else seeds_phrase(n, std=False) + ", band: min–max"
     open_note = "; open marker: a run there not converged" if summary["not_converged"].sum() else ""
     return f"{data}, budget {budget}\n({phrase}{open_note})"
-
-
-def _span(values) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
 
 
 def size_table(part: pd.DataFrame, size: str) -> pd.DataFrame:
@@ -263,17 +258,27 @@ def size_table(part: pd.DataFrame, size: str) -> pd.DataFrame:
     return wide
 
 
-def size_panel(ax, part: pd.DataFrame, size: str, styles: dict, labels: dict) -> None:
-    """Error vs SIZE (log x), a line per model: mean, band min-max, open markers where a run
-    there did not converge."""
-    for model in plots.model_order(part["model"]):
+DODGE = 1.08  # bars: neighbouring models' points this factor apart on the log x axis, so bars never overlap
+
+
+def size_panel(ax, part: pd.DataFrame, size: str, styles: dict, labels: dict, bars: bool = False) -> None:
+    """Error vs SIZE (log x), a line per model: mean, min-max as a band (or, with BARS, as error
+    bars with the models set side by side: where spreads overlap, bands tangle), open markers
+    where a run there did not converge."""
+    models = plots.model_order(part["model"])
+    for i, model in enumerate(models):
         g = part[part["model"] == model].sort_values(size)
         st = styles[model]
-        ax.plot(g[size], g["mean"], color=st["color"], marker=st["marker"], label=labels[model])
-        loose = g[g["not_converged"] > 0]  # drawn open: not every run at that point converged
-        ax.scatter(loose[size], loose["mean"], marker=st["marker"], s=40, facecolor="white",
+        x = g[size] * (DODGE ** (i - (len(models) - 1) / 2) if bars else 1.0)
+        ax.plot(x, g["mean"], color=st["color"], marker=st["marker"], label=labels[model])
+        loose = g["not_converged"] > 0  # drawn open: not every run at that point converged
+        ax.scatter(x[loose], g.loc[loose, "mean"], marker=st["marker"], s=40, facecolor="white",
                    edgecolor=st["color"], zorder=3)
-        ax.fill_between(g[size], g["min"], g["max"], color=st["color"], alpha=0.15, lw=0)
+        if bars:
+            ax.errorbar(x, g["mean"], yerr=[g["mean"] - g["min"], g["max"] - g["mean"]], color=st["color"], ls="",
+                        capsize=2, lw=1)
+        else:
+            ax.fill_between(g[size], g["min"], g["max"], color=st["color"], alpha=0.15, lw=0)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(sorted(set(part[size]))))
     ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: plots.count_label(v)))

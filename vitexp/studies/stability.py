@@ -66,7 +66,9 @@ class Stability(Study):
             opts = [analysis.OPTIMIZER_NAMES.get(o, o) for o in plots.optimizers(table)]
             rows = f"one row per optimizer ({', '.join(opts)})" if len(opts) > 1 else f"{opts[0]} runs"
             return (f"Error distribution functions, {rows}: F(e) = fraction of runs with top-1 error < e (left) "
-                    f"and the same for the difference to the model's best run (right); diverged runs count at 100%.")
+                    f"and the same for the difference to the model's best run (right); diverged runs count at 100%"
+                    + ("; bands: pointwise 95% bootstrap over runs (the best run chosen again in each draw)."
+                       if "edf_lo" in table else "."))
         bands = table["element"].ne("run").any()
         return (f"{analysis.OPTIMIZER_NAMES.get(figure.stem[5:], figure.stem[5:])}: top-1 error vs lr (upper "
                 f"row of each block) and wd (lower row) for {', '.join(plots.model_order(table['model']))}. "
@@ -99,7 +101,7 @@ def best_runs(runs: pd.DataFrame) -> pd.DataFrame:
 def plot_cdf(runs: pd.DataFrame, out: Path, n_boot: int = 2500, seed: int = 0) -> list[Path]:
     """cdf.*: EDFs of the error and of the gap to the best run, one row per optimizer."""
     plots.require_results(runs)
-    summary, table = analysis.edf_summary(runs), analysis.edf_table(runs)
+    summary, table = analysis.edf_summary(runs), analysis.edf_table(runs, n_boot, seed)
     styles, labels = plots.model_styles(runs["model"]), plots.model_labels(runs)
     ok = analysis.finished(runs)
     opts = plots.optimizers(ok)
@@ -112,7 +114,8 @@ def plot_cdf(runs: pd.DataFrame, out: Path, n_boot: int = 2500, seed: int = 0) -
         fig, axes = plots.figure(len(opts), 2, width=4.4, height=3.3)
         for i, opt in enumerate(opts):
             _cdf_row(axes[i], opt, table, summary, styles, labels, xlims)
-        fig.suptitle("Error distribution functions (diverged runs count at 100% error)")
+        fig.suptitle(f"Error distribution functions: {plots.setting(ok)}\n(band: 95% bootstrap over runs, "
+                     f"{n_boot} draws; diverged runs count at 100% error)")
         cols = summary[["optimizer", "model", "n", "diverged", "failed"]]
         return plots.save(fig, table.merge(cols, on=["optimizer", "model"]), out, "cdf")
 
@@ -128,8 +131,13 @@ def _cdf_row(axes, opt, table, summary, styles, labels, xlims) -> None:
                 continue
             x, y = steps["error"].to_numpy(), steps["edf_right"].to_numpy()
             s = summary[(summary["optimizer"] == opt) & (summary["model"] == model)].iloc[0]
-            line, = ax.step(np.r_[x[0], x, max(x[-1], xlims[metric][1])], np.r_[0, y, y[-1]], where="post",
-                            color=styles[model]["color"], label=_cdf_label(labels[model], s))
+            xs = np.r_[x[0], x, max(x[-1], xlims[metric][1])]
+            line, = ax.step(xs, np.r_[0, y, y[-1]], where="post", color=styles[model]["color"],
+                            label=_cdf_label(labels[model], s))
+            if "edf_lo" in steps:
+                lo, hi = steps["edf_lo"].to_numpy(), steps["edf_hi"].to_numpy()
+                ax.fill_between(xs, np.r_[0, lo, lo[-1]], np.r_[0, hi, hi[-1]], step="post", lw=0, alpha=0.15,
+                                color=styles[model]["color"])
             handles += [line] if metric == ERR else []
         ax.set_xlim(*xlims[metric])
         ax.set_ylim(0, 1.02)
@@ -186,7 +194,7 @@ def _save_lrwd(runs, bands, opt, styles, labels, out) -> list[Path]:
             note = f", {n_div} diverged (× at top)" if n_div else ""
             axes[2 * block][j].set_title(f"{labels[model]}\n{len(g)} runs{note}")
         drawn = bands["best"].notna().any()
-        fig.suptitle(f"{analysis.OPTIMIZER_NAMES.get(opt, opt)}: error vs lr and wd " + (
+        fig.suptitle(f"{analysis.OPTIMIZER_NAMES.get(opt, opt)}: error vs lr and wd, {plots.setting(ok)}\n" + (
             "(line: bootstrap best, band: 2.5–97.5%)" if drawn else
             f"(too few runs per model for a bootstrap band: it needs {analysis.MIN_PER_DRAW * 4})"))
         table = pd.DataFrame(rows, columns=["optimizer", "model", "param", "element", "value", ERR, "diverged"])

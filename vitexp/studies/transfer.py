@@ -122,7 +122,7 @@ class Transfer(Study):
     def captions(self, figure: Path) -> str:
         table = pd.read_csv(figure.with_suffix(".csv"))
         metrics = [_metric_title(m) for m in dict.fromkeys(table["metric"])]
-        point = "one run per point" if table["n"].max() == 1 else "the mean over seeds with a min–max band"
+        point = "one run per point" if table["n"].max() == 1 else "the mean over seeds with min–max bars (models side by side)"
         return f"Transfer error vs pre-training set size (log x) per model, {point}; panels: {', '.join(metrics)}."
 
     def must_converge(self, runs):
@@ -273,7 +273,7 @@ def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def plot_transfer(runs: pd.DataFrame, out: Path) -> list[Path]:
     """transfer.*: one panel per metric (fine-tuned at each resolution, k-shot probes), error vs
-    pre-training size (log x), one line per model: mean over seeds, band min-max."""
+    pre-training size (log x), one line per model: mean over seeds, min-max bars."""
     plots.require_results(runs)
     summary = transfer_summary(runs)
     if summary.empty:
@@ -287,7 +287,7 @@ def plot_transfer(runs: pd.DataFrame, out: Path) -> list[Path]:
         for ax in axes[len(metrics):]:
             ax.set_visible(False)
         for ax, metric in zip(axes, metrics):
-            size_panel(ax, summary[summary["metric"] == metric], "size", styles, labels)
+            size_panel(ax, summary[summary["metric"] == metric], "size", styles, labels, bars=True)
             ax.set_xlabel("pre-training images")
             ax.set_ylabel("target top-1 error (%)")
             ax.set_title(_metric_title(metric))
@@ -298,7 +298,7 @@ def plot_transfer(runs: pd.DataFrame, out: Path) -> list[Path]:
         tgt = ", ".join(sorted(set(ok.loc[ok["role"] == "finetune", "dataset"].astype(str)))) or "?"
         n = summary["n"]
         fig.suptitle(f"Transfer: pre-trained on {src}, transferred to {tgt}\n"
-                     f"({'one run per point' if n.max() == 1 else seeds_phrase(n, std=False) + ', band: min–max'}"
+                     f"({'one run per point' if n.max() == 1 else seeds_phrase(n, std=False) + ', bars: min–max'}"
                      f"{'; open marker: a run there not converged' if summary['not_converged'].sum() else ''})")
         return plots.save(fig, summary, out, "transfer")
 
