@@ -129,7 +129,7 @@ class TrainConfig:
     data_dir: str | None = _f(None, "where data sets live (default: $VITEXP_DATA or the user cache)")
     sync_bn: bool = _f(False, "SyncBatchNorm for CNNs under torchrun")
     tensorboard: bool = _f(False, "log each epoch to OUT/tensorboard/KEY (pip install 'vitexp[tensorboard]')")
-    keep_weights: bool | None = _f(None, "write the evaluated weights at their best evaluation (the EMA's "
+    keep_weights: bool | None = _f(None, "write the final evaluated weights (the EMA's "
                                          "when --ema) to OUT/weights/KEY.pt (unset: for models of at most "
                                          "10M parameters)")
     skip_unreadable: bool = _f(False, "image folders: leave out image files that cannot be read (each named in "

@@ -241,7 +241,7 @@ class TrialStore:
         return self.root / "checkpoints" / f"{key}.pt"
 
     def weights_path(self, key: str) -> Path:
-        """A finished trial's kept weights (the evaluated model at its best evaluation)."""
+        """A finished trial's kept weights (the evaluated model at the end of training)."""
         return self.root / WEIGHTS / f"{key}.pt"
 
     def kept_weights(self) -> set[str]:

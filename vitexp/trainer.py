@@ -89,8 +89,7 @@ class Trial:
     source: Path | None = None  # the weights a fine-tune started from
     teacher: Path | None = None  # the kept weights that teach a distilled student
     distiller: Distiller | None = None  # the loss of a student with a teacher (else `criterion`)
-    keep_weights: bool = False  # write the evaluated weights at their best evaluation when the trial ends
-    best: dict | None = None  # those weights (a CPU copy of the state dict), while keep_weights
+    keep_weights: bool = False  # write the final evaluated weights when the trial ends
     state: TrialState = dataclasses.field(default_factory=TrialState)
 
 
@@ -250,8 +249,7 @@ def test_epoch(t: Trial, epoch: int) -> tuple[float, float]:
 def save_checkpoint(t: Trial, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(
         {"model": t.model.state_dict(), "opt": t.opt.state_dict(), "sched": t.sched.state_dict(),
-         "ema": t.ema.state_dict() if t.ema is not None else None, "state": dataclasses.asdict(t.state),
-         "best": t.best}, f))
+         "ema": t.ema.state_dict() if t.ema is not None else None, "state": dataclasses.asdict(t.state)}, f))
 
 
 def load_checkpoint(t: Trial, path: Path) -> None:
@@ -262,27 +260,19 @@ def load_checkpoint(t: Trial, path: Path) -> None:
     if t.ema is not None:
         t.ema.load_state_dict(saved["ema"])
     t.state = TrialState(**saved["state"])
-    t.best = saved.get("best")  # checkpoints written before weights were kept have none
-
-
-def keep_best(t: Trial, err: float) -> None:
-    """A CPU copy of the evaluated model's weights (the EMA's when cfg.ema: what top1_err
-    measures, BatchNorm statistics included) when ERR is its best evaluation so far; the first
-    of equal bests, as `top1_err`'s best_epoch. Rank 0 only: it alone writes them."""
-    col = "ema_err" if t.cfg.ema else "test_err"
-    earlier = [e for _, e in rows.evaluated(t.state.history, col)]
-    if t.keep_weights and t.dist.main and math.isfinite(err) and (not earlier or err < min(earlier)):
-        evaluated = t.ema.module if t.ema is not None else t.model
-        t.best = {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}
 
 
 def kept_weights(t: Trial, row: dict) -> dict | None:
-    """What `weights/KEY.pt` holds: the best evaluated weights and what they are (None: not kept)."""
-    if not t.keep_weights or t.best is None or t.state.diverged:
+    """What `weights/KEY.pt` holds (None: not kept): the final evaluated weights, the EMA's when
+    cfg.ema, BatchNorm statistics included: what `last_err` and `val_err` measure, so no test
+    image chose them (a fine-tune or a teacher starts from the model the study reports)."""
+    if not t.keep_weights or t.state.diverged:
         return None
+    evaluated = t.ema.module if t.ema is not None else t.model
     b = t.bundle
-    return {"state_dict": t.best, "key": t.key, "model": t.cfg.model, "model_def": t.cfg.model_def,
-            "evaluated": "ema" if t.cfg.ema else "model", "epoch": row["best_epoch"], "top1_err": row["top1_err"],
+    return {"state_dict": {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()},
+            "key": t.key, "model": t.cfg.model, "model_def": t.cfg.model_def,
+            "evaluated": "ema" if t.cfg.ema else "model", "epoch": row["epochs_run"], "last_err": row["last_err"],
             "dataset": t.cfg.dataset, "image_size": b.image_size, "in_chans": b.in_chans, "num_classes": b.num_classes}
 
 
@@ -324,7 +314,6 @@ def end_epoch(t: Trial, epoch: int, train_loss: float, train_s: float, images: i
         return None
     e0 = time.perf_counter()
     test_err, ema_err = test_epoch(t, epoch)
-    keep_best(t, ema_err if t.cfg.ema else test_err)
     seconds = train_s + time.perf_counter() - e0
     row = {"key": t.key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err, "ema_err": ema_err,
            "lr": t.sched.get_last_lr()[0], "seconds": seconds, "images_per_s": images / train_s}
