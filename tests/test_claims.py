@@ -99,7 +99,7 @@ def test_an_lr_grid_cell_is_narrowed_by_the_held_out_error_and_sizes_are_average
     text = arm("grid", "cand", by='["n_train"]', choose='"val_err"')
     row = claims.claims_table([tmp_path / "r"], claims_file(tmp_path / "c.toml", text)).iloc[0]
     assert row["effect"] == pytest.approx(1.5 + 0.1)  # sizes 100 and 200: (1 + 2) / 2, plus the seeds' mean 0.1
-    assert row["converged"] == "17/18 (2 of 3 n_train)" and row["seeds"] == 3
+    assert row["converged"] == "17/18 (2 of 3 n_train: 100, 200)" and row["seeds"] == 3
     several = arm("no choice", "cand")
     with pytest.raises(claims.UserError, match="matches 6 runs in one cell"):
         claims.claims_table([tmp_path / "r"], claims_file(tmp_path / "d.toml", several))
@@ -187,3 +187,15 @@ def test_an_arm_written_before_its_study_ran_is_untested_until_its_folder_exists
     assert (row["verdict"], row["converged"]) == ("untested", "not run yet")
     (results / "synthetic").rename(results / "not_yet")
     assert claims.claims_table([results], path).iloc[0]["verdict"] == "reproduces"
+
+
+def test_a_planned_arm_is_under_way_while_its_folder_lacks_a_term_and_names_the_sizes_it_averages(results, tmp_path):
+    later = arm("later", "bigger", planned="true")  # the folder exists, the model has not run yet
+    now = arm("now", "clear", planned="true").replace('plus = [', 'by = ["n_train"]\nplus = [')
+    path = claims_file(tmp_path / "c.toml", later + now)
+    table = claims.claims_table([results], path).set_index("arm")
+    assert (table.loc["later", "verdict"], table.loc["later", "converged"]) == ("untested", "under way")
+    assert table.loc["now", "verdict"] == "reproduces" and "1 of 1 n_train: 400" in table.loc["now", "converged"]
+    # an arm not marked planned whose selector matches nothing stays an error in the claims file
+    with pytest.raises(claims.UserError, match="matches no finished run"):
+        claims.claims_table([results], claims_file(tmp_path / "d.toml", arm("x", "bigger")))

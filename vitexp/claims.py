@@ -48,6 +48,7 @@ ARM_KEYS = ("name", "folders", "kind", "plus", "minus", "by", "pair", "choose", 
 CLAIM_KEYS = ("id", "title", "paper", "source", "arms")
 SPECIAL = ("fixed_budget",)  # selector keys that are not columns
 PLANNED = "not run yet"  # an arm written before its study ran, shown before its folder exists
+UNDER_WAY = "under way"  # ... and while its folder lacks a run some term needs (the study runs in parts)
 COLUMNS = ["claim", "arm", "paper", "effect", "lo", "hi", "interval", "seeds", "converged", "verdict"]
 
 
@@ -231,7 +232,9 @@ def evaluate_contrast(arm: Arm, runs: pd.DataFrame) -> dict:
     if arm.by:
         whole = per.groupby(arm.by)["ok"].transform("all")
         used = per.loc[whole, arm.by].drop_duplicates()
-        converged += f" ({len(used)} of {len(per[arm.by].drop_duplicates())} {'/'.join(arm.by)})"
+        values = ", ".join("/".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in row)
+                           for row in used.itertuples(index=False))
+        converged += f" ({len(used)} of {len(per[arm.by].drop_duplicates())} {'/'.join(arm.by)}: {values})"
         per = per.assign(ok=whole)
     by_seed = per[per["ok"]].groupby(arm.pair)["effect"].mean()
     n = len(by_seed)
@@ -283,17 +286,29 @@ def verdict(effect: float, lo: float, hi: float, testable: bool, expect: str, de
     return "inconclusive"
 
 
+def _all_run(arm: Arm, runs: pd.DataFrame) -> bool:
+    """Whether every term of ARM matches a finished run (a planned arm's study may be under way)."""
+    try:
+        for sel in arm.plus + arm.minus:
+            _select(arm, runs, sel)
+    except UserError:
+        return False
+    return True
+
+
 def evaluate(arms: list[Arm], roots=("results",)) -> pd.DataFrame:
     """One row per arm: the measured effect, its 95% interval, the seeds and converged trials it
     rests on, and the verdict by RULE."""
     cache, rows = {}, []
     for arm in arms:
-        if arm.planned and any(find_folder(f, roots) is None for f in arm.folders):
-            r = {"effect": math.nan, "lo": math.nan, "hi": math.nan, "interval": "t", "seeds": 0, "of_seeds": 0,
-                 "converged": PLANNED, "testable": False}
-        else:
+        runs = None
+        if not (arm.planned and any(find_folder(f, roots) is None for f in arm.folders)):
             runs = arm_runs(arm, roots, cache)
             _check_columns(arm, runs)
+        if runs is None or (arm.planned and not _all_run(arm, runs)):
+            r = {"effect": math.nan, "lo": math.nan, "hi": math.nan, "interval": "t", "seeds": 0, "of_seeds": 0,
+                 "converged": PLANNED if runs is None else UNDER_WAY, "testable": False}
+        else:
             r = evaluate_edf(arm, runs) if arm.kind == "edf" else evaluate_contrast(arm, runs)
         rows.append({"claim": arm.claim, "arm": arm.name, "paper": arm.paper, "kind": arm.kind, "expect": arm.expect,
                      "min_effect": arm.min_effect, "folders": " ".join(arm.folders), **r,
@@ -386,7 +401,7 @@ def forest_plot(table: pd.DataFrame, out: Path) -> list[Path]:
             if r.oriented_effect == r.oriented_effect:
                 ax.plot(r.oriented_effect, y, "o" if r.kind == "contrast" else "s", color=colour, ms=4)
             else:
-                why = " not run yet" if r.converged == PLANNED else " no converged seeds"
+                why = f" {r.converged}" if r.converged in (PLANNED, UNDER_WAY) else " no converged seeds"
                 ax.text(0, y, why, color=colour, fontsize=6, va="center")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(n), [f"({r.claim}) {r.arm}" for r in data.itertuples()][::-1], fontsize=6.5)
