@@ -234,7 +234,8 @@ def evaluate_contrast(arm: Arm, runs: pd.DataFrame) -> dict:
         used = per.loc[whole, arm.by].drop_duplicates()
         values = ", ".join("/".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in row)
                            for row in used.itertuples(index=False))
-        converged += f" ({len(used)} of {len(per[arm.by].drop_duplicates())} {'/'.join(arm.by)}: {values})"
+        converged += f" ({len(used)} of {len(per[arm.by].drop_duplicates())} {'/'.join(arm.by)}" + (
+            f": {values})" if values else ")")
         per = per.assign(ok=whole)
     by_seed = per[per["ok"]].groupby(arm.pair)["effect"].mean()
     n = len(by_seed)
