@@ -11,7 +11,8 @@ import torch
 import vitexp.models as vm
 from tests.conftest import REPO, assert_user_error, run_cli
 from vitexp.config import TrainConfig
-from vitexp.distill import Distiller, load_teacher, replay_agreement, teacher_columns
+from vitexp.distill import Distiller, load_teacher, teacher_columns
+from vitexp.replay import replay_agreement
 from vitexp.finetune import find_source, stage_source
 from vitexp.store import TrialStore
 from vitexp.trainer import run_trial

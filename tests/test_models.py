@@ -11,6 +11,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from conftest import assert_user_error, run_cli
+from vitexp.config import tuned_hparams
 from vitexp import models as vm
 from vitexp.cli import app
 from vitexp.errors import UserError
@@ -57,15 +58,15 @@ def test_registry():
         assert spec.name == name and spec.family in vm.FAMILIES
         assert vm.is_vit(name) == name.startswith(("vit_", "hybrid_"))
         for opt in ("adamw", "sgd"):
-            lr, wd = vm.tuned_hparams(name, opt)
+            lr, wd = tuned_hparams(name, opt)
             assert lr > 0 and wd > 0
-    assert vm.tuned_hparams("vit_c_4gf", "sgd") == (1.3, 2.2e-5)
-    assert vm.tuned_hparams("vit_p_36gf", "adamw") == vm.tuned_hparams("vit_p_18gf", "adamw")
-    assert vm.tuned_hparams("resnet50", "sgd") == vm.tuned_hparams("regnety_4gf", "sgd")
+    assert tuned_hparams("vit_c_4gf", "sgd") == (1.3, 2.2e-5)
+    assert tuned_hparams("vit_p_36gf", "adamw") == tuned_hparams("vit_p_18gf", "adamw")
+    assert tuned_hparams("resnet50", "sgd") == tuned_hparams("regnety_4gf", "sgd")
     with pytest.raises(UserError, match="closest: vit_c_50mf"):
         vm.get_spec("vit_c_50fm")
     with pytest.raises(UserError, match="adamw"):
-        vm.tuned_hparams("vit_c_50mf", "adam")
+        tuned_hparams("vit_c_50mf", "adam")
 
 
 @pytest.mark.parametrize("name", vm.list_models())

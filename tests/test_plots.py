@@ -8,7 +8,8 @@ from conftest import assert_user_error, run_cli
 
 from vitexp import analysis, plots
 from vitexp import report
-from vitexp.report import markdown_table, write_report
+from vitexp.markdown import markdown_table
+from vitexp.report import write_report
 from vitexp.rows import CONVERGENCE_RULE
 
 PROVENANCE = {"commit": "c0ffee123456", "torch": "2.4.0", "device": "NVIDIA H100", "host": "node7",

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, assert_user_error, run_cli
+from vitexp.config import tuned_hparams
 from vitexp import models as vmodels
 from vitexp.config import TrainConfig
 from vitexp.errors import UserError
@@ -41,7 +42,7 @@ def test_sampler_is_log_uniform_deterministic_and_in_range():
     spec = resolve_spec("stability", None, {"samples": 200, "optimizer": "sgd"}, {})
     rows = trials(spec)
     for m in spec["study"]["models"]:
-        lr, wd = vmodels.tuned_hparams(m, "sgd") if m not in spec.get("tuned", {}) else spec["tuned"][m]["sgd"]
+        lr, wd = tuned_hparams(m, "sgd") if m not in spec.get("tuned", {}) else spec["tuned"][m]["sgd"]
         mine = [t for t in rows if t.model == m]
         lrs = np.log([t.lr for t in mine])
         assert len(mine) == 200
@@ -66,7 +67,7 @@ def test_trial_key_is_stable_and_ignores_execution_fields():
     assert a.key() == TrainConfig(model="vit_p_1gf", lr=1e-3, wd=0.1, device="cuda", num_workers=9).key()
     assert a.key() != TrainConfig(model="vit_p_1gf", lr=2e-3, wd=0.1).key()
     # lr/wd left to the model's tuned values give the same key as spelling them out
-    lr, wd = vmodels.tuned_hparams("vit_p_1gf", "adamw")
+    lr, wd = tuned_hparams("vit_p_1gf", "adamw")
     assert TrainConfig(model="vit_p_1gf").key() == TrainConfig(model="vit_p_1gf", lr=lr, wd=wd).key()
     # the key is a pure function of the config: the same in a fresh interpreter
     code = "from vitexp.config import TrainConfig; print(TrainConfig(model='vit_p_1gf', lr=1e-3, wd=0.1).key())"

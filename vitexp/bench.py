@@ -29,6 +29,7 @@ from vitexp.errors import UserError
 from vitexp.optim import build_optimizer
 from vitexp.fileio import atomic_write_csv
 from vitexp.runtime import autocast, compile_model, device_name, resolve_device, sync
+from vitexp.runtime import workers as workers_for
 from vitexp.provenance import provenance
 
 # dense bf16 peak TFLOP/s (no sparsity) by device-name substring, first match wins
@@ -267,10 +268,8 @@ def calibrate(plan, workers: int | None, steps: int = 3) -> tuple[dict[str, floa
     """(speed_key -> training images/s of one worker process here, worker processes): a few
     timed steps of each model, image size and batch of PLAN on random data (the batch at most
     32 on a CPU), in the thread count each worker will have. For `--dry-run`'s time estimate."""
-    from vitexp.sweep.pool import workers as pool_size
-
     todo = plan.pending() or plan.trials
-    k, threads = pool_size(todo[0][1].device, todo, workers)
+    k, threads = workers_for(todo[0][1].device, todo, workers)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -27,6 +27,7 @@ import pandas as pd
 
 from vitexp import analysis
 from vitexp.errors import UserError, unknown
+from vitexp.markdown import markdown_table
 from vitexp.tomlfile import read_toml
 
 # The one rule. Effects are oriented so that the paper's direction is positive; delta is the
@@ -348,7 +349,6 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    from vitexp.report import markdown_table
 
     return markdown_table(display(table))
 

@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 
-from vitexp.errors import UserError
+from vitexp.errors import UserError, unknown
 
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("none", "autoaugment", "randaugment")
@@ -174,8 +174,6 @@ class TrainConfig:
             raise UserError(f"--fewshot shots must be positive, got {self.fewshot}")
         for name, choices in (("optimizer", OPTIMIZERS), ("augment", AUGMENTS), ("distillation", DISTILLATIONS)):
             if getattr(self, name) not in choices:
-                from vitexp.errors import unknown
-
                 raise unknown(name, getattr(self, name), choices)
 
     def _check_model_and_data(self) -> None:
@@ -249,7 +247,6 @@ class TrainConfig:
         compile decided where unset, precise_bn cut to the training images there are, and image_size where the data's own size would not fit the ViT's patches (a 7mf
         ViT's 8 px patches on 28 px Fashion-MNIST: resized to the model's 32 px)."""
         from vitexp.data.datasets import dataset_info
-        from vitexp.models import tuned_hparams
 
         spec, info = self.model_spec(), dataset_info(self.dataset)
         lr, wd = self.lr, self.wd
@@ -348,3 +345,37 @@ def _default(f: dataclasses.Field):
 
 def config_fields() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
+
+
+def tuned_hparams(name: str, optimizer: str) -> tuple[float, float]:
+    """(lr at batch 2048, wd) tuned for this model and optimizer: the model zoo's values (a
+    preset's [tuned.MODEL] table overrides them in a study)."""
+    from vitexp.models.registry import get_spec
+
+    if optimizer not in OPTIMIZERS:
+        raise unknown("optimizer", optimizer, OPTIMIZERS)
+    spec = get_spec(name)
+    if optimizer not in spec.tuned:
+        table = f'"{name}"' if ":" in name else name  # a TOML key with a colon is quoted
+        raise UserError(f"{name} has no tuned (lr, wd) for {optimizer}; give --lr and --wd, a [tuned.{table}] "
+                        f"table in the preset ({optimizer} = [LR, WD]), or find them with `vitexp tune`")
+    return spec.tuned[optimizer]
+
+
+def check_tuned(model: str, per_opt) -> None:
+    """A [tuned.MODEL] table: known optimizers, each [LR, WD] with a finite lr > 0 and wd >= 0."""
+    if not isinstance(per_opt, dict):
+        raise UserError(f"[tuned.{model}] must hold one entry per optimizer, got {per_opt!r}")
+    for opt, v in per_opt.items():
+        if opt not in OPTIMIZERS:
+            raise unknown(f"optimizer in [tuned.{model}]", opt, OPTIMIZERS)
+        _check_tuned(v, f"[tuned.{model}] {opt}", opt)
+
+
+def _check_tuned(v, where: str, opt: str) -> None:
+    try:
+        lr, wd = (float(x) for x in v)
+    except (TypeError, ValueError):
+        raise UserError(f"{where} must be [LR, WD], got {v!r}; e.g. {opt} = [1e-3, 0.05]") from None
+    if not (math.isfinite(lr) and math.isfinite(wd) and lr > 0 and wd >= 0):
+        raise UserError(f"{where} = [{lr:g}, {wd:g}]: lr must be finite and > 0, wd finite and >= 0")

@@ -19,16 +19,15 @@ import base64
 import html
 import math
 import os
-import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from vitexp import analysis, plots, studies
 from vitexp.errors import UserError
 from vitexp.fileio import atomic_write
+from vitexp.markdown import cells, markdown_table, md_escape
 from vitexp.store import TrialStore
 
 PROVENANCE = ("commit", "vitexp", "torch", "device", "host")
@@ -237,31 +236,6 @@ def _provenance(runs: pd.DataFrame, folders) -> list[tuple]:
 
 # -- rendering -------------------------------------------------------------------------------
 
-def _fmt(v, integral: bool = False) -> str:
-    """One cell: INTEGRAL columns as integers, errors (>= 1) to 2 decimals, small
-    numbers (lr, wd) to 3 significant digits, missing as blank."""
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else ""
-    if isinstance(v, (float, np.floating)):
-        if not np.isfinite(v):
-            return "" if np.isnan(v) else str(v)
-        if integral:
-            return str(int(v))
-        return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
-    return "" if v is None else str(v)
-
-
-def cells(df: pd.DataFrame) -> pd.DataFrame:
-    """DF as strings, column by column (a float column of whole numbers reads as integers)."""
-    out = {}
-    for col in df.columns:
-        values = df[col]
-        num = pd.to_numeric(values, errors="coerce") if values.dtype.kind == "f" else None
-        integral = num is not None and bool(np.all(np.mod(num.dropna(), 1) == 0))
-        out[col] = [_fmt(v, integral) for v in values]
-    return pd.DataFrame(out, columns=df.columns)
-
-
 def _by_model(df: pd.DataFrame) -> pd.DataFrame:
     """Rows in the figures' order: optimizer (AdamW, SGD), then model family and size."""
     models = {m: i for i, m in enumerate(plots.model_order(df["model"]))}
@@ -269,25 +243,6 @@ def _by_model(df: pd.DataFrame) -> pd.DataFrame:
     keys = pd.DataFrame({"o": df["optimizer"].map(opts).fillna(len(opts)) if "optimizer" in df else 0,
                          "m": df["model"].map(models)}, index=df.index)
     return df.loc[keys.sort_values(["o", "m"], kind="stable").index].reset_index(drop=True)
-
-
-_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|])")
-
-
-def md_escape(text: str) -> str:
-    """TEXT as literal Markdown: its special characters backslash-escaped, on one line."""
-    return _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (pandas' to_markdown needs tabulate)."""
-    def cell(text):
-        return md_escape(text)
-
-    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |",
-             "|" + "|".join("---" for _ in df.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in cells(df).itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def render_markdown(blocks, base: Path) -> str:

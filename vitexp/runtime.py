@@ -108,3 +108,25 @@ def free_memory() -> None:
     """Hand cached GPU memory back after a failed trial (its tensors are gone)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile / DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def workers(device: str, todo: list, asked: int | None) -> tuple[int, int | None]:
+    """(processes, threads per process; None: leave torch's default). Default: one
+    process on a GPU and on one core; on a multi-core CPU one single-thread worker per
+    core (at most one per trial)."""
+    on_cpu = resolve_device(device).type == "cpu"
+    if asked is None:
+        if not on_cpu or cores() == 1:
+            return 1, None
+        return min(cores(), len(todo)), 1
+    return asked, (max(1, cores() // asked) if on_cpu and asked > 1 else None)

@@ -12,10 +12,9 @@ from vitexp.models.registry import (
     get_spec,
     is_vit,
     list_models,
-    tuned_hparams,
     unwrap,
 )
 from vitexp.models.vit import conv_stem_configs, interpolate_pos_embed, resize_pos_embed
 
 __all__ = ["FAMILIES", "ModelSpec", "build_model", "classifier", "complexity", "complexity_table", "flop_counter", "conv_stem_configs", "features",
-           "get_spec", "interpolate_pos_embed", "is_vit", "list_models", "resize_pos_embed", "tuned_hparams", "unwrap"]
+           "get_spec", "interpolate_pos_embed", "is_vit", "list_models", "resize_pos_embed", "unwrap"]

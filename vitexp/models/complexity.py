@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitexp.errors import UserError
 from vitexp.fileio import atomic_write
-from vitexp.models.registry import ModelSpec, build_model, get_spec, list_models, unwrap
+from vitexp.models.registry import ModelSpec, build_model, get_spec, list_models
+from vitexp.runtime import unwrap
 
 _aten = torch.ops.aten
 # counted costs of registered models ($VITEXP_CACHE, else ~/.cache/vitexp)

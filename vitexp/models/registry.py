@@ -13,19 +13,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from dataclasses import dataclass, field
 
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from vitexp.config import OPTIMIZERS
 from vitexp.errors import UserError, unknown
-from vitexp.models.cnn import build_regnety, build_resnet, stages_stride
+from vitexp.runtime import unwrap
+from vitexp.models.cnn import build_regnety, build_resnet
+from vitexp.models.spec import BUILDER_FAMILIES, FAMILIES, ModelSpec
 from vitexp.models.vit import add_distillation_token, build_hybrid, build_vit
 
-# model families: the figures' colours, the claims, and the names [ranges.FAMILY] takes
-FAMILIES = ("vit_p", "vit_c", "hybrid", "regnety", "resnet", "cnn", "other")
-BUILDER_FAMILIES = ("vit_p", "vit_c", "hybrid", "regnety", "resnet")  # the families vitexp's own builders build
 # the keywords of vitexp's builders a [models.NAME] table may give, (required, optional)
 BUILDER_KEYS = {"vit": (("width", "depth", "heads", "mlp", "patch"), ("stem", "registers")),
                 "hybrid": (("layers", "width", "depth", "heads", "mlp"), ("widths", "stem_stride")),
@@ -33,35 +30,6 @@ BUILDER_KEYS = {"vit": (("width", "depth", "heads", "mlp", "patch"), ("stem", "r
                 "regnety": (("depths", "widths", "group_width"), ("stem_width",))}
 TABLE_KEYS = ("family", "builder", "timm", "resolution")  # a [models.NAME] table's own keys; the rest: builder keywords
 DEFAULT_RESOLUTION = 32  # a preset's vitexp-built model without `resolution`: the small family's
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    family: str  # one of FAMILIES
-    resolution: int  # native input size in px
-    kwargs: dict = field(hash=False)  # architecture, passed to the family's builder (or timm.create_model)
-    tuned: dict = field(hash=False)  # optimizer -> (lr at batch 2048, wd)
-    timm: str | None = None  # the timm model it is built as (None: vitexp's builders)
-
-    @property
-    def is_vit(self) -> bool:
-        """Built by vitexp as a torchvision ViT, hybrids included (patch-size rules, position embeddings)."""
-        return self.timm is None and self.family in ("vit_p", "vit_c", "hybrid")
-
-    def patch(self, image_size: int | None = None) -> int | None:
-        """The pixels one token covers at IMAGE_SIZE (default: native): a ViT's patch, a hybrid's
-        CNN stride; None for other models."""
-        if not self.is_vit:
-            return None
-        if self.family != "hybrid":
-            return self.kwargs["patch"]
-        k = self.kwargs
-        return stages_stride(k["layers"], k.get("widths"), k.get("stem_stride", 1), image_size or self.resolution)
-
-    @property
-    def builtin(self) -> bool:
-        return self.name in _BUILTIN
 
 
 # [EC] Table 4 (tuned at 50 epochs), lr at batch 2048
@@ -92,7 +60,7 @@ _SPECS: dict[str, ModelSpec] = {}
 
 
 def _add(name, family, resolution, tuned, **kwargs):
-    _SPECS[name] = ModelSpec(name, family, resolution, kwargs, tuned)
+    _SPECS[name] = ModelSpec(name, family, resolution, kwargs, tuned, builtin=True)
 
 
 def _vit_twins(level: str, resolution: int, patch: int, width: int, depth: int, heads: int, mlp: int,
@@ -301,18 +269,6 @@ def get_spec(name: str) -> ModelSpec:
     return _SPECS[name]
 
 
-def tuned_hparams(name: str, optimizer: str) -> tuple[float, float]:
-    """(lr at batch 2048, wd) tuned for this model and optimizer."""
-    spec = get_spec(name)
-    if optimizer in spec.tuned:
-        return spec.tuned[optimizer]
-    if optimizer in OPTIMIZERS:  # a known optimizer this model has no values for
-        table = f'"{name}"' if ":" in name else name  # a TOML key with a colon is quoted
-        raise UserError(f"{name} has no tuned (lr, wd) for {optimizer}; give --lr and --wd, a [tuned.{table}] "
-                        f"table in the preset ({optimizer} = [LR, WD]), or find them with `vitexp tune`")
-    raise unknown("optimizer", optimizer, spec.tuned)
-
-
 def build_model(name: str | ModelSpec, image_size: int | None = None, in_chans: int = 3, num_classes: int = 1000,
                 patch_size: int | None = None, dropout: float = 0.0, distilled: bool = False) -> nn.Module:
     """A fresh model (from its name or its spec); image_size None means the model's native
@@ -368,12 +324,6 @@ def _probe(spec: ModelSpec, image_size: int, in_chans: int, num_classes: int) ->
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"model {spec.name} outputs {got} for a batch of 2 {what}, not (2, {num_classes}) "
                         f"logits; give a classifier (num_classes is set by vitexp)")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile / DDP wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 def is_vit(model_or_name) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vitexp.errors import UserError, unknown
-from vitexp.models.registry import FAMILIES, ModelSpec
+from vitexp.models.spec import FAMILIES, ModelSpec
 
 DEFAULT_RESOLUTION = 224  # a timm model without img_size or a pretrained config: ImageNet's
 # `init` of a [models.NAME] table (vitexp's keyword, not timm's): "timm" keeps timm's init;

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
 
 from vitexp.errors import UserError
+from vitexp.runtime import unwrap
 
 
 def conv_stem_configs(width: int, patch_size: int, stem: tuple | None = None) -> list[ConvStemConfig]:
@@ -180,8 +181,6 @@ def interpolate_pos_embed(pe: torch.Tensor, grid: tuple[int, int], prefix: int =
 def resize_pos_embed(model: nn.Module, image_size: int) -> None:
     """Resize a ViT's position embeddings in place for `image_size` (`interpolate_pos_embed`)
     so forward works there."""
-    from vitexp.models.registry import unwrap
-
     vit = unwrap(model)
     if not isinstance(vit, VisionTransformer):
         raise UserError(f"resize_pos_embed needs a ViT, got {type(vit).__name__}")

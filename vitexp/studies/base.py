@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from vitexp import models as vmodels
-from vitexp.config import OPTIMIZERS, TrainConfig, config_fields
+from vitexp.config import OPTIMIZERS, TrainConfig, check_tuned, config_fields, tuned_hparams
 from vitexp.errors import UserError, unknown
 
 # [study] keys every kind understands
@@ -170,7 +170,7 @@ def tuned(spec: dict, model: str, optimizer: str) -> tuple[float, float]:
     t = spec.get("tuned", {}).get(model, {}).get(optimizer)
     if t is not None:
         return float(t[0]), float(t[1])
-    return vmodels.tuned_hparams(model, optimizer)
+    return tuned_hparams(model, optimizer)
 
 
 def sampling_range(spec: dict, model: str, optimizer: str,
@@ -268,25 +268,6 @@ def check_tables(spec: dict) -> None:
                 if opt not in OPTIMIZERS:
                     raise unknown(f"optimizer in [{table}.{model}]", opt, OPTIMIZERS)
                 range_pair(v, f"[ranges.{model}.{opt}]")
-
-
-def check_tuned(model: str, per_opt) -> None:
-    """A [tuned.MODEL] table: known optimizers, each [LR, WD] with a finite lr > 0 and wd >= 0."""
-    if not isinstance(per_opt, dict):
-        raise UserError(f"[tuned.{model}] must hold one entry per optimizer, got {per_opt!r}")
-    for opt, v in per_opt.items():
-        if opt not in OPTIMIZERS:
-            raise unknown(f"optimizer in [tuned.{model}]", opt, OPTIMIZERS)
-        _check_tuned(v, f"[tuned.{model}] {opt}", opt)
-
-
-def _check_tuned(v, where: str, opt: str) -> None:
-    try:
-        lr, wd = (float(x) for x in v)
-    except (TypeError, ValueError):
-        raise UserError(f"{where} must be [LR, WD], got {v!r}; e.g. {opt} = [1e-3, 0.05]") from None
-    if not (math.isfinite(lr) and math.isfinite(wd) and lr > 0 and wd >= 0):
-        raise UserError(f"{where} = [{lr:g}, {wd:g}]: lr must be finite and > 0, wd finite and >= 0")
 
 
 def check_spec(spec: dict, study: Study) -> tuple[dict, TrainConfig]:

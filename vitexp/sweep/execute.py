@@ -208,7 +208,7 @@ def _execute(plan: Plan, workers: int | None, progress: bool | None, fuse: int |
     fallen between a record and the tables; what cannot be read is set aside, so it runs again),
     then the pending trials, here or in workers."""
     from vitexp.fused import default_k
-    from vitexp.sweep.pool import run_pool, workers as pool_size
+    from vitexp.sweep.pool import run_pool
 
     store = plan.store
     seen = store.refresh()  # the one read of the records this run makes
@@ -216,7 +216,7 @@ def _execute(plan: Plan, workers: int | None, progress: bool | None, fuse: int |
     if not todo:
         return store.runs()
     preflight(plan, todo)
-    k, threads = pool_size(todo[0][1].device, todo, workers)
+    k, threads = runtime.workers(todo[0][1].device, todo, workers)
     fuse = default_k(todo[0][1].device) if fuse is None else fuse
     before = store.snapshot()
     store.claim_for(lambda: check_folder(store, plan.spec), dumps(plan.spec))  # checked again under the lock
@@ -235,7 +235,7 @@ def _execute(plan: Plan, workers: int | None, progress: bool | None, fuse: int |
                 if k == 1 and threads is None:
                     run_trials(store, todo, seen, bar, fuse, on_start)
                 else:
-                    run_pool(store, todo, seen, k, threads, bar, fuse)
+                    run_pool(run_trials, store, todo, seen, k, threads, bar, fuse)
         except Interrupted as e:
             store.logger().info("interrupted (%s); rerun the same command to resume", e.name)
             raise

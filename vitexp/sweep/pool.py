@@ -17,28 +17,11 @@ import sys
 import time
 import traceback
 
-from vitexp import runtime
 from vitexp.errors import Interrupted, StudyFailed, UserError, stop_on_signals
 from vitexp.store import TrialStore
 from vitexp.ui import StudyProgress, trial_images, trial_label, trial_summary
 
 POLL_S = 1.0  # how often the parent looks at the folder
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def workers(device: str, todo: list, asked: int | None) -> tuple[int, int | None]:
-    """(processes, threads per process; None: leave torch's default). Default: one
-    process on a GPU and on one core; on a multi-core CPU one single-thread worker per
-    core (at most one per trial)."""
-    on_cpu = runtime.resolve_device(device).type == "cpu"
-    if asked is None:
-        if not on_cpu or cores() == 1:
-            return 1, None
-        return min(cores(), len(todo)), 1
-    return asked, (max(1, cores() // asked) if on_cpu and asked > 1 else None)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -51,10 +34,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker(out: str, todo: list, seen: dict, threads: int | None, parent: int, errors, fuse: int) -> None:
-    """A worker process: the same trial loop, quiet; errors go to the parent as one line."""
-    from vitexp.sweep.execute import run_trials
-
+def _worker(run_trials, out: str, todo: list, seen: dict, threads: int | None, parent: int, errors,
+            fuse: int) -> None:
+    """A worker process: the parent's trial loop RUN_TRIALS, quiet; errors go to the parent as one line."""
     _die_with_parent(parent)
     if threads:
         import torch
@@ -77,12 +59,13 @@ def _worker(out: str, todo: list, seen: dict, threads: int | None, parent: int, 
         sys.exit(1)
 
 
-def run_pool(store: TrialStore, todo: list, seen: dict, k: int, threads: int | None, bar: StudyProgress,
+def run_pool(run_trials, store: TrialStore, todo: list, seen: dict, k: int, threads: int | None, bar: StudyProgress,
              fuse: int) -> None:
-    """Train TODO in K worker processes; returns when they all have ended."""
+    """Train TODO in K worker processes, each running RUN_TRIALS (the sweep's trial loop, a
+    module-level function: spawn pickles it by name); returns when they all have ended."""
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
     errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(str(store.root), todo, seen, threads, os.getpid(), errors, fuse))
+    procs = [ctx.Process(target=_worker, args=(run_trials, str(store.root), todo, seen, threads, os.getpid(), errors, fuse))
              for _ in range(min(k, len(todo)))]
     ignore = signal.signal(signal.SIGINT, signal.SIG_IGN)  # workers start deaf to a terminal's Ctrl-C
     try:  # (it reaches the whole process group) until their own handler is in place: no traceback

@@ -71,8 +71,8 @@ def read_preset(name_or_path: str) -> tuple[Path, dict]:
 def define_models(spec: dict) -> dict:
     """NAME -> table of a spec's [models.NAME] tables, each defined in this process with its
     [tuned.NAME] values (checked first)."""
+    from vitexp.config import check_tuned
     from vitexp.models.registry import define
-    from vitexp.studies.base import check_tuned
 
     tables = spec.get("models", {})
     tuned = spec.get("tuned", {})
