@@ -13,7 +13,7 @@ from tests.conftest import REPO, assert_user_error, run_cli
 from vitexp.config import TrainConfig
 from vitexp.distill import Distiller, load_teacher, teacher_columns
 from vitexp.replay import replay_agreement
-from vitexp.finetune import find_source, stage_source
+from vitexp.source import find_source
 from vitexp.store import TrialStore
 from vitexp.trainer import run_trial
 
@@ -92,7 +92,7 @@ def test_the_teacher_is_frozen_and_its_key_is_in_the_students(tmp_path):
     student = TrainConfig(**{**TEACHER.to_dict(), "model": "vit_p_7mf", "teacher": source.init_from(),
                              "extra": teacher_columns(source)})
     assert student.key() != TrainConfig(**{**student.to_dict(), "teacher": {**source.init_from(), "key": "0" * 12}}).key()
-    stage_source(source, tmp_path / "student")
+    TrialStore(tmp_path / "student", create=False).stage_weights(source.weights, source.key)
     before = {k: v.clone() for k, v in torch.load(source.weights, weights_only=True)["state_dict"].items()}
     seen = {}
     import vitexp.trainer as trainer
@@ -125,7 +125,7 @@ def test_a_killed_student_resumes_to_the_uninterrupted_result(tmp_path):
     source = find_source(str(tmp_path / "teacher"))
     student = TrainConfig(**{**TEACHER.to_dict(), "model": "vit_p_7mf", "epochs": 3, "teacher": source.init_from()})
     for name in ("whole", "killed"):
-        stage_source(source, tmp_path / name)
+        TrialStore(tmp_path / name, create=False).stage_weights(source.weights, source.key)
     whole = run_trial(student, out=tmp_path / "whole")
 
     def die(ev):

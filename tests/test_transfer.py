@@ -12,9 +12,10 @@ from tests.conftest import assert_user_error, run_cli
 from vitexp.config import TrainConfig, config_fields
 from vitexp.data import load_data
 from vitexp.errors import UserError
-from vitexp.finetune import find_source, head_keys, load_source, read_weights
+from vitexp.finetune import head_keys, load_source
+from vitexp.source import find_source
 from vitexp.models.registry import SMALL_LEVELS
-from vitexp.store import TrialStore
+from vitexp.store import TrialStore, read_weights
 from vitexp.trainer import run_trial
 
 SRC = TrainConfig(model="vit_p_7mf", dataset="shapes:0-4", n_train=200, n_test=100, batch_size=50, epochs=2,
@@ -136,14 +137,14 @@ def test_finetune_chooses_the_lr_on_held_out_images_and_says_where_it_came_from(
 
 @pytest.mark.slow
 def test_a_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path):
-    from vitexp.finetune import finetune_fields, stage_source
+    from vitexp.finetune import finetune_fields
 
     run_trial(SRC, out=tmp_path / "src")
     source = find_source(str(tmp_path / "src"))
     cfg = TrainConfig(**{**SRC.to_dict(), **finetune_fields(source, "shapes:5-9", 150, 30, 12, 0.3, 0.2, 64)})
     rows = {}
     for name in ("whole", "killed"):
-        stage_source(source, tmp_path / name)
+        TrialStore(tmp_path / name, create=False).stage_weights(source.weights, source.key)
     rows["whole"] = run_trial(cfg, out=tmp_path / "whole")
 
     def die(ev):

@@ -102,3 +102,22 @@ def test_damaged_kept_weights_are_one_line_and_the_source_is_untouched(tmp_path,
     assert_user_error(taught, str(path.name), "weights")
     assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "ft").exists() and not (tmp_path / "t").exists()
+
+
+def test_the_store_stages_another_folders_weights_atomically_and_once(tmp_path, monkeypatch):
+    from vitexp.store import weights_file
+
+    src = TrialStore(tmp_path / "a")
+    src.record("k" * 12, {"key": "k" * 12, "status": "ok"}, weights={"state_dict": {"w": torch.ones(2)}})
+    path = src.weights_path("k" * 12)
+    assert weights_file(path) == (tmp_path / "a", "k" * 12) and weights_file(tmp_path / "a" / "x.pt") is None
+    before = path.read_bytes()
+    dest = TrialStore(tmp_path / "b", create=False)
+    dest.stage_weights(path, "k" * 12)
+    assert dest.weights_path("k" * 12).read_bytes() == before == path.read_bytes()
+    assert [p.name for p in dest.weights_path("k" * 12).parent.iterdir()] == ["k" * 12 + ".pt"]  # no temporary left
+    written = []
+    monkeypatch.setattr("vitexp.store.atomic_write", lambda p, c: written.append(p))
+    dest.stage_weights(path, "k" * 12)  # already there: not copied again
+    src.stage_weights(path, "k" * 12)  # its own file: nothing to do
+    assert written == []

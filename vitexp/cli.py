@@ -185,7 +185,7 @@ def train(out: Path, **kwargs):
     fields = _preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))
     if teacher is not None:
         from vitexp.distill import teacher_columns
-        from vitexp.finetune import find_source, stage_source
+        from vitexp.source import find_source
 
         teacher = find_source(teacher, "--teacher")
         fields.update(teacher=teacher.init_from(), extra={**fields.get("extra", {}), **teacher_columns(teacher)})
@@ -212,7 +212,7 @@ def train(out: Path, **kwargs):
                 store.create()
                 store.logger().info("train %s: %s; %s", cfg.key(), trial_label(cfg.to_dict()), hparams_line(cfg, source))
                 if teacher is not None:
-                    stage_source(teacher, store.root)
+                    store.stage_weights(teacher.weights, teacher.key)
             row = run_trial(cfg, store=store, progress=bar)
             if main:
                 store.rebuild()
@@ -301,7 +301,7 @@ def finetune(source: str = typer.Option(..., "--from", help="the finished trial 
     from vitexp.config import TrainConfig
     from vitexp.data import check_data
     from vitexp.errors import stop_on_signals
-    from vitexp.finetune import FINETUNE_LRS, budget_steps, chosen, plan_finetune, stage_source
+    from vitexp.finetune import FINETUNE_LRS, budget_steps, chosen, plan_finetune
     from vitexp.store import TrialStore
     from vitexp.sweep.plan import check_folder
     from vitexp.trainer import run_trial
@@ -318,7 +318,7 @@ def finetune(source: str = typer.Option(..., "--from", help="the finished trial 
     with store.undo_on_refusal(), stop_on_signals(), \
             StudyProgress(len(cfgs), sum(trial_images(c) for c in cfgs), enabled=progress) as bar:
         store.create()
-        stage_source(src, store.root)
+        store.stage_weights(src.weights, src.key)
         for cfg in cfgs:
             bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
             rows.append(run_trial(cfg, store=store, progress=bar))
@@ -403,7 +403,7 @@ def plan_from_params(study, kwargs: dict):
     teacher = kwargs.get("teacher")
     if teacher is not None:
         from vitexp.distill import teacher_columns
-        from vitexp.finetune import find_source
+        from vitexp.source import find_source
 
         teacher = find_source(teacher, "--teacher")
         config.update(teacher=teacher.init_from(), extra=teacher_columns(teacher))

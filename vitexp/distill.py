@@ -1,6 +1,6 @@
 """DeiT's distillation through attention (Touvron et al., ICML 2021): a ViT student with a
 distillation token (`DistilledViT`) learns from a frozen teacher's outputs on the same
-augmented batch. The teacher is a finished trial's kept weights (`vitexp.finetune.Source`),
+augmented batch. The teacher is a finished trial's kept weights (`vitexp.source.Source`),
 in eval mode and without gradients; its key is in the student's (`TrainConfig.teacher`).
 """
 
@@ -14,7 +14,8 @@ from torch import nn
 
 from vitexp import models as vmodels
 from vitexp.config import TrainConfig
-from vitexp.finetune import Source, read_weights
+from vitexp.source import Source
+from vitexp.store import read_weights
 
 
 class Distiller:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +24,7 @@ from vitexp.config import TrainConfig
 from vitexp.data.datasets import dataset_info
 from vitexp.errors import UserError
 from vitexp.models.vit import interpolate_pos_embed
+from vitexp.source import Source, find_source
 
 # [ViT] App. B.1.1: SGD with momentum 0.9, no weight decay, global grad-norm clip 1, cosine decay
 # after a short linear warmup, a fixed number of steps, no label smoothing or regularisers; no EMA
@@ -84,94 +83,6 @@ def _fit(name: str, w: torch.Tensor, target: torch.Tensor, model: nn.Module) -> 
                     f"{tuple(target.shape)}; fine-tune on images of the same channels (1 or 3)")
 
 
-WEIGHTS_KEYS = ("model", "state_dict", "image_size", "in_chans", "num_classes", "dataset")  # what rebuilding needs
-
-
-def read_weights(path: Path) -> dict:
-    """A kept weights file (trainer.keep_weights writes them), or one line naming the file and
-    what is wrong with it: unreadable (random bytes, cut short) or not vitexp's."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights-only errors of every kind: the file is not usable
-        why = " ".join(str(e).split())[:120] or type(e).__name__
-        raise UserError(f"{path} is not a readable weights file ({type(e).__name__}: {why}); rerun the trial "
-                        f"that kept it, or give another") from None
-    missing = [k for k in WEIGHTS_KEYS if not isinstance(saved, dict) or k not in saved]
-    if missing:
-        raise UserError(f"{path} is a torch file but not vitexp's kept weights (no {', '.join(missing)}); give "
-                        f"a weights/KEY.pt that a vitexp trial wrote")
-    return saved
-
-
-# -- where the weights come from ------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """A finished trial with kept weights, and what a fine-tune records of it."""
-
-    key: str
-    model: str
-    model_def: dict
-    dataset: str
-    n_train: int | None
-    image_size: int
-    in_chans: int
-    weights: Path | None = None  # None: a trial still to run (the transfer study plans on it)
-
-    @classmethod
-    def planned(cls, cfg: TrainConfig) -> "Source":
-        """The source a resolved trial config will be once it has run."""
-        info = dataset_info(cfg.dataset)
-        return cls(key=cfg.key(), model=cfg.model, model_def=cfg.model_def, dataset=cfg.dataset, n_train=cfg.n_train,
-                   image_size=cfg.image_size or info.image_size, in_chans=info.in_chans)
-
-    def init_from(self) -> dict:
-        """What a fine-tune's config (and key) holds of its source."""
-        return {"key": self.key, "model": self.model, "dataset": self.dataset, "n_train": self.n_train,
-                "image_size": self.image_size}
-
-
-def find_source(text: str, option: str = "--from") -> Source:
-    """The trial SOURCE names: `DIR:KEY`, `DIR` (a folder of one finished trial, e.g. a
-    `vitexp train` folder) or a kept weights file `DIR/weights/KEY.pt`; every way it can be
-    unusable is one line naming the fix."""
-    from vitexp.store import TrialStore
-
-    path, key = Path(text), None
-    if path.suffix == ".pt" and TrialStore(path.parent.parent, create=False).weights_path(path.stem) == path:
-        path, key = path.parent.parent, path.stem
-    elif not path.exists() and ":" in text:
-        folder, key = text.rsplit(":", 1)
-        path = Path(folder)
-    if not path.is_dir():
-        raise UserError(f"{option} {text}: no such folder; give a study or train folder, DIR:KEY to pick one of its "
-                        f"trials, or a weights/KEY.pt file")
-    store = TrialStore(path, create=False)
-    done = store.finished()
-    if key is None:
-        ok = [k for k, r in done.items() if r.get("status") == "ok"]
-        if len(ok) != 1:
-            raise UserError(f"{option} {text}: the folder holds {len(ok)} finished trials; pick one as {text}:KEY "
-                            f"(the key column of its runs table)")
-        key = ok[0]
-    row = done.get(key)
-    if row is None:
-        where = "is still running or was interrupted" if store.checkpoint_path(key).exists() else "is not there"
-        raise UserError(f"{option} {text}: trial {key} {where}; finish it first (rerun its command) or pick "
-                        f"another of {path}'s finished trials")
-    if row.get("status") != "ok" or row.get("diverged"):
-        why = "diverged" if row.get("diverged") else f"failed ({row.get('error', '?')})"
-        raise UserError(f"{option} {text}: trial {key} {why}; nothing to start from: pick a finished trial")
-    weights = store.weights_path(key)
-    if not weights.exists():
-        raise UserError(f"{option} {text}: trial {key} kept no weights; rerun it with --keep-weights (a new "
-                        f"folder, or delete its trials/{key}.json first)")
-    saved = read_weights(weights)
-    return Source(key=key, weights=weights, model=saved["model"], model_def=saved.get("model_def") or {},
-                  dataset=saved["dataset"], n_train=row.get("n_train"), image_size=int(saved["image_size"]),
-                  in_chans=int(saved["in_chans"]))
-
-
 def finetune_fields(source: Source, dataset: str, n_train: int | None, batch_size: int, steps: int, lr: float,
                     holdout: float, image_size: int | None = None) -> dict:
     """The TrainConfig fields of a fine-tune of SOURCE on DATASET (N_TRAIN of its training
@@ -210,18 +121,6 @@ def check_target(source: Source, dataset: str) -> None:
     if chans != source.in_chans and 1 not in (chans, source.in_chans):
         raise UserError(f"--from {source.key} was trained on {source.in_chans}-channel images, {dataset} has "
                         f"{chans}; fine-tune on images of the same channels, or grey (1) from/to colour")
-
-
-def stage_source(source: Source, out: Path) -> None:
-    """The source weights into OUT's kept weights (fine-tune trials read them from their own folder,
-    so the folder is complete and moves, shards and collects as one)."""
-    from vitexp.store import TrialStore
-
-    dest = TrialStore(out, create=False).weights_path(source.key)
-    if dest.resolve() != source.weights.resolve() and not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source.weights, dest.with_suffix(".tmp"))
-        dest.with_suffix(".tmp").replace(dest)
 
 
 def plan_finetune(source_text: str, base: TrainConfig, steps: int, lrs, holdout: float,

@@ -16,6 +16,7 @@ import dataclasses
 import shutil
 
 from vitexp.errors import UserError
+from vitexp.store import TrialStore
 from vitexp.sweep.plan import Plan
 
 
@@ -55,7 +56,7 @@ def submit(plan: Plan, shards: int, cluster: str | None = None, wait: bool = Fal
         raise UserError("--cluster slurm needs SLURM's sbatch, and there is none here; run on the cluster's "
                         "login node, or use --cluster local")
     try:
-        executor = submitit.AutoExecutor(folder=plan.out / "slurm" / "%j", cluster=cluster)
+        executor = submitit.AutoExecutor(folder=TrialStore(plan.out, create=False).slurm_dir / "%j", cluster=cluster)
     except RuntimeError as e:
         raise UserError(f"submitit cannot use this cluster ({str(e).splitlines()[0]}); run on the cluster's "
                         f"login node, or use --cluster local") from None

@@ -42,7 +42,7 @@ def figure_dir(folders, out: str | Path | None) -> Path:
         return Path(out)
     if len(folders) > 1:
         raise UserError("several folders combine into one figure set: pass --out FOLDER for it")
-    return Path(folders[0]) / "figures"
+    return TrialStore(folders[0], create=False).figures_dir
 
 
 def _hints() -> dict:
@@ -127,7 +127,7 @@ def _section(kind: str, runs: pd.DataFrame, out: Path, n_boot: int, seed: int) -
         table = analysis.model_table(runs, by=("model", "dataset", "optimizer", "epochs", "n_train"))
         return blocks + [("h3", "Top-1 error (%) per model"), ("table", _by_model(table))], []
     try:
-        paths = study.figures(runs, out / "figures", n_boot=n_boot, seed=seed)
+        paths = study.figures(runs, TrialStore(out, create=False).figures_dir, n_boot=n_boot, seed=seed)
     except UserError as e:
         paths = []
         blocks.append(("p", f"No figure: {e}"))

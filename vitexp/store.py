@@ -7,8 +7,12 @@
     DIR/runs.csv, DIR/history.csv  tidy tables, rebuilt from trials/ when a run ends
     DIR/study.toml, DIR/log.txt    the resolved study spec (the latest command's); one line per event
     DIR/specs/<hash>.toml          every command's resolved spec (a folder several commands built)
-    DIR/weights/<key>.pt           a finished trial's kept weights
+    DIR/weights/<key>.pt           a finished trial's kept weights (the final evaluated model):
+                                   written by `record`, read by `read_weights`, another
+                                   folder's copied in by `stage_weights`
     DIR/tensorboard/<key>/         TensorBoard event files, when asked for
+    DIR/figures/                   the figures `vitexp report` and the plot commands draw
+    DIR/slurm/<job>/               submitit's logs of a `vitexp launch` job array
 
 This module is the only code that knows these names: everything else asks the store.
 
@@ -51,6 +55,8 @@ SPECS = "specs"  # every command's resolved study.toml, named by its hash: a fol
 LOG = "log.txt"
 TRIALS = "trials"
 WEIGHTS = "weights"
+FIGURES = "figures"
+SLURM = "slurm"
 CORRUPT_SUFFIX = ".corrupt"
 # a claim's heartbeat is renewed this often while its trial runs; one older than STALE_S
 # belongs to a process that is gone (killed, preempted, its node lost), on any host
@@ -141,6 +147,14 @@ class TrialStore:
         before they were kept: its one study.toml)."""
         kept = sorted((self.root / SPECS).glob("*.toml"), key=lambda p: p.stat().st_mtime_ns)
         return kept or ([self.spec_path] if self.spec_path.exists() else [])
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / FIGURES
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.root / SLURM
 
     def tensorboard_dir(self, key: str) -> Path:
         return self.root / "tensorboard" / key
@@ -384,7 +398,7 @@ class TrialStore:
         with self.lock():
             done = self.done_keys() if done is None else done
             ckpts, claims = self.root / "checkpoints", self.root / "claims"
-            for sub in (self.root, self.root / TRIALS, ckpts, claims, self.root / "figures", self.root / WEIGHTS):
+            for sub in (self.root, self.root / TRIALS, ckpts, claims, self.figures_dir, self.root / WEIGHTS):
                 for p in sub.iterdir() if sub.is_dir() else ():
                     owner = _tmp_owner(p.name)
                     dead_tmp = owner is not None and not _pid_alive(owner[1])
@@ -415,6 +429,16 @@ class TrialStore:
         atomic_write(self.trial_path(key), json.dumps({k: _jsonable(v) for k, v in row.items()}, sort_keys=True))
         with contextlib.suppress(FileNotFoundError):
             self.checkpoint_path(key).unlink()
+
+    def stage_weights(self, src: Path, key: str) -> None:
+        """Another folder's kept weights SRC copied in as KEY's, atomically, once (a fine-tune or
+        a student reads its source from its own folder, so the folder moves, shards and
+        collects as one)."""
+        dest = self.weights_path(key)
+        if dest.exists() or dest.resolve() == Path(src).resolve():
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dest, Path(src).read_bytes())
 
     def import_trial(self, src: TrialStore, key: str) -> None:
         """Copy another folder's finished trial here, byte for byte (its kept weights and history
@@ -569,6 +593,33 @@ def _ends_mid_line(path: Path) -> bool:
             return f.read(1) != b"\n"
     except OSError:
         return False
+
+
+WEIGHTS_KEYS = ("model", "state_dict", "image_size", "in_chans", "num_classes", "dataset")  # what rebuilding needs
+
+
+def read_weights(path: Path) -> dict:
+    """A kept weights file (the trainer's `kept_weights` dict), or one line naming the file and
+    what is wrong with it: unreadable (random bytes, cut short) or not vitexp's."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights-only errors of every kind: the file is not usable
+        why = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"{path} is not a readable weights file ({type(e).__name__}: {why}); rerun the trial "
+                        f"that kept it, or give another") from None
+    missing = [k for k in WEIGHTS_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UserError(f"{path} is a torch file but not vitexp's kept weights (no {', '.join(missing)}); give "
+                        f"a weights/KEY.pt that a vitexp trial wrote")
+    return saved
+
+
+def weights_file(path: Path) -> tuple[Path, str] | None:
+    """(folder, key) when PATH names a study folder's kept weights, DIR/weights/KEY.pt."""
+    path = Path(path)
+    return (path.parent.parent, path.stem) if path.suffix == ".pt" and path.parent.name == WEIGHTS else None
 
 
 def has_runs(folder: str | Path) -> bool:

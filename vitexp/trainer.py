@@ -47,7 +47,7 @@ from vitexp.optim import EMA, build_optimizer, build_scheduler
 from vitexp.seeds import EPOCH, derive_seed
 from vitexp.fileio import atomic_write
 from vitexp.provenance import provenance
-from vitexp.store import TrialStore, set_aside
+from vitexp.store import TrialStore, read_weights, set_aside
 
 # host-side check for a non-finite loss every this many steps (each check is a sync)
 NAN_CHECK_EVERY = 50
@@ -102,7 +102,7 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     model = vmodels.build_model(cfg.model_spec(), image_size=bundle.image_size, in_chans=bundle.in_chans,
                                 num_classes=bundle.num_classes, dropout=cfg.dropout, distilled=bool(cfg.teacher))
     if cfg.init_from:
-        from vitexp.finetune import load_source, read_weights
+        from vitexp.finetune import load_source
 
         if source is None or not source.exists():
             raise FileNotFoundError(f"no weights of source trial {cfg.init_from['key']} at {source}: it failed, "

@@ -22,7 +22,7 @@ from vitexp.data.loaders import num_batches
 from vitexp.errors import UserError
 from vitexp import models as vmodels
 from vitexp.distill import teacher_columns
-from vitexp.finetune import Source
+from vitexp.source import Source
 from vitexp.studies.base import Knob, Study, int_knob, ints, paired_table, seeds_phrase, tuned
 from vitexp.studies.registry import register
 

@@ -18,7 +18,8 @@ import pandas as pd
 from vitexp import analysis, plots
 from vitexp.data.datasets import split_classes
 from vitexp.errors import UserError
-from vitexp.finetune import FINETUNE_LRS, HOLDOUT, Source, check_target, finetune_fields, source_columns
+from vitexp.finetune import FINETUNE_LRS, HOLDOUT, check_target, finetune_fields, source_columns
+from vitexp.source import Source
 from vitexp.studies.base import (Knob, Study, int_knob, ints, mean_std, paired_table, positive_floats, seeds_phrase,
                                  tuned)
 from vitexp.studies.registry import register

@@ -223,11 +223,8 @@ def _execute(plan: Plan, workers: int | None, progress: bool | None, fuse: int |
     with store.undo_on_refusal(before):
         log = store.logger()
         store.create({key for key, r in seen.items() if r.get("status") == "ok"})  # sweeps what killed runs left
-        if plan.staged:
-            from vitexp.finetune import stage_source
-
-            for source in plan.staged:
-                stage_source(source, store.root)
+        for source in plan.staged:
+            store.stage_weights(source.weights, source.key)
         log.info("study %s shard %d/%d: %d trials, %d to run, %d process(es)", plan.study.kind,
                             *plan.shard, len(plan.mine), len(todo), k)
         try:

@@ -172,7 +172,7 @@ class Plan:
     shard: tuple[int, int]
     trials: list[tuple[str, TrainConfig]]  # the whole study, in its fixed order
     store: TrialStore  # its folder, opened for reading (a run creates it)
-    staged: tuple = ()  # finished trials of other folders (finetune.Source) whose weights a run copies in first
+    staged: tuple = ()  # finished trials of other folders (source.Source) whose weights a run copies in first
 
     @cached_property
     def mine(self) -> list[tuple[str, TrainConfig]]:
@@ -220,7 +220,7 @@ def preflight(plan: Plan, todo: list[tuple[str, TrainConfig]]) -> None:
 
 def make_plan(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), staged: tuple = ()) -> Plan:
     """Validate the whole study (every trial) and the folder; writes nothing. STAGED: sources
-    (finetune.Source) whose weights the trials read from their own folder (a fixed teacher)."""
+    (source.Source) whose weights the trials read from their own folder (a fixed teacher)."""
     study = studies.get_study(spec["study"].get("kind"))
     keyed = unique(studies.trials(spec))
     store = TrialStore(out, create=False)
