@@ -22,6 +22,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from vitexp.distill import TEACHER_HELP
 from vitexp.errors import Interrupted, StudyFailed, UserError
 
 # more busy CPU threads than cores (several trials or users on one machine) make
@@ -184,11 +185,9 @@ def train(out: Path, **kwargs):
     teacher = kwargs.pop("teacher")  # a trial to find, not the config's teacher table
     fields = _preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))
     if teacher is not None:
-        from vitexp.distill import teacher_columns
-        from vitexp.source import find_source
+        from vitexp.distill import take_teacher
 
-        teacher = find_source(teacher, "--teacher")
-        fields.update(teacher=teacher.init_from(), extra={**fields.get("extra", {}), **teacher_columns(teacher)})
+        teacher = take_teacher(teacher, fields)
     source = fields.get("extra", {}).pop("hparams_from", None)
     source = source or ("given" if fields.get("lr") is not None and fields.get("wd") is not None else None)
     cfg = TrainConfig(**fields).validate().resolved()
@@ -264,8 +263,7 @@ app.command("train")(with_params(train, [
         None, ["--preset"], "a preset whose [models.NAME] and [tuned.NAME] tables --model may name "
                             "(a name in experiments/ or a .toml path)", Optional[str])),
     inspect.Parameter("teacher", inspect.Parameter.KEYWORD_ONLY, **_option(
-        None, ["--teacher"], "a finished trial (DIR:KEY, DIR or DIR/weights/KEY.pt) whose kept weights teach this "
-                             "ViT through DeiT's distillation token (--distillation hard|soft)", Optional[str]))]
+        None, ["--teacher"], TEACHER_HELP.format("this ViT", ""), Optional[str]))]
     + _config_params(overrides=False)))
 
 
@@ -376,9 +374,8 @@ def _common_params(study) -> list[inspect.Parameter]:
                         "(1: off) [default: 8 on a GPU, off on a CPU]", Optional[int]),
     }
     if study.takes_teacher:
-        opts["teacher"] = _option(None, ["--teacher"], "a finished trial (DIR:KEY, DIR or DIR/weights/KEY.pt) that "
-                                  "teaches every trial (all ViTs) through a distillation token; its weights are "
-                                  "copied into the study folder", Optional[str])
+        opts["teacher"] = _option(None, ["--teacher"], TEACHER_HELP.format(
+            "every trial (all ViTs)", "; its weights are copied into the study folder"), Optional[str])
     return [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, **v) for k, v in opts.items()]
 
 
@@ -402,11 +399,9 @@ def plan_from_params(study, kwargs: dict):
     knobs["seeds"] = parse_list(kwargs["seeds"], int, "seeds")
     teacher = kwargs.get("teacher")
     if teacher is not None:
-        from vitexp.distill import teacher_columns
-        from vitexp.source import find_source
+        from vitexp.distill import take_teacher
 
-        teacher = find_source(teacher, "--teacher")
-        config.update(teacher=teacher.init_from(), extra=teacher_columns(teacher))
+        teacher = take_teacher(teacher, config)
     spec = sweep.resolve_spec(study.kind, kwargs["preset"], knobs, config)
     out = kwargs["out"] if kwargs["out"] is not None else Path("runs") / study.out_name(spec)
     return sweep.make_plan(spec, out, sweep.parse_shard(kwargs["shard"]), staged=(teacher,) if teacher else ())

@@ -216,10 +216,10 @@ class TrainConfig:
 
     def _check_teacher(self, spec, size: int) -> None:
         """A distilled student is a ViT, taught on its own data at its own image size."""
+        from vitexp.models.registry import check_student
+
         t = self.teacher
-        if not spec.is_vit:
-            raise UserError(f"{self.model} cannot be a distilled student: only vitexp's ViTs and hybrids have a "
-                            f"distillation token; give a ViT as --model and the CNN as --teacher")
+        check_student(spec)
         if t.get("dataset") != self.dataset:
             raise UserError(f"--teacher {t.get('key')} was trained on {t.get('dataset')}, not {self.dataset}; give a "
                             f"teacher of the student's data set and classes")

@@ -71,3 +71,17 @@ def load_teacher(path: Path, device: torch.device) -> nn.Module:
 def teacher_columns(source: Source) -> dict:
     """What a distilled trial's runs.csv row says of its teacher."""
     return {"teacher_key": source.key, "teacher_model": source.model, "teacher_n_train": source.n_train}
+
+
+TEACHER_HELP = ("a finished trial (DIR:KEY, DIR or DIR/weights/KEY.pt) whose kept weights teach {} through "
+                "DeiT's distillation token (--distillation hard|soft){}")
+
+
+def take_teacher(text: str, fields: dict) -> Source:
+    """--teacher TEXT: the finished trial it names; FIELDS (a trial's config fields) get its
+    teacher table and its columns."""
+    from vitexp.source import find_source
+
+    source = find_source(text, "--teacher")
+    fields.update(teacher=source.init_from(), extra={**fields.get("extra", {}), **teacher_columns(source)})
+    return source

@@ -269,15 +269,20 @@ def get_spec(name: str) -> ModelSpec:
     return _SPECS[name]
 
 
+def check_student(spec: ModelSpec) -> None:
+    """The one rule of distillation's students: a model with DeiT's distillation token."""
+    if not spec.is_vit:
+        raise UserError(f"{spec.name} cannot be a distilled student: only vitexp's ViTs and hybrids have a "
+                        f"distillation token; give a ViT as the student and the CNN as its teacher")
+
+
 def build_model(name: str | ModelSpec, image_size: int | None = None, in_chans: int = 3, num_classes: int = 1000,
                 patch_size: int | None = None, dropout: float = 0.0, distilled: bool = False) -> nn.Module:
     """A fresh model (from its name or its spec); image_size None means the model's native
     resolution; DISTILLED: a ViT or hybrid with DeiT's distillation token (`DistilledViT`)."""
     spec = name if isinstance(name, ModelSpec) else get_spec(name)
     if distilled:
-        if not spec.is_vit:
-            raise UserError(f"{spec.name} cannot be a distilled student: only vitexp's ViTs and hybrids have a "
-                            f"distillation token; give a ViT as the student and the CNN as --teacher")
+        check_student(spec)
         return add_distillation_token(build_model(spec, image_size, in_chans, num_classes, patch_size, dropout))
     common = dict(image_size=image_size or spec.resolution, in_chans=in_chans, num_classes=num_classes,
                   dropout=dropout)

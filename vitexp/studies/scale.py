@@ -20,6 +20,7 @@ from vitexp import analysis, plots
 from vitexp.analysis import ERR
 from vitexp.data.loaders import num_batches
 from vitexp.errors import UserError
+from vitexp.models.registry import check_student
 from vitexp import models as vmodels
 from vitexp.distill import teacher_columns
 from vitexp.source import Source
@@ -148,9 +149,7 @@ def teacher_pairs(value) -> list[tuple[str, str]]:
     for student, teacher in pairs:
         for name in (student, teacher):
             vmodels.get_spec(name)  # unknown: the closest names
-        if not vmodels.get_spec(student).is_vit:
-            raise UserError(f"teachers: {student} cannot be a distilled student: only vitexp's ViTs and hybrids have "
-                            f"a distillation token; give {student} as a teacher instead")
+        check_student(vmodels.get_spec(student))
     return list(dict.fromkeys(pairs))
 
 
