@@ -348,6 +348,21 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
                                       "verdict"])
 
 
+FORMATS = ("table", "md", "csv", "json")  # `vitexp claims --format`
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise unknown("--format", fmt, FORMATS)
+
+
+def render(table: pd.DataFrame, fmt: str) -> str:
+    """The verdict table as text in FMT (md, csv or json), ending in a newline."""
+    text = {"md": lambda: markdown(table), "csv": lambda: table.to_csv(index=False),
+            "json": lambda: table.to_json(orient="records", indent=1)}[fmt]()
+    return text if text.endswith("\n") else text + "\n"
+
+
 def markdown(table: pd.DataFrame) -> str:
 
     return markdown_table(display(table))

@@ -19,12 +19,6 @@ import typing
 from pathlib import Path
 from typing import List, Optional
 
-import typer
-from rich.console import Console
-
-from vitexp.distill import TEACHER_HELP
-from vitexp.errors import Interrupted, StudyFailed, UserError
-
 # more busy CPU threads than cores (several trials or users on one machine) make
 # OpenMP's spin-waiting slow torch down ~100x; set before torch is first imported
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -32,6 +26,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # compiles in ~2 s once its kernels are there, 28-43 s when not (vitexp/config.py)
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     os.environ.get("VITEXP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vitexp"), "inductor"))
+
+import typer
+from rich.console import Console
+
+from vitexp.distill import TEACHER_HELP
+from vitexp.errors import Interrupted, StudyFailed, UserError
+from vitexp.ui import print_table
 
 app = typer.Typer(
     name="vitexp",
@@ -145,29 +146,9 @@ def models(names: Optional[List[str]] = typer.Argument(None, help="only these mo
     if csv:
         sys.stdout.write(df.to_csv(index=False))
         return
-    _print_table(df.assign(params_m=df.params_m.round(2), gmacs=df.gmacs.round(3), acts_m=df.acts_m.round(2))
+    print_table(console, df.assign(params_m=df.params_m.round(2), gmacs=df.gmacs.round(3), acts_m=df.acts_m.round(2))
                  .rename(columns={"params_m": "params M", "gmacs": "GF", "acts_m": "acts M", "resolution": "res"}),
                  f"params: millions, with a {classes}-way head; GF: forward MACs x 1e-9; acts: millions")
-
-
-def _print_table(df, title: str | None = None) -> None:
-    """A table printed whole: rich on a terminal wide enough, else plain aligned text."""
-    from rich.table import Table
-
-    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
-    widths = [max([len(str(c))] + [len(r[i]) for r in cells]) for i, c in enumerate(df.columns)]
-    if console.is_terminal and sum(widths) + 3 * len(widths) + 1 <= console.width:
-        table = Table(title=title)
-        for c in df.columns:
-            table.add_column(str(c), no_wrap=True, overflow="fold")
-        for r in cells:
-            table.add_row(*r)
-        console.print(table)
-        return
-    if title:
-        console.print(title)
-    for r in [list(map(str, df.columns))] + cells:
-        console.print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 # --- train ----------------------------------------------------------------------------------------
@@ -180,10 +161,12 @@ def train(out: Path, **kwargs):
     from vitexp.store import TrialStore
     from vitexp.sweep.plan import check_folder
     from vitexp.trainer import run_trial
-    from vitexp.ui import StudyProgress, error_phrase, hparams_line, trial_images, trial_label, trial_summary
+    from vitexp.sweep.presets import preset_model
+    from vitexp.ui import (StudyProgress, done_line, error_phrase, hparams_line, settings_lines, trial_images,
+                           trial_label, trial_summary)
 
     teacher = kwargs.pop("teacher")  # a trial to find, not the config's teacher table
-    fields = _preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))
+    fields = preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))
     if teacher is not None:
         from vitexp.distill import take_teacher
 
@@ -201,7 +184,8 @@ def train(out: Path, **kwargs):
     check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
     main = runtime.dist_env().main  # under torchrun only rank 0 reports
     if main:
-        _say_settings(cfg, fields, source)
+        for line in settings_lines(cfg, fields, source):
+            console.print(line, markup=False)
     try:
         # only rank 0 writes the folder, and only it undoes what a refusal left
         with store.undo_on_refusal() if main else contextlib.nullcontext(), stop_on_signals(), \
@@ -220,40 +204,7 @@ def train(out: Path, **kwargs):
         runtime.close_distributed()
         store.close_log()
     if main:
-        status = "DIVERGED" if row["diverged"] else "done"
-        console.print(f"{status}: {row['model']} {row['dataset']} n={row['n_train']} {row['optimizer']} "
-                      f"lr={row['lr']:.3g} (peak {row['peak_lr']:.3g}) wd={row['wd']:.3g} {error_phrase(row)} "
-                      f"({'converged' if row['converged'] else 'NOT converged'}) in {row['wall_s']:.1f}s "
-                      f"-> {out}/runs.csv", soft_wrap=False)  # wrapped at words, not mid-word
-
-
-def _say_settings(cfg, fields: dict, source: str | None) -> None:
-    """Before a single trial: which lr/wd it takes and from where, and what an out-of-range
-    --precise-bn becomes."""
-    from vitexp.data import dataset_info
-    from vitexp.ui import hparams_line
-
-    console.print(hparams_line(cfg, source), markup=False)
-    n = cfg.n_train or dataset_info(cfg.dataset).n_train
-    if fields.get("precise_bn") and n and fields["precise_bn"] >= n:
-        console.print(f"--precise-bn {fields['precise_bn']:,}: at least the {n:,} training images, so all of them "
-                      f"(keyed as all)", markup=False)
-
-
-def _preset_model(fields: dict, preset: str | None) -> dict:
-    """FIELDS with the preset's definition of the model ([models.NAME]) and its [tuned.NAME]
-    values for the optimizer filling --lr and --wd where not given."""
-    if preset is None:
-        return fields
-    from vitexp.sweep.presets import read_preset
-
-    _, tables = read_preset(preset)
-    out = {**fields, "model_def": tables.get("models", {}).get(fields["model"], {})}
-    tuned = tables.get("tuned", {}).get(fields["model"], {}).get(fields.get("optimizer") or "adamw")
-    if tuned is not None:
-        out.update({k: v for k, v in zip(("lr", "wd"), tuned) if out.get(k) is None})
-        out["extra"] = {**out.get("extra", {}), "hparams_from": f"preset {preset}"}
-    return out
+        console.print(done_line(row, out), soft_wrap=False)  # wrapped at words, not mid-word
 
 
 app.command("train")(with_params(train, [
@@ -299,7 +250,7 @@ def finetune(source: str = typer.Option(..., "--from", help="the finished trial 
     from vitexp.config import TrainConfig
     from vitexp.data import check_data
     from vitexp.errors import stop_on_signals
-    from vitexp.finetune import FINETUNE_LRS, budget_steps, chosen, plan_finetune
+    from vitexp.finetune import FINETUNE_LRS, budget_steps, chosen, chosen_line, plan_finetune
     from vitexp.store import TrialStore
     from vitexp.sweep.plan import check_folder
     from vitexp.trainer import run_trial
@@ -323,11 +274,7 @@ def finetune(source: str = typer.Option(..., "--from", help="the finished trial 
             bar.end_trial(f"lr {cfg.lr:g}: val_err {rows[-1].get('val_err', float('nan')):.2f}%", trial_images(cfg),
                           rows[-1])
         store.rebuild()
-    best = chosen(rows)
-    console.print(f"{best['model']} from {src.key} ({src.dataset}, {src.image_size} px) -> {dataset} at "
-                  f"{best['image_size']} px: lr {best['finetune_lr']:g} chosen on {holdout:.0%} held out "
-                  f"(val_err {best.get('val_err', float('nan')):.2f}%), test error {best['last_err']:.2f}% -> "
-                  f"{out}/runs.csv")
+    console.print(chosen_line(chosen(rows), src, holdout, out))
 
 
 # --- studies ----------------------------------------------------------------------------------------
@@ -417,11 +364,16 @@ def run_study_command(study, kwargs: dict) -> None:
     from vitexp import runtime, sweep
 
     from vitexp.sweep.execute import check_options
+    from vitexp.sweep.plan import dry_run
 
     check_options(workers_option(kwargs), kwargs["fuse"])  # what the real run would refuse
     plan = plan_from_params(study, kwargs)
     if kwargs["dry_run"]:
-        return _dry_run(plan, workers_option(kwargs))
+        table, title, lines = dry_run(plan, workers_option(kwargs))
+        print_table(console, table, title)
+        for line in lines:
+            console.print(line)
+        return
     runs = sweep.run(plan, workers_option(kwargs), kwargs["progress"], kwargs["fuse"])
     if not runtime.dist_env().main:
         return  # under torchrun rank 0 reports
@@ -432,46 +384,6 @@ def run_study_command(study, kwargs: dict) -> None:
         drawn = ", figures/" if draw(study.kind, [plan.out]) else ""
     ok = runs[runs.status == "ok"] if "status" in runs else runs
     console.print(f"{study.kind} study: {len(ok)} trials done in {plan.out} (runs.csv, history.csv{drawn})")
-
-
-def _dry_run(plan, workers: int | None) -> None:
-    from vitexp.bench import calibrate
-    from vitexp.sweep import describe, estimate_cost
-    from vitexp.sweep.plan import preflight
-
-    table = describe(plan)
-    alike = [c for c in ("dataset", "batch_size", "image_size") if table[c].nunique(dropna=False) <= 1]
-    ref = plan.trials[0][1].lr_batch_size
-    shown = table.drop(columns=alike).rename(columns={"optimizer": "opt", "lr": f"lr@{ref}", "batch_size": "batch",
-                                                      "image_size": "px"})
-    _print_table(_summarised(shown), f"{plan.study.kind} study '{plan.spec['study']['preset']}' on "
-                                     f"{table['dataset'].iloc[0]} -> {plan.out} ({len(table)} trials)")
-    console.print(f"preset {plan.spec['study']['preset']} (`vitexp presets` lists them all)")
-    todo = plan.pending()
-    if todo:
-        preflight(plan, todo)
-    speed, k = calibrate(plan, workers)
-    cost = estimate_cost(plan, speed)
-    console.print(f"to run: {cost['trials_todo']} trials ({cost['trials_done']} done), "
-                  f"{cost['train_images']:,} training images,")
-    console.print(f"{cost['train_pflop']:.3g} PFLOP (forward+backward ~ 3x forward)")
-    if cost["seconds"] == cost["seconds"]:
-        console.print(f"estimated {cost['seconds'] / k / 60:.1f} min on this machine with {k} worker process(es)")
-    else:
-        console.print("no time estimate: a training step of one image would not fit in this machine's free memory")
-    console.print("(evaluation not included), from training img/s per process measured here:")
-    for m, v in speed.items():
-        console.print(f"  {m} {v:.3g}" if v == v else f"  {m}: one image's step does not fit in memory here")
-
-
-def _summarised(df, head: int = 20, tail: int = 5):
-    """A long table cut to its first and last rows, with a row saying how many are left out."""
-    if len(df) <= head + tail + 1:
-        return df
-    import pandas as pd
-
-    gap = pd.DataFrame([{c: ("..." if i else f"({len(df) - head - tail} more)") for i, c in enumerate(df.columns)}])
-    return pd.concat([df.head(head).astype(object), gap, df.tail(tail).astype(object)], ignore_index=True)
 
 
 def _study_command(study):
@@ -582,7 +494,7 @@ def presets(kind: Optional[str] = typer.Option(None, "--kind", help="only this s
         from vitexp.studies import STUDIES
 
         raise unknown("--kind", str(kind), list(STUDIES))
-    _print_table(table.drop(columns="description"), title=f"{len(table)} presets")
+    print_table(console, table.drop(columns="description"), title=f"{len(table)} presets")
 
 
 @app.command()
@@ -599,21 +511,13 @@ def claims(dirs: Optional[List[Path]] = typer.Argument(None, help="results roots
     from vitexp import claims as vclaims
     from vitexp.report import figure_dir
 
-    formats = ("table", "md", "csv", "json")
-    if fmt not in formats:
-        from vitexp.errors import unknown
-
-        raise unknown("--format", fmt, formats)
+    vclaims.check_format(fmt)
     roots = dirs or [Path("results")]
     table = vclaims.claims_table(roots, claims_file)
-    if fmt == "md":
-        console.print(vclaims.markdown(table), markup=False)
-    elif fmt == "csv":
-        console.print(table.to_csv(index=False), end="", markup=False)
-    elif fmt == "json":
-        console.print(table.to_json(orient="records", indent=1), markup=False)
+    if fmt != "table":
+        console.print(vclaims.render(table, fmt), end="", markup=False)
     else:
-        _print_table(vclaims.display(table).drop(columns="paper says"), title="Claims (rule: vitexp claims --help)")
+        print_table(console, vclaims.display(table).drop(columns="paper says"), title="Claims (rule: vitexp claims --help)")
         console.print(f"rule: {vclaims.RULE}", markup=False)
     if plot:
         paths = vclaims.forest_plot(table, figure_dir([roots[0]], None))

@@ -158,3 +158,12 @@ def chosen(rows: list[dict]) -> dict:
     if not ok:
         raise UserError("every fine-tune failed; see the folder's log.txt")
     return min(ok, key=lambda r: (r.get("val_err", r["last_err"]), r["finetune_lr"]))
+
+
+def chosen_line(best: dict, src: Source, holdout: float, out) -> str:
+    """`vitexp finetune`'s last line: the source, the target, the lr the held-out images chose,
+    its held-out and test error, where the rows are."""
+    return (f"{best['model']} from {src.key} ({src.dataset}, {src.image_size} px) -> {best['dataset']} at "
+            f"{best['image_size']} px: lr {best['finetune_lr']:g} chosen on {holdout:.0%} held out "
+            f"(val_err {best.get('val_err', float('nan')):.2f}%), test error {best['last_err']:.2f}% -> "
+            f"{out}/runs.csv")

@@ -246,3 +246,54 @@ def tuned_source(cfg) -> str:
     if spec.resolution >= 224:
         return f"[EC] Table 4's {cfg.optimizer} values (tuned on ImageNet)"
     return f"the model zoo's {cfg.optimizer} values for {cfg.model}, tuned on shapes (results/tune_shapes)"
+
+
+def print_table(out: Console, df, title: str | None = None) -> None:
+    """A table printed whole to OUT: rich on a terminal wide enough, else plain aligned text."""
+    from rich.table import Table
+
+    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    widths = [max([len(str(c))] + [len(r[i]) for r in cells]) for i, c in enumerate(df.columns)]
+    if out.is_terminal and sum(widths) + 3 * len(widths) + 1 <= out.width:
+        table = Table(title=title)
+        for c in df.columns:
+            table.add_column(str(c), no_wrap=True, overflow="fold")
+        for r in cells:
+            table.add_row(*r)
+        out.print(table)
+        return
+    if title:
+        out.print(title)
+    for r in [list(map(str, df.columns))] + cells:
+        out.print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def summarised(df, head: int = 20, tail: int = 5):
+    """A long table cut to its first and last rows, with a row saying how many are left out."""
+    if len(df) <= head + tail + 1:
+        return df
+    import pandas as pd
+
+    gap = pd.DataFrame([{c: ("..." if i else f"({len(df) - head - tail} more)") for i, c in enumerate(df.columns)}])
+    return pd.concat([df.head(head).astype(object), gap, df.tail(tail).astype(object)], ignore_index=True)
+
+
+def settings_lines(cfg, fields: dict, source: str | None) -> list[str]:
+    """Before a single trial: which lr/wd it takes and from where, and what an out-of-range
+    --precise-bn becomes."""
+    from vitexp.data import dataset_info
+
+    lines = [hparams_line(cfg, source)]
+    n = cfg.n_train or dataset_info(cfg.dataset).n_train
+    if fields.get("precise_bn") and n and fields["precise_bn"] >= n:
+        lines.append(f"--precise-bn {fields['precise_bn']:,}: at least the {n:,} training images, so all of them "
+                     f"(keyed as all)")
+    return lines
+
+
+def done_line(row: dict, out) -> str:
+    """A single trial's last line: how it ended, its settings, error and convergence, where it is."""
+    status = "DIVERGED" if row["diverged"] else "done"
+    return (f"{status}: {row['model']} {row['dataset']} n={row['n_train']} {row['optimizer']} lr={row['lr']:.3g} "
+            f"(peak {row['peak_lr']:.3g}) wd={row['wd']:.3g} {error_phrase(row)} "
+            f"({'converged' if row['converged'] else 'NOT converged'}) in {row['wall_s']:.1f}s -> {out}/runs.csv")

@@ -18,7 +18,7 @@ from vitexp.config import TrainConfig
 from vitexp.errors import UserError
 from vitexp.store import TrialStore
 from vitexp.sweep.presets import default_preset, load_preset
-from vitexp.ui import trial_images, trial_label
+from vitexp.ui import summarised, trial_images, trial_label
 
 
 def resolve_spec(kind: str, preset: str | None, study_overrides: dict, train_overrides: dict) -> dict:
@@ -266,3 +266,34 @@ def estimate_cost(plan: Plan, images_per_s: dict[str, float] | None = None) -> d
     return {"trials_todo": len(todo), "trials_done": int((table.status == "ok").sum()),
             "train_images": images, "train_pflop": flops / 1e15,
             "seconds": seconds if images_per_s is not None else None}
+
+
+def dry_run(plan: Plan, workers: int | None) -> tuple[pd.DataFrame, str, list[str]]:
+    """What `--dry-run` prints: (the trials table, its title, the lines below it: the preset,
+    the work left, and the time it takes here from a few timed steps)."""
+    from vitexp.bench import calibrate
+
+    table = describe(plan)
+    alike = [c for c in ("dataset", "batch_size", "image_size") if table[c].nunique(dropna=False) <= 1]
+    ref = plan.trials[0][1].lr_batch_size
+    shown = table.drop(columns=alike).rename(columns={"optimizer": "opt", "lr": f"lr@{ref}", "batch_size": "batch",
+                                                      "image_size": "px"})
+    title = (f"{plan.study.kind} study '{plan.spec['study']['preset']}' on {table['dataset'].iloc[0]} -> {plan.out} "
+             f"({len(table)} trials)")
+    lines = [f"preset {plan.spec['study']['preset']} (`vitexp presets` lists them all)"]
+    todo = plan.pending()
+    if todo:
+        preflight(plan, todo)
+    speed, k = calibrate(plan, workers)
+    cost = estimate_cost(plan, speed)
+    lines.append(f"to run: {cost['trials_todo']} trials ({cost['trials_done']} done), "
+                 f"{cost['train_images']:,} training images,")
+    lines.append(f"{cost['train_pflop']:.3g} PFLOP (forward+backward ~ 3x forward)")
+    if cost["seconds"] == cost["seconds"]:
+        lines.append(f"estimated {cost['seconds'] / k / 60:.1f} min on this machine with {k} worker process(es)")
+    else:
+        lines.append("no time estimate: a training step of one image would not fit in this machine's free memory")
+    lines.append("(evaluation not included), from training img/s per process measured here:")
+    for m, v in speed.items():
+        lines.append(f"  {m} {v:.3g}" if v == v else f"  {m}: one image's step does not fit in memory here")
+    return summarised(shown), title, lines

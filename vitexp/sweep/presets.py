@@ -115,3 +115,17 @@ def preset_device(name: str, spec: dict) -> str:
         return str(device)
     dataset = str(spec.get("train", {}).get("dataset", "shapes")).split(":")[0]
     return "cpu" if "_cpu" in name or dataset == "shapes" else "gpu"
+
+
+def preset_model(fields: dict, preset: str | None) -> dict:
+    """FIELDS with the preset's definition of the model ([models.NAME]) and its [tuned.NAME]
+    values for the optimizer filling --lr and --wd where not given."""
+    if preset is None:
+        return fields
+    _, tables = read_preset(preset)
+    out = {**fields, "model_def": tables.get("models", {}).get(fields["model"], {})}
+    tuned = tables.get("tuned", {}).get(fields["model"], {}).get(fields.get("optimizer") or "adamw")
+    if tuned is not None:
+        out.update({k: v for k, v in zip(("lr", "wd"), tuned) if out.get(k) is None})
+        out["extra"] = {**out.get("extra", {}), "hparams_from": f"preset {preset}"}
+    return out
