@@ -100,6 +100,12 @@ def test_an_lr_grid_cell_is_narrowed_by_the_held_out_error_and_sizes_are_average
     row = claims.claims_table([tmp_path / "r"], claims_file(tmp_path / "c.toml", text)).iloc[0]
     assert row["effect"] == pytest.approx(1.5 + 0.1)  # sizes 100 and 200: (1 + 2) / 2, plus the seeds' mean 0.1
     assert row["converged"] == "17/18 (2 of 3 n_train: 100, 200)" and row["seeds"] == 3
+    # a seed added at one size only: it must not turn its mean over sizes into that size's effect
+    rows += [{"model": m, "seed": 3, "n_train": 100, "lr": 1.0, "val_err": 30.0, "err": e}
+             for m, e in (("ref", 30.0), ("cand", 90.0))]
+    write_folder(tmp_path / "r2" / "synthetic", rows)
+    row = claims.claims_table([tmp_path / "r2"], claims_file(tmp_path / "c.toml", text)).iloc[0]
+    assert row["effect"] == pytest.approx(1.6) and row["seeds"] == 3 and row["of_seeds"] == 4
     several = arm("no choice", "cand")
     with pytest.raises(claims.UserError, match="matches 6 runs in one cell"):
         claims.claims_table([tmp_path / "r"], claims_file(tmp_path / "d.toml", several))

@@ -238,6 +238,10 @@ def evaluate_contrast(arm: Arm, runs: pd.DataFrame) -> dict:
         converged += f" ({len(used)} of {len(per[arm.by].drop_duplicates())} {'/'.join(arm.by)}" + (
             f": {values})" if values else ")")
         per = per.assign(ok=whole)
+        # a seed counts only with every used by-value: seeds added at one size must not turn a
+        # mean over sizes into that size's effect
+        sizes = per[per["ok"]].groupby(arm.pair)["ok"].transform("size")
+        per.loc[sizes.index, "ok"] = sizes == len(used)
     by_seed = per[per["ok"]].groupby(arm.pair)["effect"].mean()
     n = len(by_seed)
     mean = float(by_seed.mean()) if n else math.nan
