@@ -95,3 +95,15 @@ def test_a_compiled_cnn_at_64_px_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = pd.read_csv(tmp_path / "runs.csv").iloc[0]
     assert bool(row["compile"]) and row["image_size"] == 64 and row["top1_err"] < 100
+
+
+def test_a_worker_can_compile_many_models_before_torch_falls_back_to_eager():
+    """A study worker compiles one model after another (each in train and eval mode): torch's
+    default of 8 graphs per function sent the fifth model to eager."""
+    import torch
+    import torch._dynamo.config as dynamo_config
+
+    from vitexp import runtime
+
+    runtime.compile_model(torch.nn.Linear(2, 2), torch.device("cpu"))
+    assert dynamo_config.recompile_limit >= 2 * 6 + 2  # six ViT variants in one worker, with room

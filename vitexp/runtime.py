@@ -65,11 +65,19 @@ class Dist:
         return self.rank == 0
 
 
+RECOMPILE_LIMIT = 64  # graphs of one function per process: a study worker's models x (train, eval)
+
+
 def compile_model(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """torch.compile(NET) for DEVICE. On the CPU without inductor's layout optimisation: its
     channels-last rewrite of conv graphs corrupts the heap in the convolution backward of the
     64 px CIFAR ResNet (torch 2.14.1: a general-protection fault or a malloc abort that kills the
     process), a bug of torch's; without it that graph trains, ~15% slower at 32 px."""
+    import torch._dynamo.config as dynamo_config
+
+    # a worker trains trial after trial: each model (and its train and eval mode) is another graph
+    # of one `forward`, so torch's default limit of 8 sends the fifth model of a process to eager
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     if device.type == "cpu":
         import torch._inductor.config as inductor_config
 
