@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from vitexp import report, studies
+from vitexp import report, runtime, studies
 from vitexp.studies.base import Knob, Study, int_knob, ints
 from vitexp.sweep import collect, execute, make_plan, plan, pool, resolve_spec, run, run_study
 
@@ -51,7 +51,7 @@ def test_equally_long_trials_take_turns_across_models(tmp_path):
 def test_cpu_studies_run_one_single_thread_worker_per_core(tmp_path, monkeypatch, cores, asked, workers):
     """The default on the CPU: min(cores, trials to run) worker processes; one core or an
     explicit --workers 1: in this process (workers 0)."""
-    monkeypatch.setattr(pool, "cores", lambda: cores)
+    monkeypatch.setattr(runtime, "cores", lambda: cores)
     started, watch = [], pool.watch
     monkeypatch.setattr(pool, "watch", lambda procs, *a: started.extend(procs) or watch(procs, *a))
     spec = resolve_spec("stability", None, {"samples": 2, "epochs": 1, "models": ["vit_p_7mf"]},
