@@ -245,7 +245,7 @@ def evaluate_contrast(arm: Arm, runs: pd.DataFrame) -> dict:
     by_seed = per[per["ok"]].groupby(arm.pair)["effect"].mean()
     n = len(by_seed)
     mean = float(by_seed.mean()) if n else math.nan
-    half = analysis.t975(n - 1) * float(by_seed.std(ddof=1)) / math.sqrt(n) if n >= MIN_SEEDS else math.nan
+    half = analysis.t_half(by_seed) if n >= MIN_SEEDS else math.nan
     return {"effect": mean, "lo": mean - half, "hi": mean + half, "interval": "t", "seeds": n,
             "of_seeds": per[arm.pair].drop_duplicates().shape[0], "converged": converged, "testable": n >= MIN_SEEDS}
 
