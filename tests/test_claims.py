@@ -84,6 +84,15 @@ def test_verdict_edges():
     assert claims.verdict(2.0, 1.0, 3.0, False, "positive", 1.0) == "untested"
 
 
+def test_the_sizes_an_arm_averages_are_named_in_numeric_order(tmp_path):
+    """Whatever order the runs come in (a study runs its largest sizes first)."""
+    rows = [{"model": m, "seed": s, "n_train": n, "err": 30.0 + (m == "cand") * (1 + s)}
+            for n in (16000, 500, 1600) for s in range(3) for m in ("ref", "cand")]
+    write_folder(tmp_path / "r" / "synthetic", rows)
+    row = claims.claims_table([tmp_path / "r"], claims_file(tmp_path / "c.toml", arm("by", "cand", by='["n_train"]')))
+    assert row.iloc[0]["converged"] == "18/18 (3 of 3 n_train: 500, 1600, 16000)"
+
+
 def test_an_lr_grid_cell_is_narrowed_by_the_held_out_error_and_sizes_are_averaged(tmp_path):
     """`choose` picks each cell's run by its held-out error, not its test error; `by` averages
     the sizes at which every seed converged (a size with one unconverged seed is left out)."""

@@ -11,7 +11,7 @@ import torch
 import vitexp.models as vm
 from tests.conftest import REPO, assert_user_error, run_cli
 from vitexp.config import TrainConfig
-from vitexp.distill import Distiller, load_teacher, teacher_columns
+from vitexp.distill import Distiller, Teacher, load_teacher, teacher_columns
 from vitexp.replay import replay_agreement
 from vitexp.source import find_source
 from vitexp.store import TrialStore
@@ -101,9 +101,10 @@ def test_the_teacher_is_frozen_and_its_key_is_in_the_students(tmp_path):
 
     def spy(t, epoch, progress=None):
         loss = real(t, epoch, progress)
-        seen["grads"] = [p.grad for p in t.distiller.teacher.parameters()]
-        seen["teacher"] = {k: v.clone() for k, v in t.distiller.teacher.state_dict().items()}
-        seen["training"] = t.distiller.teacher.training
+        teacher = next(f for f in t.features if isinstance(f, Teacher)).distiller.teacher
+        seen["grads"] = [p.grad for p in teacher.parameters()]
+        seen["teacher"] = {k: v.clone() for k, v in teacher.state_dict().items()}
+        seen["training"] = teacher.training
         return loss
 
     trainer.train_epoch = spy

@@ -570,3 +570,29 @@ def test_a_killed_parent_takes_its_packed_workers_with_it(tmp_path):
     while time.time() < deadline and any(_start_time(c["pid"]) == c["start"] for c in claims):
         time.sleep(0.2)
     assert not any(_start_time(c["pid"]) == c["start"] for c in claims), "a worker outlived its parent"
+
+
+def test_train_runs_its_trial_as_a_study_does(tmp_path, monkeypatch, cli):
+    """`vitexp train` goes the studies' way: a trial that raises is recorded as failed with its
+    reason (no traceback, exit non-zero, the log says why), no study.toml is written, and the
+    rerun trains it again and says done."""
+    import vitexp.trainer
+
+    args = ["train", "--model", "vit_p_7mf", "--epochs", "1", "--n-train", "64", "--n-test", "32", "--batch-size",
+            "32", "--device", "cpu", "--out", tmp_path]
+    real = vitexp.trainer.run_trial
+
+    def broken(cfg, **kw):
+        raise OSError("image file is truncated (3 bytes not processed)")
+
+    monkeypatch.setattr(vitexp.trainer, "run_trial", broken)
+    failed = cli(*args)
+    assert failed.returncode not in (0, 2) and "Traceback" not in failed.stderr + failed.stdout
+    assert "every trial failed" in failed.stderr and "image file is truncated" in failed.stderr
+    runs = pd.read_csv(tmp_path / RUNS)
+    assert list(runs.status) == ["failed"] and "FAILED" in (tmp_path / "log.txt").read_text()
+    assert not (tmp_path / "study.toml").exists()
+    monkeypatch.setattr(vitexp.trainer, "run_trial", real)
+    done = cli(*args)
+    assert done.returncode == 0 and "done: vit_p_7mf" in done.stdout
+    assert list(pd.read_csv(tmp_path / RUNS).status) == ["ok"]

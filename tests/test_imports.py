@@ -64,3 +64,11 @@ def test_no_function_is_longer_than_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{p.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_the_trainer_imports_no_feature():
+    """Fine-tuning and distillation reach a trial through the trainer's `Feature` hooks and the
+    table in `vitexp.features`, never through an import in the trainer."""
+    imported = _imports(REPO / "vitexp" / "trainer.py")
+    assert "vitexp.features" in imported
+    assert not imported & {"vitexp.distill", "vitexp.finetune", "vitexp.source"}, imported

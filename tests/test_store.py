@@ -118,3 +118,29 @@ def test_collect_refuses_a_train_folder_into_a_study_and_an_out_inside_an_input(
     with pytest.raises(UserError, match="lies inside the input"):
         collect([tmp_path / "st"], tmp_path / "st" / "trials")
     assert not (tmp_path / "col").exists() and not (tmp_path / "st" / "trials" / "trials").exists()
+
+
+def test_a_beat_in_flight_never_writes_a_released_claim_back(tmp_path, monkeypatch):
+    """The heartbeat ends before the block it guards is left: a beat that read the claim just
+    before the trial ended must not write it back after the release (a claim nobody holds)."""
+    import threading
+    import time
+
+    from vitexp import store as store_module
+
+    st = TrialStore(tmp_path).create()
+    assert st.claim("k")
+    monkeypatch.setattr(store_module, "HEARTBEAT_S", 0.01)
+    real_write, beating = store_module.atomic_write, threading.Event()
+
+    def slow_write(path, data):  # the beat has read its claim; a slow disk: the block ends meanwhile
+        beating.set()
+        time.sleep(0.3)
+        real_write(path, data)
+
+    monkeypatch.setattr(store_module, "atomic_write", slow_write)
+    with st.heartbeat(["k"], lambda: (0.0, 0)):
+        assert beating.wait(5)
+    st.release("k")
+    time.sleep(0.5)
+    assert st.claim_of("k") is None

@@ -306,3 +306,59 @@ def test_a_dip_in_test_error_mid_run_is_not_what_is_reported(tmp_path):
                    "diverged": False, **got}]).to_csv(folder / "runs.csv", index=False)
     summary = scale_summary(analysis.load_runs([folder]))
     assert summary["mean"].tolist() == [35.0] and summary["metric"].tolist() == [analysis.ERR]
+
+
+class Recorder:
+    """A toy trial feature: records each hook's call and changes what each hook may change."""
+
+    def __init__(self):
+        self.calls = []
+        self.epochs = 0
+
+    def build_options(self):
+        self.calls.append("build_options")
+        return {"distilled": True}
+
+    def init_weights(self, model):
+        self.calls.append("init_weights")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+
+    def loss(self, criterion, device):
+        self.calls.append("loss")
+
+        def doubled(out, x, y):  # a distilled model trains with two heads
+            return 2 * criterion(out[0], y)
+        return doubled
+
+    def epoch_columns(self):
+        self.epochs += 1
+        return {"toy_epochs": self.epochs}
+
+
+def test_a_feature_changes_a_trial_only_through_its_hooks(tmp_path, monkeypatch):
+    """The trainer calls each `Feature` hook: build options reach the builder, first weights
+    are the feature's, its loss is what the step minimises, its epoch columns reach history.csv
+    and the trial's row (the last epoch's). The table in `vitexp.features` is where it comes from."""
+    from vitexp import features, trainer
+
+    toy = Recorder()
+    built = {}
+    real_build = vmodels.build_model
+
+    def build(*a, **kw):
+        built.update(kw)
+        return real_build(*a, **kw)
+
+    monkeypatch.setattr(trainer.vmodels, "build_model", build)
+    monkeypatch.setattr(features, "FEATURES", {"seed": lambda cfg, store: toy})  # seed 1 is set: it asks
+    cfg = TrainConfig(model=SMALLEST_VIT_C, n_train=64, n_test=32, batch_size=32, epochs=2, seed=1, compile=False)
+    t = trainer.setup_trial(cfg.resolved())
+    assert t.features == [toy] and toy.calls == ["build_options", "init_weights", "loss"]
+    assert built["distilled"] and all(not p.any() for p in t.model.parameters())
+    x, y = next(iter(t.train_loader))
+    assert t.loss(t.net(x), x, y).item() == pytest.approx(2 * t.criterion(t.net(x)[0], y).item())
+    row = run_trial(cfg, out=tmp_path)
+    history = pd.read_csv(TrialStore(tmp_path).history_path(row["key"]))
+    assert history["toy_epochs"].tolist() == [1, 2] and row["toy_epochs"] == 2

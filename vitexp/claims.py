@@ -232,7 +232,7 @@ def evaluate_contrast(arm: Arm, runs: pd.DataFrame) -> dict:
     converged = f"{n_ok}/{n_trials}" + (f" ({fixed} of {len(cells)} terms a fixed budget)" if fixed else "")
     if arm.by:
         whole = per.groupby(arm.by)["ok"].transform("all")
-        used = per.loc[whole, arm.by].drop_duplicates()
+        used = per.loc[whole, arm.by].drop_duplicates().sort_values(list(arm.by))  # sizes in numeric order
         values = ", ".join("/".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in row)
                            for row in used.itertuples(index=False))
         converged += f" ({len(used)} of {len(per[arm.by].drop_duplicates())} {'/'.join(arm.by)}" + (

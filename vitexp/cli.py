@@ -8,7 +8,6 @@ and SIGTERM exit 130 and 143 after saying how to resume.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -49,27 +48,36 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def _option(default, decls: list[str], help: str, annotation, flag: bool = False, hidden: bool = False) -> dict:
     return {"default": typer.Option(default, *decls, help=help, metavar="" if flag else None, hidden=hidden,
-                                    show_default=default is not None), "annotation": annotation}
+                                    show_default=default not in (None, ...)), "annotation": annotation}
 
 
-def _config_params(overrides: bool, exclude=(), kind: str | None = None) -> list[inspect.Parameter]:
+def _table_params(table: dict) -> list[inspect.Parameter]:
+    """Options from a table of name -> (flag, type, default (... required), help)."""
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, **_option(default, [flag], help_, kind))
+            for name, (flag, kind, default, help_) in table.items()]
+
+
+def _config_params(overrides: bool, exclude=(), kind: str | None = None, only: dict | None = None,
+                   required=()) -> list[inspect.Parameter]:
     """One CLI option per TrainConfig field, with the field's help text. With
     `overrides` every default is None ("not given"), for commands whose presets
-    supply the values; KIND's default preset's value (else the field's default) is in the help."""
+    supply the values; KIND's default preset's value (else the field's default) is in the help.
+    ONLY: just these fields, name -> help (None: the field's own); REQUIRED: fields with no default."""
     from vitexp.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     preset_train = _default_study(kind, "train") if kind is not None else {}
     params = []
     for f in dataclasses.fields(TrainConfig):
-        if f.name in TrainConfig.NOT_OPTIONS or f.name in exclude:
+        if f.name in TrainConfig.NOT_OPTIONS or f.name in exclude or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
         base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
         default = None if overrides or f.default is dataclasses.MISSING else f.default
-        help_ = f.metadata.get("help", "")
+        default = ... if f.name in required else default
+        help_ = (only or {}).get(f.name) or f.metadata.get("help", "")
         if overrides and kind is not None:
             value = preset_train.get(f.name, None if f.default is dataclasses.MISSING else f.default)
             help_ += _shown(kind, value) if not isinstance(value, bool) else ""
@@ -156,14 +164,10 @@ def train(out: Path, **kwargs):
     """Train one trial and append it to OUT/runs.csv; rerun the same command to resume a killed one."""
     from vitexp import runtime
     from vitexp.config import TrainConfig
-    from vitexp.data import check_data
-    from vitexp.errors import stop_on_signals
-    from vitexp.store import TrialStore
-    from vitexp.sweep.plan import check_folder
-    from vitexp.trainer import run_trial
+    from vitexp.sweep.execute import run
+    from vitexp.sweep.plan import single_plan
     from vitexp.sweep.presets import preset_model
-    from vitexp.ui import (StudyProgress, done_line, error_phrase, hparams_line, settings_lines, trial_images,
-                           trial_label, trial_summary)
+    from vitexp.ui import done_line, error_phrase, hparams_line, settings_lines, trial_label
 
     teacher = kwargs.pop("teacher")  # a trial to find, not the config's teacher table
     fields = preset_model(_config(kwargs, overrides=False), kwargs.pop("preset"))
@@ -174,37 +178,19 @@ def train(out: Path, **kwargs):
     source = fields.get("extra", {}).pop("hparams_from", None)
     source = source or ("given" if fields.get("lr") is not None and fields.get("wd") is not None else None)
     cfg = TrainConfig(**fields).validate().resolved()
-    store = TrialStore(out, create=False)
-    check_folder(store, "train")  # single runs never mix into a study's folder
-    done = store.result(cfg.key())
+    plan = single_plan("train", [cfg], out, staged=(teacher,) if teacher is not None else (),
+                       notes=(f"train {cfg.key()}: {trial_label(cfg.to_dict())}; {hparams_line(cfg, source)}",))
+    done = plan.store.result(cfg.key())
     if done is not None and done.get("status") == "ok":
         console.print(f"trial {cfg.key()} already in {out}: {error_phrase(done)} (nothing to do)")
         return
-    runtime.resolve_device(cfg.device)
-    check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
     main = runtime.dist_env().main  # under torchrun only rank 0 reports
     if main:
         for line in settings_lines(cfg, fields, source):
             console.print(line, markup=False)
-    try:
-        # only rank 0 writes the folder, and only it undoes what a refusal left
-        with store.undo_on_refusal() if main else contextlib.nullcontext(), stop_on_signals(), \
-                StudyProgress(1, trial_images(cfg), enabled=None if main else False, epoch_lines=main) as bar:
-            bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
-            if main:
-                store.create()
-                store.logger().info("train %s: %s; %s", cfg.key(), trial_label(cfg.to_dict()), hparams_line(cfg, source))
-                if teacher is not None:
-                    store.stage_weights(teacher.weights, teacher.key)
-            row = run_trial(cfg, store=store, progress=bar)
-            if main:
-                store.rebuild()
-                store.logger().info("trial %s %s", cfg.key(), trial_summary(trial_label(cfg.to_dict()), row))
-    finally:
-        runtime.close_distributed()
-        store.close_log()
+    run(plan)
     if main:
-        console.print(done_line(row, out), soft_wrap=False)  # wrapped at words, not mid-word
+        console.print(done_line(plan.store.result(cfg.key()), out), soft_wrap=False)  # wrapped at words, not mid-word
 
 
 app.command("train")(with_params(train, [
@@ -219,62 +205,33 @@ app.command("train")(with_params(train, [
 
 
 # --- finetune -------------------------------------------------------------------------------------
-@app.command()
-def finetune(source: str = typer.Option(..., "--from", help="the finished trial to start from: DIR:KEY, DIR (a "
-                                        "folder of one finished trial, e.g. a `vitexp train` folder) or "
-                                        "DIR/weights/KEY.pt"),
-             dataset: str = typer.Option(..., "--dataset", help="the target data set (e.g. fashion-mnist:5-9)"),
-             image_size: Optional[int] = typer.Option(None, "--image-size", help="fine-tune at this size (default: "
-                                                      "the source's; a ViT's position embeddings are interpolated)"),
-             n_train: Optional[int] = typer.Option(None, "--n-train", help="class-balanced subset of the target's "
-                                                   "training images (None: all)"),
-             n_test: Optional[int] = typer.Option(None, "--n-test", help="first n of the target's test set"),
-             steps: Optional[int] = typer.Option(None, "--steps", help="optimisation steps (a fixed number, [ViT] App. "
-                                                 "B.1.1) [default: 500]"),
-             epochs: Optional[int] = typer.Option(None, "--epochs", help="or epochs of the target's training images, "
-                                                  "as every other command counts (instead of --steps)"),
-             lr: Optional[str] = typer.Option(None, "--lr", help="comma-separated lrs at batch 512 to choose from on "
-                                              "the held-out split [default: 0.001,0.003,0.01,0.03]"),
-             holdout: float = typer.Option(0.1, "--holdout", help="fraction of the target's training images held "
-                                           "out to choose the lr"),
-             batch_size: int = typer.Option(128, "--batch-size", help="batch size (the lr scales linearly from 512)"),
-             seed: int = typer.Option(0, "--seed", help="data order, augmentation, the held-out split"),
-             model: Optional[str] = typer.Option(None, "--model", help="check the source is this model"),
-             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-             data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where data sets live"),
-             out: Path = typer.Option(Path("runs/finetune"), "--out", help="results folder"),
-             progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", metavar="",
-                                                     help="live progress [default: on a terminal]")) -> None:
+def finetune(source: str, dataset: str, out: Path, progress: bool | None, steps: int | None, epochs: int | None,
+             lr: str | None, holdout: float, model: str | None, **config) -> None:
     """Fine-tune a finished trial's weights on a target data set ([ViT] App. B.1.1): zero head,
     position embeddings interpolated, SGD; the lr chosen on held-out training images."""
     from vitexp.config import TrainConfig
-    from vitexp.data import check_data
-    from vitexp.errors import stop_on_signals
     from vitexp.finetune import FINETUNE_LRS, budget_steps, chosen, chosen_line, plan_finetune
-    from vitexp.store import TrialStore
-    from vitexp.sweep.plan import check_folder
-    from vitexp.trainer import run_trial
-    from vitexp.ui import StudyProgress, trial_images, trial_label
+    from vitexp.sweep.execute import run
+    from vitexp.sweep.plan import single_plan
 
     lrs = parse_list(lr, float, "lr") or list(FINETUNE_LRS)
-    base = TrainConfig(dataset=dataset, image_size=image_size, n_train=n_train, n_test=n_test, seed=seed,
-                       subset_seed=seed, batch_size=batch_size, device=device, data_dir=data_dir)
+    base = TrainConfig(dataset=dataset, subset_seed=config["seed"], **config)
     src, cfgs = plan_finetune(source, base, budget_steps(steps, epochs, base, holdout), lrs, holdout, model)
-    store = TrialStore(out, create=False)
-    check_folder(store, "finetune")
-    check_data(dataset, data_dir, n_train, n_test)
-    rows = []
-    with store.undo_on_refusal(), stop_on_signals(), \
-            StudyProgress(len(cfgs), sum(trial_images(c) for c in cfgs), enabled=progress) as bar:
-        store.create()
-        store.stage_weights(src.weights, src.key)
-        for cfg in cfgs:
-            bar.start_trial(trial_label(cfg.to_dict()), trial_images(cfg), cfg.epochs)
-            rows.append(run_trial(cfg, store=store, progress=bar))
-            bar.end_trial(f"lr {cfg.lr:g}: val_err {rows[-1].get('val_err', float('nan')):.2f}%", trial_images(cfg),
-                          rows[-1])
-        store.rebuild()
-    console.print(chosen_line(chosen(rows), src, holdout, out))
+    plan = single_plan("finetune", cfgs, out, staged=(src,))
+    run(plan, progress=progress)
+    console.print(chosen_line(chosen([plan.store.result(c.key()) for c in cfgs]), src, holdout, out))
+
+
+def _finetune_params() -> list[inspect.Parameter]:
+    from vitexp import finetune as ft
+
+    return (_table_params(ft.OPTIONS) + _config_params(overrides=False, only=ft.CONFIG_OPTIONS, required=ft.REQUIRED)
+            + _table_params({"out": ("--out", Path, Path("runs/finetune"), "results folder"),
+                             "progress": ("--progress/--no-progress", Optional[bool], None,
+                                          "live progress [default: on a terminal]")}))
+
+
+app.command("finetune")(with_params(finetune, _finetune_params()))
 
 
 # --- studies ----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 distillation token (`DistilledViT`) learns from a frozen teacher's outputs on the same
 augmented batch. The teacher is a finished trial's kept weights (`vitexp.source.Source`),
 in eval mode and without gradients; its key is in the student's (`TrainConfig.teacher`).
+`Teacher` is the trial feature (`trainer.Feature`) that gives a student all of this.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from torch import nn
 
 from vitexp import models as vmodels
 from vitexp.config import TrainConfig
+from vitexp.errors import UserError
 from vitexp.source import Source
-from vitexp.store import read_weights
+from vitexp.store import TrialStore, read_weights
 
 
 class Distiller:
@@ -66,6 +68,30 @@ def load_teacher(path: Path, device: torch.device) -> nn.Module:
                                   num_classes=saved["num_classes"])
     teacher.load_state_dict(saved["state_dict"])
     return teacher.to(device).eval().requires_grad_(False)
+
+
+class Teacher:
+    """The trial feature of a student (`trainer.Feature`): a model with a distillation token,
+    the `Distiller`'s loss, and each epoch's `teacher_agree`. The teacher's kept weights are
+    in the student's own folder (`vitexp train --teacher` and the studies stage them there)."""
+
+    def __init__(self, cfg: TrainConfig, store: TrialStore | None):
+        if store is None:
+            raise UserError("a student with a teacher needs a results folder that holds the teacher's weights (out)")
+        self.cfg, self.weights, self.distiller = cfg, store.weights_path(cfg.teacher["key"]), None
+
+    def build_options(self) -> dict:
+        return {"distilled": True}
+
+    def init_weights(self, model: nn.Module) -> None:
+        pass  # the student starts from its seed
+
+    def loss(self, criterion: nn.Module, device: torch.device) -> Distiller:
+        self.distiller = Distiller(load_teacher(self.weights, device), self.cfg)
+        return self.distiller
+
+    def epoch_columns(self) -> dict:
+        return {"teacher_agree": self.distiller.agreement()}
 
 
 def teacher_columns(source: Source) -> dict:

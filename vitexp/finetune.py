@@ -9,6 +9,7 @@ interpolated in 2D to the new token grid, and a first conv meets the target's ch
 `FINETUNE_RECIPE` is [ViT] App. B.1.1; `finetune` runs it over the lr grid of that
 appendix, each lr on a held-out split of the target's training images, and reports the
 test error of the lr that did best there: the test set never chooses anything.
+`FineTune` is the trial feature (`trainer.Feature`) that starts a trial from its source.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vitexp.data.datasets import dataset_info
 from vitexp.errors import UserError
 from vitexp.models.vit import interpolate_pos_embed
 from vitexp.source import Source, find_source
+from vitexp.store import TrialStore, read_weights
 
 # [ViT] App. B.1.1: SGD with momentum 0.9, no weight decay, global grad-norm clip 1, cosine decay
 # after a short linear warmup, a fixed number of steps, no label smoothing or regularisers; no EMA
@@ -36,6 +38,55 @@ FINETUNE_LRS = (0.001, 0.003, 0.01, 0.03)  # [ViT] App. B.1.1's grid, at batch 5
 FINETUNE_STEPS = 500  # `vitexp finetune`'s default budget
 WARMUP_SHARE = 0.05  # of the fine-tune's steps ([ViT]: 500 of 10,000)
 HOLDOUT = 0.1  # [ViT]: 2-10% of the target's training images choose the lr
+
+# `vitexp finetune`'s own options: name -> (flag, type, default (... required), help)
+OPTIONS = {
+    "source": ("--from", str, ..., "the finished trial to start from: DIR:KEY, DIR (a folder of one finished "
+                                   "trial, e.g. a `vitexp train` folder) or DIR/weights/KEY.pt"),
+    "steps": ("--steps", int | None, None, f"optimisation steps (a fixed number, [ViT] App. B.1.1) "
+                                           f"[default: {FINETUNE_STEPS}]"),
+    "epochs": ("--epochs", int | None, None, "or epochs of the target's training images, as every other command "
+                                             "counts (instead of --steps)"),
+    "lr": ("--lr", str | None, None, f"comma-separated lrs at batch 512 to choose from on the held-out split "
+                                     f"[default: {','.join(map(str, FINETUNE_LRS))}]"),
+    "holdout": ("--holdout", float, HOLDOUT, "fraction of the target's training images held out to choose the lr"),
+    "model": ("--model", str | None, None, "check the source is this model"),
+}
+# the TrainConfig fields it takes as options (the trial's others are FINETUNE_RECIPE's or the
+# source's), with what each means for a fine-tune where TrainConfig's help says otherwise;
+# the target data set has no default
+CONFIG_OPTIONS = {"dataset": "the target data set (e.g. fashion-mnist:5-9)",
+                  "image_size": "fine-tune at this size (default: the source's; a ViT's position embeddings are "
+                                "interpolated)",
+                  "n_train": "class-balanced subset of the target's training images (None: all)",
+                  "n_test": None, "batch_size": "batch size (the lr scales linearly from 512)",
+                  "seed": "data order, augmentation, the held-out split", "device": None, "data_dir": None}
+REQUIRED = ("dataset",)
+
+
+class FineTune:
+    """The trial feature of a fine-tune (`trainer.Feature`): the model starts from the source
+    trial's kept weights (`load_source`), which sit in the fine-tune's own folder (`vitexp
+    finetune` and the transfer study stage them there); loss and rows stay the plain trial's."""
+
+    def __init__(self, cfg: TrainConfig, store: TrialStore | None):
+        self.key = cfg.init_from["key"]
+        self.weights = store.weights_path(self.key) if store is not None else None
+
+    def build_options(self) -> dict:
+        return {}
+
+    def init_weights(self, model: nn.Module) -> None:
+        if self.weights is None or not self.weights.exists():
+            raise FileNotFoundError(f"no weights of source trial {self.key} at {self.weights}: it failed, "
+                                    f"diverged or kept none")
+        load_source(model, read_weights(self.weights))
+
+    def loss(self, criterion: nn.Module, device: torch.device) -> None:
+        return None  # the plain trial's
+
+    def epoch_columns(self) -> dict:
+        return {}
 
 
 def head_keys(model: nn.Module) -> set[str]:

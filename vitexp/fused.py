@@ -44,8 +44,7 @@ from vitexp.config import TrainConfig
 from vitexp.provenance import provenance
 from vitexp.seeds import EPOCH, derive_seed
 from vitexp.store import TrialStore
-from vitexp.trainer import (NAN_CHECK_EVERY, Trial, end_epoch, finish_trial, member_step, resume, setup_trial,
-                            source_path)
+from vitexp.trainer import NAN_CHECK_EVERY, Trial, end_epoch, finish_trial, member_step, resume, setup_trial
 
 # what may differ between the members of one fused group
 MEMBER_FIELDS = ("lr", "wd", "seed", "subset_seed", "extra")
@@ -107,7 +106,7 @@ def setup_group(cfgs: list[TrainConfig], store: TrialStore | None) -> Group:
         ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
         # eager, even with --compile (an execution option: the keys stay): compiling the fused step
         # (vmap over functional_call) is untested here, and K members' compiled evals cost K compiles
-        members.append(resume(setup_trial(dataclasses.replace(cfg, compile=False), source_path(cfg, store)), ckpt))
+        members.append(resume(setup_trial(dataclasses.replace(cfg, compile=False), store), ckpt))
     model = members[0].model
     return Group(members=members, names=[n for n, _ in model.named_parameters()],
                  buffers=[n for n, _ in model.named_buffers()], frozen=[False] * len(members))

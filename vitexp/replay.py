@@ -8,8 +8,9 @@ import torch
 
 from vitexp import runtime
 from vitexp.config import TrainConfig, config_fields
+from vitexp.distill import Teacher
 from vitexp.store import TrialStore
-from vitexp.trainer import epoch_batches, setup_trial, teacher_path
+from vitexp.trainer import epoch_batches, setup_trial
 
 
 def replay_agreement(folder: str | Path, key: str) -> float:
@@ -22,9 +23,10 @@ def replay_agreement(folder: str | Path, key: str) -> float:
     if row is None or not row.get("teacher"):
         raise ValueError(f"{folder}: {key} is not a recorded distilled student")
     cfg = TrainConfig(**{f: row[f] for f in config_fields() if f in row})
-    t = setup_trial(cfg, teacher=teacher_path(cfg, store))
+    t = setup_trial(cfg, store)
+    distiller = next(f for f in t.features if isinstance(f, Teacher)).distiller
     with torch.no_grad():
         for x, y in epoch_batches(t, int(row["epochs_run"]) - 1):
             with runtime.autocast(t.device, cfg.amp):
-                t.distiller.count(t.distiller.teacher(x).float(), y)
-    return t.distiller.agreement()
+                distiller.count(distiller.teacher(x).float(), y)
+    return distiller.agreement()

@@ -128,13 +128,20 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def check_batch(batch_size: int, world: int) -> None:
+    """The global batch splits evenly over the ranks (each trains batch_size / world)."""
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is not divisible by the world size {world}; use a multiple "
+                        f"of {world}")
+
+
 def workers(device: str, todo: list, asked: int | None) -> tuple[int, int | None]:
     """(processes, threads per process; None: leave torch's default). Default: one
     process on a GPU and on one core; on a multi-core CPU one single-thread worker per
-    core (at most one per trial)."""
+    core (at most one per trial; a lone trial, in this process, with torch's threads)."""
     on_cpu = resolve_device(device).type == "cpu"
     if asked is None:
-        if not on_cpu or cores() == 1:
+        if not on_cpu or cores() == 1 or len(todo) == 1:
             return 1, None
         return min(cores(), len(todo)), 1
     return asked, (max(1, cores() // asked) if on_cpu and asked > 1 else None)

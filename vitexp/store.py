@@ -185,9 +185,10 @@ class TrialStore:
         return {"existed": existed, "paths": set(self.root.rglob("*")) if existed else set(),
                 "keep": {p: p.read_bytes() for p in (self.spec_path, self.log_path) if p.is_file()}}
 
-    def claim_for(self, check, spec_text: str) -> None:
-        """Make the folder and write its study.toml once CHECK (the folder check) passes under the
-        folder lock: of two studies started together on one empty folder the second is refused.
+    def claim_for(self, check, spec_text: str | None) -> None:
+        """Make the folder and write its study.toml (SPEC_TEXT; None: a run that is no study) once
+        CHECK (the folder check) passes under the folder lock: of two studies started together on
+        one empty folder the second is refused.
         A refusal leaves the folder as it was (one made here goes again while it is empty)."""
         made = not self.root.is_dir()
         try:
@@ -197,7 +198,8 @@ class TrialStore:
         try:
             with self.lock():
                 check()
-                self.write_spec(spec_text)
+                if spec_text is not None:
+                    self.write_spec(spec_text)
         except UserError:
             if made and {p.name for p in self.root.iterdir()} <= {".lock"}:
                 with contextlib.suppress(OSError):
@@ -358,11 +360,13 @@ class TrialStore:
                     with contextlib.suppress(OSError):
                         self.beat(key, images, resumed)
 
-        threading.Thread(target=beat, daemon=True).start()
+        beating = threading.Thread(target=beat, daemon=True)
+        beating.start()
         try:
             yield
         finally:
             stop.set()
+            beating.join()  # a beat in flight must not write the claim back after its release
 
     def claim_of(self, key: str) -> dict | None:
         """The claim of KEY as it stands (None: nobody has it)."""

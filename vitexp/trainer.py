@@ -29,7 +29,7 @@ import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -41,13 +41,13 @@ from vitexp import models as vmodels
 from vitexp import rows, runtime
 from vitexp.rows import DIVERGED_ERR
 from vitexp.config import KEEP_WEIGHTS_MAX_PARAMS, TrainConfig
-from vitexp.distill import Distiller, load_teacher
 from vitexp.errors import UserError
+from vitexp.features import trial_features
 from vitexp.optim import EMA, build_optimizer, build_scheduler
 from vitexp.seeds import EPOCH, derive_seed
 from vitexp.fileio import atomic_write
 from vitexp.provenance import provenance
-from vitexp.store import TrialStore, read_weights, set_aside
+from vitexp.store import TrialStore, set_aside
 
 # host-side check for a non-finite loss every this many steps (each check is a sync)
 NAN_CHECK_EVERY = 50
@@ -55,6 +55,27 @@ NAN_CHECK_EVERY = 50
 EMA_EVERY = 4
 
 Progress = Callable[[dict], None]
+Loss = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, images, labels) -> loss
+# the columns of every history row; a feature's `epoch_columns` add others, and the last
+# epoch's reach the trial's runs.csv row
+EPOCH_COLUMNS = ("key", "epoch", "train_loss", "test_err", "ema_err", "lr", "seconds", "images_per_s")
+
+
+class Feature(Protocol):
+    """What a trial feature (fine-tuning, distillation: `vitexp.features.FEATURES`) may change
+    of a plain trial; the trainer calls these hooks and knows no feature by name."""
+
+    def build_options(self) -> dict:
+        """Keyword arguments `build_model` adds for this feature (a distillation token)."""
+
+    def init_weights(self, model: nn.Module) -> None:
+        """Set the freshly built, seeded model's first weights (a fine-tune's source)."""
+
+    def loss(self, criterion: nn.Module, device: torch.device) -> Loss | None:
+        """The training loss instead of CRITERION(output, labels); None: the plain one."""
+
+    def epoch_columns(self) -> dict:
+        """Columns of the epoch's history row (read once per epoch, after its training)."""
 
 
 @dataclasses.dataclass
@@ -84,30 +105,25 @@ class Trial:
     train_loader: object
     test_loader: object
     mixer: Callable | None
-    criterion: nn.Module
+    criterion: nn.Module  # the plain loss (a fused group's, which has no feature that changes it)
+    loss: Loss  # what a step minimises: the criterion's, or a feature's
     channels_last: bool
-    source: Path | None = None  # the weights a fine-tune started from
-    teacher: Path | None = None  # the kept weights that teach a distilled student
-    distiller: Distiller | None = None  # the loss of a student with a teacher (else `criterion`)
+    features: list[Feature] = dataclasses.field(default_factory=list)
     keep_weights: bool = False  # write the final evaluated weights when the trial ends
     state: TrialState = dataclasses.field(default_factory=TrialState)
 
 
 def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device, d: runtime.Dist,
-                source: Path | None = None):
-    """(model, net, channels_last): the model on the device, seeded by cfg.seed, or starting
-    from the SOURCE weights where cfg.init_from says (a fine-tune); net wraps it for the step
-    (DDP under torchrun, torch.compile on request)."""
+                features: list[Feature] = ()):
+    """(model, net, channels_last): the model on the device, seeded by cfg.seed, built and
+    first weighted as its FEATURES say; net wraps it for the step (DDP under torchrun,
+    torch.compile on request)."""
     torch.manual_seed(cfg.seed)
+    options = {k: v for f in features for k, v in f.build_options().items()}
     model = vmodels.build_model(cfg.model_spec(), image_size=bundle.image_size, in_chans=bundle.in_chans,
-                                num_classes=bundle.num_classes, dropout=cfg.dropout, distilled=bool(cfg.teacher))
-    if cfg.init_from:
-        from vitexp.finetune import load_source
-
-        if source is None or not source.exists():
-            raise FileNotFoundError(f"no weights of source trial {cfg.init_from['key']} at {source}: it failed, "
-                                    f"diverged or kept none")
-        load_source(model, read_weights(source))
+                                num_classes=bundle.num_classes, dropout=cfg.dropout, **options)
+    for f in features:
+        f.init_weights(model)
     if cfg.sync_bn and d.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -127,28 +143,28 @@ def setup_model(cfg: TrainConfig, bundle: vdata.DataBundle, device: torch.device
     return model, net, channels_last
 
 
-def setup_trial(cfg: TrainConfig, source: Path | None = None, teacher: Path | None = None) -> Trial:
-    """Device, data, model, EMA, optimizer and schedule of a resolved config (SOURCE: the
-    weights a fine-tune starts from; TEACHER: the kept weights that teach a student)."""
+def setup_trial(cfg: TrainConfig, store: TrialStore | None = None, features: list[Feature] | None = None) -> Trial:
+    """Device, data, model, EMA, optimizer, schedule and loss of a resolved config, with the
+    features it asks for (`vitexp.features`; their weights in STORE) unless given."""
+    features = trial_features(cfg, store) if features is None else features
     d, device = runtime.init_distributed(runtime.resolve_device(cfg.device))
-    if cfg.batch_size % d.world:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the world size {d.world}; "
-                        f"use a multiple of {d.world}")
+    runtime.check_batch(cfg.batch_size, d.world)
     bundle = vdata.load_data(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
                              n_train=cfg.n_train, n_test=cfg.n_test, subset_seed=cfg.subset_seed, holdout=cfg.holdout)
-    model, net, channels_last = setup_model(cfg, bundle, device, d, source)
+    model, net, channels_last = setup_model(cfg, bundle, device, d, features)
     train_loader, test_loader = vdata.make_loaders(bundle, cfg, device, d.rank, d.world)
     opt = build_optimizer(model, cfg, device)
     keep = cfg.keep_weights
     if keep is None:
         keep = sum(p.numel() for p in model.parameters()) <= KEEP_WEIGHTS_MAX_PARAMS
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss = next((f_loss for f in features if (f_loss := f.loss(criterion, device)) is not None),
+                lambda out, x, y: criterion(out, y))
     return Trial(cfg=cfg, key=cfg.key(), device=device, dist=d, bundle=bundle, model=model, net=net,
                  ema=EMA(model, cfg.ema_decay, EMA_EVERY) if cfg.ema else None, opt=opt,
                  sched=build_scheduler(opt, cfg, len(train_loader)), train_loader=train_loader,
                  test_loader=test_loader, mixer=vdata.batch_mixer(cfg, bundle.num_classes),
-                 criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), channels_last=channels_last,
-                 keep_weights=keep, source=source, teacher=teacher,
-                 distiller=Distiller(load_teacher(teacher, device), cfg) if cfg.teacher else None)
+                 criterion=criterion, loss=loss, channels_last=channels_last, features=features, keep_weights=keep)
 
 
 def epoch_batches(t: Trial, epoch: int):
@@ -171,7 +187,7 @@ def train_epoch(t: Trial, epoch: int, progress: Progress | None = None) -> float
     for step, (x, y) in enumerate(epoch_batches(t, epoch)):
         with runtime.autocast(t.device, t.cfg.amp):
             out = t.net(x)
-            loss = t.criterion(out, y) if t.distiller is None else t.distiller(out, x, y)
+            loss = t.loss(out, x, y)
         t.opt.zero_grad(set_to_none=True)
         loss.backward()
         member_step(t, epoch * steps + step + 1)
@@ -276,21 +292,6 @@ def kept_weights(t: Trial, row: dict) -> dict | None:
             "dataset": t.cfg.dataset, "image_size": b.image_size, "in_chans": b.in_chans, "num_classes": b.num_classes}
 
 
-def source_path(cfg: TrainConfig, store: TrialStore | None) -> Path | None:
-    """Where a fine-tune's source weights are: in its own folder (`vitexp finetune` and the
-    transfer study put them there)."""
-    return store.weights_path(cfg.init_from["key"]) if cfg.init_from and store is not None else None
-
-
-def teacher_path(cfg: TrainConfig, store: TrialStore | None) -> Path | None:
-    """Where a student's teacher weights are: in its own folder, as a fine-tune's source."""
-    if not cfg.teacher:
-        return None
-    if store is None:
-        raise UserError("a student with a teacher needs a results folder that holds the teacher's weights (out)")
-    return store.weights_path(cfg.teacher["key"])
-
-
 def resume(t: Trial, ckpt: Path | None) -> Trial:
     """T at the checkpoint a killed run left, if any; an unreadable checkpoint (damaged, or
     from another version of the code) is set aside and the trial starts afresh."""
@@ -300,7 +301,7 @@ def resume(t: Trial, ckpt: Path | None) -> Trial:
         load_checkpoint(t, ckpt)
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, training from scratch is right
         set_aside(ckpt, f"{type(e).__name__}: {str(e)[:80]}")
-        return setup_trial(t.cfg, t.source, t.teacher)
+        return setup_trial(t.cfg, features=t.features)
     return t
 
 
@@ -317,8 +318,8 @@ def end_epoch(t: Trial, epoch: int, train_loss: float, train_s: float, images: i
     seconds = train_s + time.perf_counter() - e0
     row = {"key": t.key, "epoch": epoch + 1, "train_loss": train_loss, "test_err": test_err, "ema_err": ema_err,
            "lr": t.sched.get_last_lr()[0], "seconds": seconds, "images_per_s": images / train_s}
-    if t.distiller is not None:
-        row["teacher_agree"] = t.distiller.agreement()
+    for f in t.features:
+        row.update(f.epoch_columns())
     t.state.history.append(row)
     t.state.epoch = epoch + 1
     t.state.wall += seconds
@@ -352,8 +353,8 @@ def summarise(t: Trial, started: str) -> dict:
         params_m=sum(p.numel() for p in t.model.parameters()) / 1e6, device=runtime.device_name(t.device),
         amp=runtime.amp_enabled(t.device, cfg.amp), data_dir=t.bundle.source, started_at=started, fused_k=1,
         **provenance())
-    if hist and "teacher_agree" in hist[-1]:
-        row["teacher_agree"] = hist[-1]["teacher_agree"]
+    if hist:  # the features' columns of the last epoch
+        row.update({k: v for k, v in hist[-1].items() if k not in EPOCH_COLUMNS})
     evaluated = t.ema.module if t.ema is not None else t.model
     if t.bundle.val_x is not None:  # the final model on the held-out images: what chooses hyper-parameters
         val = vdata.loaders.InMemoryLoader(t.bundle.val_x.to(t.device), t.bundle.val_y.to(t.device), t.bundle,
@@ -431,7 +432,7 @@ def run_trial(cfg: TrainConfig, out: str | Path | None = None, progress: Progres
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     provenance()  # read now: the commit of the code this process runs
     ckpt = store.checkpoint_path(cfg.key()) if store is not None else None
-    t = resume(setup_trial(cfg, source_path(cfg, store), teacher_path(cfg, store)), ckpt)
+    t = resume(setup_trial(cfg, store), ckpt)
     if progress is not None and t.state.epoch:
         progress({"event": "resumed", "epoch": t.state.epoch, "epochs": cfg.epochs})
     graphs = compiled_graphs()

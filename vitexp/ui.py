@@ -219,9 +219,11 @@ def trial_costs(cfgs: list) -> list[tuple[str, float, float]]:
 
 
 def study_progress(cfgs: list, workers: int, enabled: bool | None) -> StudyProgress:
-    """The progress of a run of CFGS, its ETA from each trial's images and its model's FLOPs per image."""
+    """The progress of a run of CFGS, its ETA from each trial's images and its model's FLOPs per
+    image; a line per epoch when it is one trial."""
     trials = trial_costs(cfgs)
-    return StudyProgress(len(cfgs), sum(i for _, i, _ in trials), enabled, trials=trials, workers=workers)
+    return StudyProgress(len(cfgs), sum(i for _, i, _ in trials), enabled, trials=trials, workers=workers,
+                         epoch_lines=len(cfgs) == 1)
 
 
 def hparams_line(cfg, source: str | None) -> str:

@@ -196,6 +196,8 @@ def run(plan: Plan, workers: int | None = None, progress: bool | None = None, fu
     None: fused on a GPU, not on a CPU); returns the folder's runs table."""
     check_options(workers, fuse)
     if runtime.dist_env().world > 1:
+        for _, cfg in plan.mine:  # on every rank, before any waits for another: each says it and stops
+            runtime.check_batch(cfg.batch_size, runtime.dist_env().world)
         from vitexp.sweep import torchrun
 
         return torchrun.run(plan, lambda on_start: _execute(plan, 1, progress, 1, on_start))
@@ -219,14 +221,18 @@ def _execute(plan: Plan, workers: int | None, progress: bool | None, fuse: int |
     k, threads = runtime.workers(todo[0][1].device, todo, workers)
     fuse = default_k(todo[0][1].device) if fuse is None else fuse
     before = store.snapshot()
-    store.claim_for(lambda: check_folder(store, plan.spec), dumps(plan.spec))  # checked again under the lock
+    # checked again under the lock; a run that is no study writes no study.toml
+    store.claim_for(lambda: check_folder(store, plan.spec if plan.study else plan.kind),
+                    dumps(plan.spec) if plan.study else None)
     with store.undo_on_refusal(before):
         log = store.logger()
         store.create({key for key, r in seen.items() if r.get("status") == "ok"})  # sweeps what killed runs left
         for source in plan.staged:
             store.stage_weights(source.weights, source.key)
-        log.info("study %s shard %d/%d: %d trials, %d to run, %d process(es)", plan.study.kind,
-                            *plan.shard, len(plan.mine), len(todo), k)
+        log.info("%s %s shard %d/%d: %d trials, %d to run, %d process(es)", "study" if plan.study else "run",
+                 plan.kind, *plan.shard, len(plan.mine), len(todo), k)
+        for note in plan.notes:
+            log.info(note)
         try:
             with stop_on_signals(), study_progress([c for _, c in todo], k, progress) as bar:
                 if k == 1 and threads is None:

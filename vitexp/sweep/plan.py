@@ -164,15 +164,21 @@ def unique(trials: list[TrainConfig]) -> list[tuple[str, TrainConfig]]:
 
 @dataclasses.dataclass
 class Plan:
-    """A study about to run: its spec, its kind, its folder, its shard and its trials."""
+    """A study about to run: its spec, its kind, its folder, its shard and its trials (or a
+    run of given trials that is no study: `single_plan`)."""
 
     spec: dict
-    study: studies.Study
+    study: studies.Study | None  # None: `vitexp train` or `vitexp finetune`
     out: Path
     shard: tuple[int, int]
     trials: list[tuple[str, TrainConfig]]  # the whole study, in its fixed order
     store: TrialStore  # its folder, opened for reading (a run creates it)
     staged: tuple = ()  # finished trials of other folders (source.Source) whose weights a run copies in first
+    notes: tuple[str, ...] = ()  # lines a run writes to log.txt before its trials (where their values came from)
+
+    @property
+    def kind(self) -> str:
+        return self.spec["study"]["kind"]
 
     @cached_property
     def mine(self) -> list[tuple[str, TrainConfig]]:
@@ -228,6 +234,15 @@ def make_plan(spec: dict, out: str | Path, shard: tuple[int, int] = (0, 1), stag
     return Plan(spec=spec, study=study, out=Path(out), shard=shard, trials=keyed, store=store, staged=staged)
 
 
+def single_plan(kind: str, cfgs: list[TrainConfig], out: str | Path, staged: tuple = (), notes: tuple = ()) -> Plan:
+    """Given trials run as a study's are (claims, heartbeats, tables, resuming) without being
+    one: KIND names them in the folder check (`train`, `finetune`), no study.toml is written."""
+    store = TrialStore(out, create=False)
+    check_folder(store, kind)
+    return Plan(spec={"study": {"kind": kind}}, study=None, out=Path(out), shard=(0, 1), trials=unique(cfgs),
+                store=store, staged=staged, notes=notes)
+
+
 def describe(plan: Plan) -> pd.DataFrame:
     """The trial table of a study: one row per trial with its key and status."""
     done = plan.store.finished()
@@ -278,7 +293,7 @@ def dry_run(plan: Plan, workers: int | None) -> tuple[pd.DataFrame, str, list[st
     ref = plan.trials[0][1].lr_batch_size
     shown = table.drop(columns=alike).rename(columns={"optimizer": "opt", "lr": f"lr@{ref}", "batch_size": "batch",
                                                       "image_size": "px"})
-    title = (f"{plan.study.kind} study '{plan.spec['study']['preset']}' on {table['dataset'].iloc[0]} -> {plan.out} "
+    title = (f"{plan.kind} study '{plan.spec['study']['preset']}' on {table['dataset'].iloc[0]} -> {plan.out} "
              f"({len(table)} trials)")
     lines = [f"preset {plan.spec['study']['preset']} (`vitexp presets` lists them all)"]
     todo = plan.pending()

@@ -42,7 +42,7 @@ def study_status(folder: str | Path) -> list[str]:
     running = [k for k in keys if k in claims]
     left = [k for k in keys if k not in done and k not in failed and k not in running]
     kept = len(store.kept_weights() & set(done))
-    lines = [f"{plan.study.kind} study in {folder}: {len(keys)} trials: {len(done)} done ({kept} with kept weights), "
+    lines = [f"{plan.kind} study in {folder}: {len(keys)} trials: {len(done)} done ({kept} with kept weights), "
              f"{len(running)} running, {len(failed)} failed, {len(left)} left"
              + (f" ({len(plans)} commands)" if len(plans) > 1 else "")]
     other = [k for k, r in rows.items() if k not in keys and r.get("status") == "ok"]
