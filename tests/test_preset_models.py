@@ -16,6 +16,7 @@ from vitexp.config import TrainConfig
 from vitexp.errors import UserError
 from vitexp.fused import run_group
 from vitexp.models import build_model, complexity, features
+from vitexp.models import registry
 from vitexp.models.registry import define
 from vitexp.models.vit import RegisterViT
 from vitexp.optim import param_groups
@@ -176,9 +177,21 @@ def test_models_lists_a_presets_models_counted_like_the_built_in_ones(tmp_path):
 
     df = pd.read_csv(StringIO(proc.stdout)).set_index("model")
     assert df.loc["my_convit", "family"] == "vit_c"
-    define("my_convit", {"timm": "convit_tiny", "family": "vit_c", "img_size": 32, "patch_size": 8,
-                         "embed_dim": 8, "num_heads": 4, "depth": 2})
-    assert df.loc["my_convit", "gmacs"] == pytest.approx(complexity("my_convit", 32, num_classes=10)["gmacs"])
+    spec = define("my_convit", {"timm": "convit_tiny", "family": "vit_c", "img_size": 32, "patch_size": 8,
+                                "embed_dim": 8, "num_heads": 4, "depth": 2})
+    assert df.loc["my_convit", "gmacs"] == pytest.approx(complexity(spec, 32, num_classes=10)["gmacs"])
+
+
+def test_reading_a_preset_defines_nothing_in_the_process(tmp_path):
+    """A preset's models are known where its tables are passed (a trial's model_def, a study's
+    spec), never by a name registered as a side effect of reading it."""
+    from vitexp.sweep.presets import read_preset
+
+    _, tables = read_preset(str(_preset(tmp_path)))
+    with pytest.raises(UserError, match="unknown model 'my_convit'"):
+        registry.get_spec("my_convit")
+    assert registry.get_spec("my_convit", tables["models"]).family == "vit_c"
+    assert "my_convit" not in registry.list_models()
 
 
 @pytest.mark.slow
@@ -190,7 +203,9 @@ def test_a_scale_study_with_a_preset_model_runs_and_colours_it_by_its_family(tmp
     assert proc.returncode == 0, proc.stderr
     runs = analysis.load_runs([out])
     assert set(runs.model) == {"vit_p_7mf", "my_convit"} and (runs.status == "ok").all()
-    assert plots.family("my_convit") == "vit_c"  # from the folder's study.toml
+    assert plots.family("my_convit") == "other"  # unknown outside a drawing of its runs
+    with plots.drawing(runs):
+        assert plots.family("my_convit") == "vit_c"  # from its runs' model_def
 
 
 @pytest.mark.slow
@@ -294,8 +309,8 @@ def test_the_soft_prior_models_cost_what_their_level_costs(preset):
     _, tables = read_preset(preset)
     level = complexity("vit_p_7mf", 32, num_classes=10)["gmacs"]
     assert tables["models"]
-    for name in tables["models"]:
-        assert abs(complexity(name, 32, num_classes=10)["gmacs"] / level - 1) <= 0.12, name
+    for name, table in tables["models"].items():
+        assert abs(complexity(define(name, table), 32, num_classes=10)["gmacs"] / level - 1) <= 0.12, name
 
 
 def test_a_timm_vit_at_its_defaults_is_built_at_the_datas_size(tmp_path):
@@ -307,3 +322,15 @@ def test_a_timm_vit_at_its_defaults_is_built_at_the_datas_size(tmp_path):
     assert vit(torch.zeros(2, 3, 32, 32)).shape == (2, 10) and vit.patch_embed.img_size == (32, 32)
     cnn = build_model(registry.get_spec("timm:resnet18"), image_size=32, in_chans=3, num_classes=10)
     assert cnn(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bench_measures_a_presets_own_model(tmp_path):
+    """`vitexp bench --preset P --model NAME` builds NAME from P's table and trains it at P's
+    [tuned] values (nothing registered by reading P)."""
+    preset = _preset(tmp_path, extra="")
+    preset.write_text(preset.read_text().replace("sgd = [0.5, 1e-5]", "sgd = [0.5, 1e-5]\nadamw = [0.001, 0.05]"))
+    p = run_cli("bench", "--preset", preset, "--model", "my_convit", "--batch-size", "8", "--steps", "1",
+                "--warmup", "0", "--device", "cpu", "--csv", tmp_path / "b.csv")
+    assert p.returncode == 0, p.stderr
+    row = pd.read_csv(tmp_path / "b.csv").iloc[-1]
+    assert row["model"] == "my_convit" and row["images_per_s"] > 0

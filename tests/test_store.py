@@ -144,3 +144,21 @@ def test_a_beat_in_flight_never_writes_a_released_claim_back(tmp_path, monkeypat
     st.release("k")
     time.sleep(0.5)
     assert st.claim_of("k") is None
+
+
+def test_a_run_with_nothing_left_to_do_sweeps_the_claim_a_killed_run_left(tmp_path):
+    """Killed just after writing its last record, a run leaves its claim behind; the next run
+    finds nothing to train, and must still remove it (refresh, its one read, sweeps)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    st = TrialStore(tmp_path).create()
+    st.record("k", _row("k"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "claims" / "k").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead),
+                                                       "time": time.time(), "beat": time.time()}))
+    assert set(st.refresh()) == {"k"}
+    assert not (tmp_path / "claims" / "k").exists()

@@ -18,7 +18,7 @@ Conventions (PAPERS.md section 4):
 
 from __future__ import annotations
 
-import contextlib
+import ast
 import math
 import re
 from pathlib import Path
@@ -81,15 +81,22 @@ def study_kind(folder: str | Path) -> str | None:
     return str(kind) if kind else None
 
 
-def _define_models(folder) -> None:
-    """The [models.NAME] of FOLDER's study.toml, defined here so figures colour them by their
-    family; a definition this machine cannot build (timm missing) only loses the colour."""
-    from vitexp.sweep.presets import define_models
+def definitions(runs: pd.DataFrame) -> dict[str, dict]:
+    """model -> its [models.NAME] table, for the runs of models a preset defined (their
+    `model_def`; runs.csv holds it as the repr of a dict)."""
+    out = {}
+    if "model_def" not in runs:
+        return out
+    for model, d in runs[["model", "model_def"]].drop_duplicates("model").itertuples(index=False):
+        table = ast.literal_eval(d) if isinstance(d, str) and d.startswith("{") else d
+        if isinstance(table, dict) and table:
+            out[str(model)] = table
+    return out
 
-    spec = TrialStore(folder, create=False).read_spec() if Path(folder).is_dir() else None
-    if isinstance(spec, dict):
-        with contextlib.suppress(UserError):
-            define_models(spec)
+
+def model_def(rows: pd.DataFrame) -> dict:
+    """The [models.NAME] table of ROWS' model (all of one model; {} for a built-in one)."""
+    return definitions(rows.head(1)).get(str(rows["model"].iloc[0]), {}) if len(rows) else {}
 
 
 def fewshot_columns(runs: pd.DataFrame) -> list[str]:
@@ -97,18 +104,16 @@ def fewshot_columns(runs: pd.DataFrame) -> list[str]:
     return sorted((c for c in runs.columns if FEWSHOT.match(c)), key=lambda c: int(FEWSHOT.match(c)[1]))
 
 
-def load_runs(folders, required=("model",), define: bool = True) -> pd.DataFrame:
+def load_runs(folders, required=("model",)) -> pd.DataFrame:
     """runs.csv of each folder, concatenated and cleaned: numbers parsed, `study`
     filled from study.toml where missing, `status` defaulting to "ok", `diverged`
     a bool, diverged runs at 100% error, `converged` by today's rule; `source` names the
-    folder of each row. DEFINE: register the folders' [models.NAME] for the figures' colours."""
+    folder of each row."""
     frames = []
     for folder in folders:
         df = read_runs(folder, required)
         df["source"] = str(folder)
         kind = study_kind(folder)
-        if define:
-            _define_models(folder)
         if "study" not in df:
             df["study"] = kind or "train"
         elif kind:

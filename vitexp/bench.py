@@ -88,16 +88,19 @@ def _cycle(loader):
 
 def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int = 50, warmup: int = 10,
           device: str = "auto", compile: bool = False, amp: bool = True, baseline: bool = False,
-          image_size: int | None = None, num_workers: int = 8, data_dir: str | None = None) -> dict:
-    """Measure one configuration; returns one row (also what `vitexp bench` prints)."""
+          image_size: int | None = None, num_workers: int = 8, data_dir: str | None = None,
+          fields: dict | None = None) -> dict:
+    """Measure one configuration; returns one row (also what `vitexp bench` prints). FIELDS:
+    more TrainConfig fields (a preset's model_def, lr and wd: `presets.preset_model`)."""
     dev = resolve_device(device)
     if baseline:
         amp, compile = False, False
-    cfg = _config(model, dataset, batch_size, steps + warmup, dev, amp, compile, image_size, num_workers, data_dir)
+    cfg = _config(model, dataset, batch_size, steps + warmup, dev, amp, compile, image_size, num_workers, data_dir,
+                  fields)
     bundle = vdata.load_data(dataset, data_dir=data_dir, image_size=cfg.image_size, n_train=cfg.n_train,
                              n_test=cfg.n_test)
     torch.manual_seed(0)
-    net = vmodels.build_model(model, image_size=bundle.image_size, in_chans=bundle.in_chans,
+    net = vmodels.build_model(cfg.model_spec(), image_size=bundle.image_size, in_chans=bundle.in_chans,
                               num_classes=bundle.num_classes).to(dev)
     fast_layout = dev.type == "cuda" and not vmodels.is_vit(net) and not baseline
     if fast_layout:
@@ -129,13 +132,14 @@ def bench(model: str, dataset: str = "shapes", batch_size: int = 256, steps: int
                 first_step_s=round(first_s, 3))
 
 
-def _config(model, dataset, batch_size, steps, dev, amp, compile, image_size, num_workers, data_dir) -> TrainConfig:
+def _config(model, dataset, batch_size, steps, dev, amp, compile, image_size, num_workers, data_dir,
+            fields: dict | None = None) -> TrainConfig:
     """A resolved config whose training subset holds STEPS batches (at least two)."""
     n = max(batch_size * steps, 2 * batch_size)
     size = vdata.dataset_info(dataset).n_train
     return TrainConfig(model=model, dataset=dataset, batch_size=batch_size, device=str(dev), amp=amp,
                        compile=compile, image_size=image_size, num_workers=num_workers, data_dir=data_dir,
-                       n_train=min(n, size) if size else n, n_test=batch_size).validate().resolved()
+                       n_train=min(n, size) if size else n, n_test=batch_size, **(fields or {})).validate().resolved()
 
 
 def _timed(step, warmup: int, steps: int, dev: torch.device) -> tuple[float, float, float]:
@@ -177,13 +181,13 @@ def _row(cfg: TrainConfig, image_size: int, mode: str, dev, steps: int, img_s: f
 
 def bench_fused(model: str, k: int, dataset: str = "shapes", batch_size: int = 128, steps: int = 20,
                 warmup: int = 3, device: str = "auto", amp: bool = True, image_size: int | None = None,
-                data_dir: str | None = None) -> list[dict]:
+                data_dir: str | None = None, fields: dict | None = None) -> list[dict]:
     """K trials of MODEL (seeds 0..K-1) one after another vs fused into one batched model,
     in the same run: rows "one-by-one" and "fused", images/s in total (per member: / K)."""
     from vitexp import fused
 
     dev = resolve_device(device)
-    base = _config(model, dataset, batch_size, steps + warmup, dev, amp, False, image_size, 0, data_dir)
+    base = _config(model, dataset, batch_size, steps + warmup, dev, amp, False, image_size, 0, data_dir, fields)
     cfgs = [dataclasses.replace(base, seed=i, subset_seed=i) for i in range(k)]
     g = fused.setup_group(cfgs, None)
     flops = train_flops_per_image(g.members[0].model, *next(_cycle(g.members[0].train_loader)))

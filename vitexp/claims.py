@@ -163,7 +163,7 @@ def arm_runs(arm: Arm, roots, cache: dict) -> pd.DataFrame:
             raise UserError(f"{arm.label} reads results folder '{name}', which is in none of "
                             f"{', '.join(map(str, roots))}; fix the folder name or pass the results root that holds it")
         if folder not in cache:
-            cache[folder] = analysis.load_runs([folder], define=False)
+            cache[folder] = analysis.load_runs([folder])
         frames.append(cache[folder])
     runs = pd.concat(frames, ignore_index=True).drop_duplicates("key")
     return runs[runs["status"] == "ok"]

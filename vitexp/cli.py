@@ -144,13 +144,14 @@ def models(names: Optional[List[str]] = typer.Argument(None, help="only these mo
     from vitexp.models import complexity_table
 
     names = [n for arg in names or [] for n in parse_list(arg, str, "names")] or None
+    defined = {}
     if preset is not None:
         from vitexp.models import list_models
         from vitexp.sweep.presets import read_preset
 
-        defined = list(read_preset(preset)[1].get("models", {}))
-        names = names or list_models(defined=False) + defined
-    df = complexity_table(resolution, names, num_classes=classes)
+        defined = read_preset(preset)[1].get("models", {})
+        names = names or list_models() + list(defined)
+    df = complexity_table(resolution, names, num_classes=classes, models=defined)
     if csv:
         sys.stdout.write(df.to_csv(index=False))
         return
@@ -485,7 +486,7 @@ def claims(dirs: Optional[List[Path]] = typer.Argument(None, help="results roots
 
 # --- bench -------------------------------------------------------------------------------------------
 @app.command("bench")
-def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model name, a preset's (--preset) or timm:NAME"),
+def bench_cmd(model: str = typer.Option("vit_c_50mf", help="a built-in model's name, a preset's (--preset) or timm:NAME"),
               dataset: str = typer.Option("shapes", help="data set (in-memory ones are benched on the device)"),
               batch_size: int = typer.Option(256, help="batch size"),
               steps: int = typer.Option(30, help="timed steps (after --warmup untimed ones)"),
@@ -507,17 +508,17 @@ def bench_cmd(model: str = typer.Option("vit_c_50mf", help="registered model nam
     from vitexp.bench import append_row, bench, bench_fused, print_rows
 
     from vitexp.sweep.execute import MAX_FUSE
-    from vitexp.sweep.presets import read_preset
+    from vitexp.sweep.presets import preset_model
 
-    if preset is not None:
-        read_preset(preset)
+    # a preset's own model: its table and [tuned] values travel in the config
+    fields = {k: v for k, v in preset_model({"model": model}, preset).items() if k in ("model_def", "lr", "wd")}
 
     if steps <= 0 or warmup < 0 or batch_size <= 0 or not 1 <= fuse <= MAX_FUSE:
         raise UserError(f"--steps and --batch-size must be positive, --warmup >= 0, --fuse in [1, {MAX_FUSE}]")
     if csv.is_dir():
         raise UserError(f"--csv {csv} is a folder; give a file to append the rows to, e.g. {csv / 'bench.csv'}")
     args = dict(model=model, dataset=dataset, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
-                image_size=image_size, data_dir=data_dir)
+                image_size=image_size, data_dir=data_dir, fields=fields)
     if fuse > 1:
         rows = bench_fused(k=fuse, amp=amp, **args)
     else:

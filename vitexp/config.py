@@ -70,8 +70,8 @@ def _f(default, help: str):
 @dataclass
 class TrainConfig:
     # what
-    model: str = _f("vit_c_50mf", "registered model name (`vitexp models`), a preset's [models.NAME], "
-                                  "or timm:NAME")
+    model: str = _f("vit_c_50mf", "a built-in model's name (`vitexp models`), a preset's [models.NAME] (with "
+                                  "`--preset`), or timm:NAME")
     model_def: dict = field(default_factory=dict, metadata={
         "help": "the preset's [models.NAME] table of a model vitexp does not ship (set from the preset)"})
     dataset: str = _f("shapes", "shapes | fashion-mnist | cifar10 | cifar100 | svhn | imagefolder:PATH")
@@ -251,7 +251,7 @@ class TrainConfig:
         spec, info = self.model_spec(), dataset_info(self.dataset)
         lr, wd = self.lr, self.wd
         if lr is None or wd is None:
-            tuned_lr, tuned_wd = tuned_hparams(spec.name, self.optimizer)
+            tuned_lr, tuned_wd = tuned_hparams(spec, self.optimizer)
             lr, wd = tuned_lr if lr is None else lr, tuned_wd if wd is None else wd
         pad = self.crop_pad if self.crop_pad is not None else (0 if self.dataset == "shapes" else 4)
         size = self.image_size
@@ -347,14 +347,15 @@ def config_fields() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-def tuned_hparams(name: str, optimizer: str) -> tuple[float, float]:
-    """(lr at batch 2048, wd) tuned for this model and optimizer: the model zoo's values (a
-    preset's [tuned.MODEL] table overrides them in a study)."""
+def tuned_hparams(model, optimizer: str) -> tuple[float, float]:
+    """(lr at batch 2048, wd) tuned for MODEL (a name or its spec) and OPTIMIZER: the model zoo's
+    values (a preset's [tuned.MODEL] table overrides them in a study; its own models have none)."""
     from vitexp.models.registry import get_spec
 
     if optimizer not in OPTIMIZERS:
         raise unknown("optimizer", optimizer, OPTIMIZERS)
-    spec = get_spec(name)
+    spec = get_spec(model) if isinstance(model, str) else model
+    name = spec.name
     if optimizer not in spec.tuned:
         table = f'"{name}"' if ":" in name else name  # a TOML key with a colon is quoted
         raise UserError(f"{name} has no tuned (lr, wd) for {optimizer}; give --lr and --wd, a [tuned.{table}] "

@@ -13,6 +13,7 @@ figure state is involved. Each study kind's own figures live in its module
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 from pathlib import Path
 
@@ -50,11 +51,27 @@ def style():
         yield
 
 
+# the [models.NAME] tables of the runs being drawn (`drawing`): a preset's own model is
+# coloured and ordered by its family; outside a drawing, only built-in models are known
+_MODELS: contextvars.ContextVar[dict] = contextvars.ContextVar("models", default={})
+
+
+@contextlib.contextmanager
+def drawing(runs: pd.DataFrame):
+    """The figures and tables drawn inside know the models RUNS' rows defined (`model_def`)."""
+    token = _MODELS.set(analysis.definitions(runs))
+    try:
+        yield
+    finally:
+        _MODELS.reset(token)
+
+
 def family(model: str) -> str:
     """The colour group of a model (or of a distilled arm's student): vit_p | vit_c | hybrid | cnn
-    (RegNetY, ResNet), from the registry; other for a model vitexp does not know."""
+    (RegNetY, ResNet), from its spec; other for a model vitexp does not know (or cannot build
+    here: a timm model without timm)."""
     try:
-        fam = vmodels.get_spec(model.split(analysis.TAUGHT)[0]).family
+        fam = vmodels.get_spec(model.split(analysis.TAUGHT)[0], _MODELS.get()).family
     except UserError:
         return "other"
     return fam if fam in COLOURS else "cnn"

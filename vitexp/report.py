@@ -56,7 +56,8 @@ def draw(kind: str, folders, out=None, n_boot: int = 2500, seed: int = 0) -> lis
     folders = [Path(f) for f in folders]
     runs = analysis.load_runs(folders, study.needs)
     runs = analysis.select_study(runs, kind, study.plot_command or kind, _hints())
-    return study.figures(runs, figure_dir(folders, out), n_boot=n_boot, seed=seed)
+    with plots.drawing(runs):
+        return study.figures(runs, figure_dir(folders, out), n_boot=n_boot, seed=seed)
 
 
 def plot_curves(folders, out=None, every: bool = False) -> list[Path]:
@@ -65,7 +66,8 @@ def plot_curves(folders, out=None, every: bool = False) -> list[Path]:
     folders = [Path(f) for f in folders]
     runs = analysis.load_runs(folders, required=("key", "model", "last_err"))
     history = pd.concat([_history(f) for f in folders], ignore_index=True)
-    return plots.plot_curves(runs, history, figure_dir(folders, out), best_only=not every)
+    with plots.drawing(runs):
+        return plots.plot_curves(runs, history, figure_dir(folders, out), best_only=not every)
 
 
 def _history(folder: Path) -> pd.DataFrame:
@@ -106,10 +108,11 @@ def write_report(folders, out=None, n_boot: int = 2500, seed: int = 0) -> list[P
                     "trials' own wall times summed (two workers run two at once).")] + _convergence(runs)
     figures = []
     kinds = [k for k in studies.STUDIES if k in set(runs["study"])]
-    for kind in kinds + sorted(set(runs["study"]) - set(kinds)):
-        more, paths = _section(kind, runs[runs["study"] == kind], out, n_boot, seed)
-        blocks += more
-        figures += paths
+    with plots.drawing(runs):
+        for kind in kinds + sorted(set(runs["study"]) - set(kinds)):
+            more, paths = _section(kind, runs[runs["study"] == kind], out, n_boot, seed)
+            blocks += more
+            figures += paths
     blocks += _claims(folders) + _failed(runs) + _provenance(runs, folders)
     md, page = out / "report.md", out / "report.html"
     atomic_write(md, render_markdown(blocks, out))

@@ -469,12 +469,16 @@ class TrialStore:
             return set()
 
     def refresh(self) -> dict[str, dict]:
-        """key -> row of every record, the tables rebuilt on the way where the folder can be
-        written (a run killed outright leaves them behind its records); none when there is no folder."""
+        """key -> row of every record, the tables rebuilt and what dead processes left swept on
+        the way where the folder can be written (a run killed outright leaves its tables behind
+        its records, and its claim behind a record it had just written: a run with nothing left
+        to do must clean that up too); none when there is no folder."""
         if not self.exists():
             return {}
         try:
-            return self.rebuild()
+            rows = self.rebuild()
+            self.sweep({k for k, r in rows.items() if r.get("status") == "ok"})
+            return rows
         except OSError:
             return self.finished()
 

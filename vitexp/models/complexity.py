@@ -167,12 +167,13 @@ def _depth_width(spec: ModelSpec) -> dict:
     return {"depth": depth, "width": width}
 
 
-def complexity_table(resolution: int | None = None, names=None, num_classes: int = 1000) -> pd.DataFrame:
+def complexity_table(resolution: int | None = None, names=None, num_classes: int = 1000,
+                     models: dict | None = None) -> pd.DataFrame:
     """One row per model (default: the built-in ones), each at its native resolution unless
-    given; params count a NUM_CLASSES-way head."""
+    given; params count a NUM_CLASSES-way head; MODELS: a preset's own ([models] tables)."""
     rows = []
-    for name in names or list_models(defined=False):
-        spec = get_spec(name)
+    for name in names or list_models():
+        spec = get_spec(name, models)
         res = resolution or spec.resolution
         rows.append({"model": name, "family": spec.family, "resolution": res,
                      **complexity(spec, res, num_classes=num_classes), **_depth_width(spec)})

@@ -10,7 +10,6 @@ model) and `timm:NAME` for any timm model at its defaults (vitexp/models/timm_mo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 
@@ -138,25 +137,26 @@ _add("hybrid_200mf", "hybrid", 32, _SMALL_VIT_C, layers=(1, 2), widths=(48, 96),
 _add("hybrid_r50_vit_b16", "hybrid", 224, _VIT_18GF, layers=(3, 4, 9), width=768, depth=12, heads=12, mlp=3072)
 
 
-_BUILTIN = frozenset(_SPECS)
-_DEFINED: dict[str, str] = {}  # NAME -> the [models.NAME] table it was defined from (canonical JSON)
-
-
-def define(name: str, table, tuned: dict | None = None) -> ModelSpec:
+def define(name: str, table) -> ModelSpec:
     """The spec of a preset's [models.NAME] table: `timm = "<timm name>"` plus timm.create_model
     keywords, or (`builder = "vitexp"`, the default) a `family` of BUILDER_FAMILIES plus that
-    builder's keywords and an optional `resolution`; TUNED: the preset's [tuned.NAME] (optimizer ->
-    (lr, wd)). Registered under NAME in this process, so every command that read the preset can
-    name it; the trial config carries the table itself (TrainConfig.model_def), so worker
-    processes and the trial key never depend on this."""
+    builder's keywords and an optional `resolution`. Nothing is registered: whoever names the
+    model passes its table (a trial config carries it as `model_def`, a study its spec's
+    [models]); the same table gives the same spec, checked once per process."""
     where = f"[models.{name}]"
-    _DEFINED.pop(name, None)
-    if name in _BUILTIN:
+    if name in _SPECS:
         raise UserError(f"{where} redefines the built-in model '{name}'; give the preset's model another name")
     if name.startswith("timm:") or not name or any(c in name for c in " ,/"):
         raise UserError(f"{where}: a model name is letters, digits, '_', '-' or '.', got '{name}'")
     if not isinstance(table, dict):
         raise UserError(f"{where} must be a table of keywords, e.g. {{timm = \"convit_tiny\", embed_dim = 16}}")
+    return _define(name, _canonical(table))
+
+
+@functools.lru_cache(maxsize=None)
+def _define(name: str, canonical: str) -> ModelSpec:
+    """`define` of a table given as canonical JSON (a pure function: cached)."""
+    where, table = f"[models.{name}]", json.loads(canonical)
     builder = table.get("builder", "timm" if "timm" in table else "vitexp")
     if builder not in ("vitexp", "timm"):
         raise unknown(f"builder in {where}", str(builder), ("vitexp", "timm"))
@@ -170,8 +170,7 @@ def define(name: str, table, tuned: dict | None = None) -> ModelSpec:
         if "resolution" in table:
             raise UserError(f"{where}: a timm model's resolution is its img_size keyword; "
                             f"give img_size = {table['resolution']} instead of resolution")
-        return _register(dataclasses.replace(timm_spec(name, table.get("timm"), family, kwargs), tuned=tuned or {}),
-                         table)
+        return timm_spec(name, table.get("timm"), family, kwargs)
     if family not in BUILDER_FAMILIES:
         raise UserError(f"{where} needs family = one of {', '.join(BUILDER_FAMILIES)} (it picks vitexp's "
                         f"builder), got {family!r}; or give timm = \"<timm model name>\"")
@@ -189,7 +188,7 @@ def define(name: str, table, tuned: dict | None = None) -> ModelSpec:
     resolution = table.get("resolution", DEFAULT_RESOLUTION)
     if isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= 1024:
         raise UserError(f"{where} resolution must be a whole number of px in [8, 1024], got {resolution!r}")
-    return _register(ModelSpec(name, family, resolution, kwargs, tuned or {}), table)
+    return ModelSpec(name, family, resolution, kwargs, {})
 
 
 POSITIVE_INTS = ("width", "depth", "heads", "mlp", "patch", "group_width", "stem_width", "stem_stride")
@@ -226,23 +225,9 @@ def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
-def _register(spec: ModelSpec, table: dict) -> ModelSpec:
-    """NAME -> SPEC in this process; the same name defined again replaces it (a report over
-    several study folders reads each folder's own definitions in turn)."""
-    _SPECS[spec.name] = spec
-    _DEFINED[spec.name] = _canonical(table)
-    return spec
-
-
 def spec_of(name: str, definition: dict | None = None) -> ModelSpec:
-    """The spec of a trial's model: its definition where the preset gave one (the registered
-    spec where this process defined it so, with the preset's tuned values), else the name's."""
-    if not definition:
-        return get_spec(name)
-    known = _SPECS.get(name)
-    if known is not None and _DEFINED.get(name) == _canonical(definition):
-        return known
-    return define(name, definition)
+    """The spec of a trial's model: its definition where a preset gave one, else the name's."""
+    return define(name, definition) if definition else get_spec(name)
 
 
 def _canonical(table: dict) -> str:
@@ -254,18 +239,22 @@ def level_models(level: str) -> list[str]:
     return [name for name in _SPECS if name.endswith(f"_{level}")]
 
 
-def list_models(defined: bool = True) -> list[str]:
-    """The built-in models, then (with DEFINED) those this process defined from presets."""
-    return [n for n in _SPECS if defined or n in _BUILTIN]
+def list_models() -> list[str]:
+    """The built-in models (a preset's own are in its [models] tables)."""
+    return list(_SPECS)
 
 
-def get_spec(name: str) -> ModelSpec:
+def get_spec(name: str, models: dict | None = None) -> ModelSpec:
+    """The spec of NAME: one of MODELS (a preset's [models] tables, name -> table), a built-in
+    model, or `timm:NAME`."""
+    if models and name in models:
+        return define(name, models[name])
     if name.startswith("timm:"):
         from vitexp.models.timm_models import timm_spec
 
         return timm_spec(name, name[len("timm:"):], "other", {})
     if name not in _SPECS:
-        raise unknown("model", name, list_models())
+        raise unknown("model", name, list_models() + list(models or {}))
     return _SPECS[name]
 
 

@@ -170,7 +170,7 @@ def tuned(spec: dict, model: str, optimizer: str) -> tuple[float, float]:
     t = spec.get("tuned", {}).get(model, {}).get(optimizer)
     if t is not None:
         return float(t[0]), float(t[1])
-    return tuned_hparams(model, optimizer)
+    return tuned_hparams(vmodels.get_spec(model, spec.get("models")), optimizer)
 
 
 def sampling_range(spec: dict, model: str, optimizer: str,
@@ -178,7 +178,7 @@ def sampling_range(spec: dict, model: str, optimizer: str,
     """{'lr': (lo, hi), 'wd': (lo, hi)}: [ranges.MODEL] or [ranges.FAMILY] of the
     preset (the paper's per-family ranges), else tuned / AROUND[0] .. tuned x AROUND[1]."""
     ranges = spec.get("ranges", {})
-    name = model if model in ranges else vmodels.get_spec(model).family
+    name = model if model in ranges else vmodels.get_spec(model, spec.get("models")).family
     table = ranges.get(name, {})
     bad = sorted(set(table) - set(OPTIMIZERS)) if isinstance(table, dict) else []
     if bad:
@@ -250,7 +250,7 @@ def lr_wd_samples(spec: dict, models, optimizers, n: int, sample_seed: int, seed
 def check_tables(spec: dict) -> None:
     """The preset's [tuned.MODEL] and [ranges.MODEL_OR_FAMILY] tables: known names,
     known optimizers, sensible numbers (a typo must not silently fall back to defaults)."""
-    names = set(vmodels.list_models())
+    names = set(vmodels.list_models()) | set(spec.get("models", {}))
     for table in ("tuned", "ranges"):
         allowed = names | (set(vmodels.FAMILIES) if table == "ranges" else set())
         t = spec.get(table, {})
@@ -290,11 +290,11 @@ def check_spec(spec: dict, study: Study) -> tuple[dict, TrainConfig]:
     if not models:
         raise UserError("the study has no models; give --models or set [study] models in the preset")
     _check_length(models, "models")
-    from vitexp.sweep.presets import define_models
+    from vitexp.sweep.presets import preset_models
 
-    defined = define_models(spec)  # a spec read back from a study folder defines its models here
+    defined = preset_models(spec)
     for m in models:
-        vmodels.get_spec(str(m))  # unknown model: one line with the closest names
+        vmodels.get_spec(str(m), defined)  # unknown model: one line with the closest names
     check_tables(spec)
     first = str(models[0])
     return s, TrainConfig(**{**spec["train"], "model": first, "model_def": defined.get(first, {})}).validate()

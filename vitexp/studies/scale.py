@@ -55,7 +55,7 @@ class Scale(Study):
         if min(sizes) <= 0:
             raise UserError(f"--sizes must be positive, got {sizes}")
         fewshot = ints(s["fewshot"], "fewshot") if s.get("fewshot") else list(base.fewshot)
-        teachers = teacher_pairs(s.get("teachers"))
+        teachers = teacher_pairs(s.get("teachers"), spec.get("models"))
         seeds = ints(s.get("seeds", [0]), "seeds")
 
         def plain(model: str, seed: int, n: int, **more):
@@ -132,9 +132,10 @@ class Scale(Study):
         return ok[ok["n_train"] == ok.groupby("model")["n_train"].transform("max")]
 
 
-def teacher_pairs(value) -> list[tuple[str, str]]:
+def teacher_pairs(value, models: dict | None = None) -> list[tuple[str, str]]:
     """(student, teacher) pairs from [study] teachers: a table of STUDENT = TEACHER or
-    STUDENT = [TEACHER, ...] (DeiT compares teachers), or STUDENT=TEACHER strings."""
+    STUDENT = [TEACHER, ...] (DeiT compares teachers), or STUDENT=TEACHER strings; MODELS:
+    the preset's own ([models] tables)."""
     if not value:
         return []
     if isinstance(value, dict):
@@ -148,8 +149,8 @@ def teacher_pairs(value) -> list[tuple[str, str]]:
                         f'set [study] teachers = {{vit_p_7mf = "resnet_7mf"}} in the preset')
     for student, teacher in pairs:
         for name in (student, teacher):
-            vmodels.get_spec(name)  # unknown: the closest names
-        check_student(vmodels.get_spec(student))
+            vmodels.get_spec(name, models)  # unknown: the closest names
+        check_student(vmodels.get_spec(student, models))
     return list(dict.fromkeys(pairs))
 
 

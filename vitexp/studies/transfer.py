@@ -254,7 +254,8 @@ def chosen_lrs(runs: pd.DataFrame) -> pd.DataFrame:
 def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per model: its forward GF at each resolution the study uses, and the mean wall time
     of its pre-training and fine-tuning trials."""
-    from vitexp.models import complexity, get_spec
+    from vitexp.models import complexity
+    from vitexp.models.registry import spec_of
 
     ok = analysis.finished(runs)
     if "role" not in ok or ok.empty:
@@ -265,7 +266,8 @@ def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
         row = {"model": model}
         chans = int(g["in_chans"].iloc[0]) if "in_chans" in g else 1
         for res in sorted(set(g["image_size"].dropna().astype(int))):
-            row[f"GF at {res} px"] = round(complexity(get_spec(model), res, in_chans=chans, num_classes=5)["gmacs"], 4)
+            spec = spec_of(model, analysis.model_def(g))
+            row[f"GF at {res} px"] = round(complexity(spec, res, in_chans=chans, num_classes=5)["gmacs"], 4)
         for role in ("pretrain", "finetune"):
             row[f"{role} wall s"] = round(g.loc[g["role"] == role, "wall_s"].mean(), 1)
         rows.append(row)

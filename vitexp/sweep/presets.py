@@ -64,22 +64,21 @@ def read_preset(name_or_path: str) -> tuple[Path, dict]:
             raise unknown(f"table [{name}] in preset {path}", name, TABLES)
         if not isinstance(table, dict):
             raise UserError(f"preset {path}: [{name}] must be a table, got {table!r}")
-    define_models(d)
+    preset_models(d)
     return path, d
 
 
-def define_models(spec: dict) -> dict:
-    """NAME -> table of a spec's [models.NAME] tables, each defined in this process with its
-    [tuned.NAME] values (checked first)."""
+def preset_models(spec: dict) -> dict:
+    """NAME -> table of a spec's [models.NAME] tables, each checked (it builds a spec) with its
+    [tuned.NAME] values; whoever names one of these models passes this mapping on."""
     from vitexp.config import check_tuned
     from vitexp.models.registry import define
 
     tables = spec.get("models", {})
     tuned = spec.get("tuned", {})
     for name, table in tables.items():
-        per_opt = tuned.get(name, {}) if isinstance(tuned, dict) else {}
-        check_tuned(name, per_opt)
-        define(name, table, {opt: (float(v[0]), float(v[1])) for opt, v in per_opt.items()})
+        check_tuned(name, tuned.get(name, {}) if isinstance(tuned, dict) else {})
+        define(name, table)
     return tables
 
 
