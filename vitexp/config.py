@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from vitexp.errors import UserError, unknown
+from vitexp.tuned import TUNED
 
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("none", "autoaugment", "randaugment")
@@ -355,12 +356,12 @@ def tuned_hparams(model, optimizer: str) -> tuple[float, float]:
     if optimizer not in OPTIMIZERS:
         raise unknown("optimizer", optimizer, OPTIMIZERS)
     spec = get_spec(model) if isinstance(model, str) else model
-    name = spec.name
-    if optimizer not in spec.tuned:
+    name, tuned = spec.name, TUNED.get(spec.name, {}) if spec.builtin else {}
+    if optimizer not in tuned:
         table = f'"{name}"' if ":" in name else name  # a TOML key with a colon is quoted
         raise UserError(f"{name} has no tuned (lr, wd) for {optimizer}; give --lr and --wd, a [tuned.{table}] "
                         f"table in the preset ({optimizer} = [LR, WD]), or find them with `vitexp tune`")
-    return spec.tuned[optimizer]
+    return tuned[optimizer]
 
 
 def check_tuned(model: str, per_opt) -> None:

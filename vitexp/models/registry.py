@@ -1,4 +1,4 @@
-"""The model registry: every model a study can name, with its tuned (lr, wd).
+"""The model registry: every built-in model a study can name (their tuned (lr, wd): vitexp/tuned.py).
 
 Two built-in sets: [EC]'s models exactly as in PAPERS.md section 2 (224 px class; the
 RegNetYs at their own resolutions), and a small family for 28-32 px data named,
@@ -31,57 +31,36 @@ TABLE_KEYS = ("family", "builder", "timm", "resolution")  # a [models.NAME] tabl
 DEFAULT_RESOLUTION = 32  # a preset's vitexp-built model without `resolution`: the small family's
 
 
-# [EC] Table 4 (tuned at 50 epochs), lr at batch 2048
-_REGNETY = {"adamw": (3.8e-3, 0.1), "sgd": (2.54, 2.4e-5)}
-_VIT_P_SMALL = {"adamw": (2.0e-3, 0.20), "sgd": (1.9, 1.3e-5)}  # ViT_P-1GF and 4GF
-_VIT_18GF = {"adamw": (1.0e-3, 0.24), "sgd": (1.1, 1.2e-5)}
-_VIT_C_1GF = {"adamw": (2.5e-3, 0.19), "sgd": (1.9, 1.3e-5)}
-_VIT_C_4GF = {"adamw": (1.0e-3, 0.24), "sgd": (1.3, 2.2e-5)}
-_VIT_C_18GF = {"adamw": (1.0e-3, 0.24), "sgd": (1.1, 2.7e-5)}
-# The small family's (25-200 MF, 32 px): the best sample of the random search
-# experiments/tune_shapes.toml (3 epochs of 5,000 shapes images; experiments/README.md)
-_SMALL_VIT_P = {"adamw": (1.2e-2, 0.25), "sgd": (2.4, 2.5e-4)}
-_SMALL_VIT_C = {"adamw": (3.5e-2, 0.04), "sgd": (0.66, 2.5e-4)}
-_SMALL_CNN = {"adamw": (7.0e-2, 0.04), "sgd": (0.88, 4e-5)}
-# the ResNets' own search (resnet_25mf) drew the same samples as RegNetY's (same ranges and
-# sample seed) and its best were the same pairs
-_SMALL_RESNET = {"adamw": (7.0e-2, 0.04), "sgd": (0.88, 4e-5)}
-# The 7mf level's own search at the default studies' budget, experiments/tune_shapes.toml
-# (16-32 samples per pair, 10 epochs of 3,000 shapes images; results/tune_shapes)
-_VIT_P_7MF = {"adamw": (8.0e-3, 0.035), "sgd": (2.4, 8.9e-5)}
-_VIT_C_7MF = {"adamw": (3.8e-2, 0.017), "sgd": (2.4, 8.9e-5)}
-_RESNET_7MF = {"adamw": (0.39, 0.19), "sgd": (8.5, 5.5e-4)}
-
 # [EC]'s 7-conv stem of the 18GF/36GF ViT_C: (channels, stride) of its 3x3 convs at patch 16
 _STEM_18GF = ((64, 2), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2))
 
 _SPECS: dict[str, ModelSpec] = {}
 
 
-def _add(name, family, resolution, tuned, **kwargs):
-    _SPECS[name] = ModelSpec(name, family, resolution, kwargs, tuned, builtin=True)
+def _add(name, family, resolution, **kwargs):
+    _SPECS[name] = ModelSpec(name, family, resolution, kwargs, builtin=True)
 
 
 def _vit_twins(level: str, resolution: int, patch: int, width: int, depth: int, heads: int, mlp: int,
-               tuned_p: dict, tuned_c: dict, stem: tuple | None = None):
+               stem: tuple | None = None):
     """ViT_P and its ViT_C twin, one block shallower: [EC]'s conv stem costs about one block."""
     common = dict(width=width, heads=heads, mlp=mlp, patch=patch)
-    _add(f"vit_p_{level}", "vit_p", resolution, tuned_p, depth=depth, conv_stem=False, **common)
-    _add(f"vit_c_{level}", "vit_c", resolution, tuned_c, depth=depth - 1, conv_stem=True, stem=stem, **common)
+    _add(f"vit_p_{level}", "vit_p", resolution, depth=depth, conv_stem=False, **common)
+    _add(f"vit_c_{level}", "vit_c", resolution, depth=depth - 1, conv_stem=True, stem=stem, **common)
 
 
 # [EC] models (PAPERS.md section 2)
-_vit_twins("1gf", 224, 16, 192, 12, 3, 576, _VIT_P_SMALL, _VIT_C_1GF)
-_vit_twins("4gf", 224, 16, 384, 12, 6, 1152, _VIT_P_SMALL, _VIT_C_4GF)
-_vit_twins("18gf", 224, 16, 768, 12, 12, 3072, _VIT_18GF, _VIT_C_18GF, stem=_STEM_18GF)
-_vit_twins("36gf", 224, 16, 1024, 14, 16, 4096, _VIT_18GF, _VIT_C_18GF, stem=_STEM_18GF)  # 36GF: not tuned, 18GF values
-_add("regnety_1gf", "regnety", 232, _REGNETY, depths=(1, 4, 10, 3), widths=(40, 120, 328, 904), group_width=4)
-_add("regnety_4gf", "regnety", 240, _REGNETY, depths=(2, 6, 16, 2), widths=(96, 192, 512, 1216), group_width=32)
-_add("regnety_16gf", "regnety", 256, _REGNETY, depths=(2, 7, 18, 2), widths=(168, 336, 896, 2128), group_width=56)
-_add("regnety_32gf", "regnety", 268, _REGNETY, depths=(2, 7, 20, 2), widths=(216, 432, 1152, 2808), group_width=72)
+_vit_twins("1gf", 224, 16, 192, 12, 3, 576)
+_vit_twins("4gf", 224, 16, 384, 12, 6, 1152)
+_vit_twins("18gf", 224, 16, 768, 12, 12, 3072, stem=_STEM_18GF)
+_vit_twins("36gf", 224, 16, 1024, 14, 16, 4096, stem=_STEM_18GF)  # 36GF: not tuned, 18GF values
+_add("regnety_1gf", "regnety", 232, depths=(1, 4, 10, 3), widths=(40, 120, 328, 904), group_width=4)
+_add("regnety_4gf", "regnety", 240, depths=(2, 6, 16, 2), widths=(96, 192, 512, 1216), group_width=32)
+_add("regnety_16gf", "regnety", 256, depths=(2, 7, 18, 2), widths=(168, 336, 896, 2128), group_width=56)
+_add("regnety_32gf", "regnety", 268, depths=(2, 7, 20, 2), widths=(216, 432, 1152, 2808), group_width=72)
 # ResNets were not tuned in [EC]; they take the RegNetY values.
-_add("resnet50", "resnet", 224, _REGNETY, layers=(3, 4, 6, 3))
-_add("resnet101", "resnet", 224, _REGNETY, layers=(3, 4, 23, 3))
+_add("resnet50", "resnet", 224, layers=(3, 4, 6, 3))
+_add("resnet101", "resnet", 224, layers=(3, 4, 23, 3))
 
 # Small family at 32 px (28 px Fashion-MNIST gives a 7x7 token grid): ViT_P with 4x4 patches
 # (64 tokens + class token), MLP ratio 3 like [EC]'s 1GF/4GF and heads of width 64 where the
@@ -92,49 +71,49 @@ _add("resnet101", "resnet", 224, _REGNETY, layers=(3, 4, 23, 3))
 # 7mf is the CPU level of the default scale study: 8x8 patches (16 tokens) make a ViT a
 # quarter of the 25mf one's cost, so ten CPU minutes buy the ViTs the steps they need to fit.
 SMALL_LEVELS = ("7mf", "25mf", "50mf", "200mf")
-_vit_twins("7mf", 32, 8, 64, 9, 1, 192, _VIT_P_7MF, _VIT_C_7MF)
-_add("resnet_7mf", "resnet", 32, _RESNET_7MF, layers=(2, 2, 2), widths=(8, 16, 32))
+_vit_twins("7mf", 32, 8, 64, 9, 1, 192)
+_add("resnet_7mf", "resnet", 32, layers=(2, 2, 2), widths=(8, 16, 32))
 # The 7mf twins with 2 heads of 32 and 4 of 16 (same width, depth, MLP, cost and parameters): the
 # one head of 64 above takes the papers' head width literally at width 64; these test whether that
-# layout is a fair ViT at this scale. Registry lr/wd: the 7mf values (their Fashion-MNIST search's
+# layout is a fair ViT at this scale. Their lr/wd (vitexp/tuned.py): the 7mf values (their Fashion-MNIST search's
 # best are in the presets' [tuned] tables).
 for _h in (2, 4):
-    _vit_twins(f"7mf_h{_h}", 32, 8, 64, 9, _h, 192, _VIT_P_7MF, _VIT_C_7MF)
-_vit_twins("25mf", 32, 4, 64, 8, 1, 192, _SMALL_VIT_P, _SMALL_VIT_C)
-_add("regnety_25mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(40, 80, 208, 504), group_width=8)
-_add("resnet_25mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(16, 32, 64))
-_vit_twins("50mf", 32, 4, 96, 8, 2, 288, _SMALL_VIT_P, _SMALL_VIT_C)  # 2 heads of 48: width 64 or 128 misses the cost
-_add("regnety_50mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(64, 128, 320, 768), group_width=8)
-_add("resnet_50mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(22, 44, 88))
-_vit_twins("200mf", 32, 4, 192, 8, 3, 576, _SMALL_VIT_P, _SMALL_VIT_C)
-_add("regnety_200mf", "regnety", 32, _SMALL_CNN, depths=(1, 3, 6, 2), widths=(128, 256, 640, 1536), group_width=16)
-_add("resnet_200mf", "resnet", 32, _SMALL_RESNET, layers=(2, 2, 2), widths=(44, 88, 176))
+    _vit_twins(f"7mf_h{_h}", 32, 8, 64, 9, _h, 192)
+_vit_twins("25mf", 32, 4, 64, 8, 1, 192)
+_add("regnety_25mf", "regnety", 32, depths=(1, 3, 6, 2), widths=(40, 80, 208, 504), group_width=8)
+_add("resnet_25mf", "resnet", 32, layers=(2, 2, 2), widths=(16, 32, 64))
+_vit_twins("50mf", 32, 4, 96, 8, 2, 288)  # 2 heads of 48: width 64 or 128 misses the cost
+_add("regnety_50mf", "regnety", 32, depths=(1, 3, 6, 2), widths=(64, 128, 320, 768), group_width=8)
+_add("resnet_50mf", "resnet", 32, layers=(2, 2, 2), widths=(22, 44, 88))
+_vit_twins("200mf", 32, 4, 192, 8, 3, 576)
+_add("regnety_200mf", "regnety", 32, depths=(1, 3, 6, 2), widths=(128, 256, 640, 1536), group_width=16)
+_add("resnet_200mf", "resnet", 32, layers=(2, 2, 2), widths=(44, 88, 176))
 # [EC]'s stem geometry at CPU cost: the 7mf twins at 64 px with 16x16 patches (16 tokens, as at 32 px with
 # 8x8), so the patchify stem has [EC]'s large kernel and stride and the conv stem [EC]'s four stride-2 3x3
 # convs (8, 16, 32, 64 channels, BN+ReLU) and its 1x1; the body is the 7mf one. Registry lr/wd: the 7mf
 # values (their Fashion-MNIST search's best are in optimizer_fashion-mnist_cpu_p16's [tuned] tables).
-_vit_twins("7mf_p16", 64, 16, 64, 9, 1, 192, _VIT_P_7MF, _VIT_C_7MF)
+_vit_twins("7mf_p16", 64, 16, 64, 9, 1, 192)
 # A larger model as [EC] scales one (1GF -> 4GF: twice the width and heads, the same 16x16 patches and
 # depth, the same lr): the 7mf twins at twice the width (128, 2 heads, MLP 384) and the same 8x8 patches
 # at 32 px, so four times the parameters and ~3.7x the cost at the same 16 tokens. (The 25mf level buys its
 # cost with 4x4 patches at the 7mf width, which changes the stem's kernel and stride, not the model's size.)
-# Registry lr/wd: the 7mf values, as [EC] keeps ViT_P's from 1GF to 4GF.
-_vit_twins("25mf_p8", 32, 8, 128, 9, 2, 384, _VIT_P_7MF, _VIT_C_7MF)
+# Their lr/wd (vitexp/tuned.py): the 7mf values, as [EC] keeps ViT_P's from 1GF to 4GF.
+_vit_twins("25mf_p8", 32, 8, 128, 9, 2, 384)
 # Hybrids ([ViT] Sec. 3.1): the CIFAR ResNet's first stages (stem stride 2 at 32 px), a 1x1 projection,
 # then the level's ViT body, fewer blocks to match its cost; the CNN's stride gives the ViT_P twin's token
 # grid (7mf: 4x4 from 3 stages, stride 8; 25-200mf: 8x8 from 2 stages, stride 4), as [ViT]'s R50 hybrid
 # keeps ViT-B/16's 14x14. Until their own searches: the ViT_C values of their level.
-_add("hybrid_7mf", "hybrid", 32, _VIT_C_7MF, layers=(1, 1, 1), widths=(16, 32, 64), stem_stride=2,
+_add("hybrid_7mf", "hybrid", 32, layers=(1, 1, 1), widths=(16, 32, 64), stem_stride=2,
      width=64, depth=5, heads=1, mlp=192)
-_add("hybrid_25mf", "hybrid", 32, _SMALL_VIT_C, layers=(1, 2), widths=(16, 32), stem_stride=2,
+_add("hybrid_25mf", "hybrid", 32, layers=(1, 2), widths=(16, 32), stem_stride=2,
      width=64, depth=7, heads=1, mlp=192)
-_add("hybrid_50mf", "hybrid", 32, _SMALL_VIT_C, layers=(2, 2), widths=(24, 48), stem_stride=2,
+_add("hybrid_50mf", "hybrid", 32, layers=(2, 2), widths=(24, 48), stem_stride=2,
      width=96, depth=6, heads=2, mlp=288)
-_add("hybrid_200mf", "hybrid", 32, _SMALL_VIT_C, layers=(1, 2), widths=(48, 96), stem_stride=2,
+_add("hybrid_200mf", "hybrid", 32, layers=(1, 2), widths=(48, 96), stem_stride=2,
      width=192, depth=7, heads=3, mlp=576)
 # [ViT]'s R50+ViT-B/16: ResNet-50 stages 1-3 with stage 3 at 9 blocks (the 4th stage's moved there; BatchNorm
 # where [ViT] has GroupNorm + weight standardisation), stride 16, then ViT-B (18GF ViT_P's values, not tuned)
-_add("hybrid_r50_vit_b16", "hybrid", 224, _VIT_18GF, layers=(3, 4, 9), width=768, depth=12, heads=12, mlp=3072)
+_add("hybrid_r50_vit_b16", "hybrid", 224, layers=(3, 4, 9), width=768, depth=12, heads=12, mlp=3072)
 
 
 def define(name: str, table) -> ModelSpec:
@@ -188,7 +167,7 @@ def _define(name: str, canonical: str) -> ModelSpec:
     resolution = table.get("resolution", DEFAULT_RESOLUTION)
     if isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= 1024:
         raise UserError(f"{where} resolution must be a whole number of px in [8, 1024], got {resolution!r}")
-    return ModelSpec(name, family, resolution, kwargs, {})
+    return ModelSpec(name, family, resolution, kwargs)
 
 
 POSITIVE_INTS = ("width", "depth", "heads", "mlp", "patch", "group_width", "stem_width", "stem_stride")

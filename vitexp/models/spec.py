@@ -1,5 +1,5 @@
-"""What the registry knows of a model: its family, native resolution, architecture and tuned
-values (a leaf module: the builders and timm's wrapper read it without the registry)."""
+"""What the registry knows of a model: its family, native resolution and architecture (a leaf
+module: the builders and timm's wrapper read it without the registry)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ class ModelSpec:
     family: str  # one of FAMILIES
     resolution: int  # native input size in px
     kwargs: dict = field(hash=False)  # architecture, passed to the family's builder (or timm.create_model)
-    tuned: dict = field(hash=False)  # optimizer -> (lr at batch 2048, wd)
     timm: str | None = None  # the timm model it is built as (None: vitexp's builders)
     builtin: bool = False  # one of vitexp's own models (not a preset's or timm's)
 

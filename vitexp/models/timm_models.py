@@ -48,7 +48,7 @@ def timm_spec(name: str, timm_name, family: str, kwargs: dict) -> ModelSpec:
         size = cfg.input_size[-1] if cfg is not None and cfg.input_size else DEFAULT_RESOLUTION
     if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 1024:
         raise UserError(f"[models.{name}] img_size must be a whole number of px in [8, 1024], got {size!r}")
-    return ModelSpec(name, family, size, kwargs, {}, timm=timm_name)
+    return ModelSpec(name, family, size, kwargs, timm=timm_name)
 
 
 def build_timm(spec: ModelSpec, *, image_size: int, in_chans: int, num_classes: int, dropout: float) -> nn.Module:
